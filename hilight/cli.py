@@ -1,0 +1,160 @@
+"""The ``hilight`` command line.
+
+ZenML, MLflow and Great Expectations are imported inside the commands that need them, so
+``hilight --help`` and ``hilight data synth`` start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from hilight.env import apply_offline_defaults, project_root, resolve_path
+
+app = typer.Typer(help="HiLight Pipelines: tracked, reproducible pipelines for the HiLight billiards video-language model.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="Create and inspect datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+log = logging.getLogger("hilight")
+
+DEMO_CONFIG = Path("configs/data_validation_demo.yaml")
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+    apply_offline_defaults()
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("great_expectations", "alembic", "urllib3", "mlflow", "zenml"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (created)."),
+    videos: int = typer.Option(200, "--videos", "-n", min=1, help="Number of clips."),
+    seed: int = typer.Option(0, "--seed", "-s", help="Random seed; same seed, same bytes."),
+    domain: str = typer.Option("billiards", "--domain", "-d", help="billiards (pool table) or general (moving shapes)."),
+    width: int = typer.Option(160, help="Frame width in pixels (even)."),
+    height: int = typer.Option(96, help="Frame height in pixels (even)."),
+    fps: int = typer.Option(10, help="Frames per second."),
+    duration: float = typer.Option(3.0, help="Clip length in seconds."),
+    workers: int = typer.Option(min(4, os.cpu_count() or 1), help="Worker processes."),
+) -> None:
+    """Generate a synthetic dataset: MP4 clips, captions, hard negatives, QA and event logs."""
+    from hilight.data.synth import SynthSettings, generate_dataset
+
+    settings = SynthSettings(width=width, height=height, fps=fps, duration_s=duration)
+    generate_dataset(out, domain=domain, n_videos=videos, seed=seed, settings=settings, workers=workers)
+    typer.echo(f"wrote {videos} {domain} clips to {out}")
+
+
+@app.command("validate")
+def validate(
+    config: Path = typer.Option(DEMO_CONFIG, "--config", "-c", help="A data_validation config YAML."),
+    no_fail: bool = typer.Option(False, "--no-fail", help="Report but exit 0 when reject thresholds are exceeded."),
+) -> None:
+    """Validate data against the contracts without ZenML/MLflow (a quick local check).
+
+    Writes the same manifest, quarantine, Great Expectations JSON and report as the
+    data_validation pipeline, and prints the summary.
+    """
+    from hilight.config import load_config
+    from hilight.data.contracts import load_contracts
+    from hilight.data.ingest import DataRejectedError, DataValidationConfig, run_ingest
+
+    cfg = load_config(resolve_path(config), DataValidationConfig)
+    contracts = load_contracts(resolve_path(cfg.contracts_dir))
+    try:
+        result = run_ingest(cfg, contracts, check=not no_fail)
+    except DataRejectedError as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(result.summary.to_string(index=False))
+    typer.echo(f"\nfingerprint {result.fingerprints['combined']}\nreport      {result.report_path}")
+
+
+@app.command("run")
+def run(
+    pipeline: str = typer.Argument(..., help="Pipeline name, e.g. data_validation."),
+    config: Path = typer.Option(..., "--config", "-c", help="Config YAML for that pipeline."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Re-run every step even if cached."),
+    run_name: Optional[str] = typer.Option(None, help="ZenML run name (default: generated)."),
+) -> None:
+    """Run a ZenML pipeline on the project-local stack, tracked in MLflow."""
+    from pipelines.run import run_pipeline
+
+    result = run_pipeline(pipeline, resolve_path(config), enable_cache=False if no_cache else None, run_name=run_name)
+    typer.echo(f"pipeline {pipeline} finished: run {getattr(result, 'name', result)}")
+
+
+@app.command("demo")
+def demo(
+    videos: int = typer.Option(200, "--videos", "-n", help="Clips per domain."),
+    seed: int = typer.Option(0, help="Data seed."),
+    workers: int = typer.Option(min(4, os.cpu_count() or 1), help="Worker processes for synthesis."),
+) -> None:
+    """Generate synthetic billiards + general data and run the ingestion pipeline end to end."""
+    from hilight.data.synth import generate_dataset
+
+    root = project_root()
+    for domain in ("billiards", "general"):
+        out = root / "data" / "synth" / domain
+        meta = out / "dataset.json"
+        current = json.loads(meta.read_text()) if meta.is_file() else {}
+        if current.get("n_videos") == videos and current.get("seed") == seed:
+            typer.echo(f"{domain}: reusing {out}")
+            continue
+        generate_dataset(out, domain=domain, n_videos=videos, seed=seed, workers=workers)
+
+    from pipelines.run import run_pipeline
+    from pipelines.stack import mlflow_tracking_uri
+
+    result = run_pipeline("data_validation", root / DEMO_CONFIG)
+    manifest = json.loads((root / "outputs" / "data_validation" / "manifest.json").read_text())
+    typer.echo("\n" + "=" * 72)
+    typer.echo(f"data_validation run   {result.name}")
+    typer.echo(f"data fingerprint      {manifest['data_fingerprint']}")
+    typer.echo(f"accepted / rejected   {manifest['counts']}")
+    typer.echo(f"manifest              {root / 'outputs/data_validation'}/{{videos,captions,qa}}.parquet")
+    typer.echo(f"report                {root / 'outputs/data_validation/report.md'}")
+    typer.echo(f"MLflow store          {mlflow_tracking_uri()}")
+    typer.echo("MLflow UI             hilight ui   (then open http://127.0.0.1:5000, experiment 'data_validation')")
+
+
+@app.command("ui")
+def ui(
+    port: int = typer.Option(5000, help="Port to listen on."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind (default: local only)."),
+) -> None:
+    """Start the MLflow UI on the project's tracking store (Ctrl-C to stop)."""
+    from pipelines.stack import configure_zenml, ensure_stack, mlflow_tracking_uri
+
+    configure_zenml()
+    ensure_stack()
+    uri = mlflow_tracking_uri()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    if uri.startswith("sqlite:///"):
+        artifacts = Path(uri[len("sqlite:///"):]).parent / "mlflow_artifacts"
+        cmd += ["--default-artifact-root", artifacts.as_uri()]
+    typer.echo(f"MLflow UI on http://{host}:{port}  (store {uri})")
+    raise typer.Exit(subprocess.call(cmd))
+
+
+@app.command("stack")
+def stack() -> None:
+    """Create (idempotently) and show the project-local ZenML stack."""
+    from pipelines.stack import ensure_stack, mlflow_tracking_uri
+
+    name = ensure_stack()
+    typer.echo(f"ZenML config  {os.environ['ZENML_CONFIG_PATH']}\nactive stack  {name}\nMLflow store  {mlflow_tracking_uri()}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,5 @@
+"""ZenML pipelines. ``PIPELINES`` maps the CLI name to (pipeline module, config class)."""
+
+PIPELINES = {
+    "data_validation": ("pipelines.data_validation", "hilight.data.ingest:DataValidationConfig"),
+}

@@ -1,0 +1,104 @@
+"""The project-local ZenML runtime: config directory, source root and the `hilight_local` stack.
+
+``.zenml/stack.yaml`` (committed) is the recipe; ``ensure_stack`` creates or updates the
+components it lists and activates the stack, so running it twice changes nothing. The ZenML
+SQLite store, the artifact store and the MLflow SQLite DB all live under ``.zenml/`` and are
+git-ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import yaml
+
+from hilight.env import apply_offline_defaults, project_root
+
+log = logging.getLogger(__name__)
+
+RECIPE = Path(".zenml") / "stack.yaml"
+CODE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def configure_zenml(root: Path | None = None) -> Path:
+    """Point ZenML at ``<root>/.zenml`` (unless ``ZENML_CONFIG_PATH`` is set) and go offline.
+
+    Must run before ``zenml`` is imported for the config path to take effect.
+    """
+    root = root or project_root()
+    apply_offline_defaults()
+    os.environ.setdefault("ZENML_CONFIG_PATH", str(root / ".zenml"))
+    from zenml.utils import source_utils
+
+    # the source root is where the step code lives (this checkout), not where the data is
+    source_utils.set_custom_source_root(str(CODE_ROOT))
+    return root
+
+
+def load_recipe(root: Path) -> dict:
+    path = root / RECIPE
+    if not path.is_file():
+        raise FileNotFoundError(f"stack recipe {path} is missing; it ships with the project (git checkout -- {RECIPE})")
+    recipe = yaml.safe_load(path.read_text())
+    for key in ("stack", "components"):
+        if key not in recipe:
+            raise ValueError(f"stack recipe {path} lacks {key!r}")
+    return recipe
+
+
+def _resolve_config(config: dict, root: Path) -> dict:
+    out = dict(config or {})
+    if "path" in out and not os.path.isabs(out["path"]):
+        out["path"] = str((root / out["path"]).resolve())
+    return out
+
+
+def ensure_stack(root: Path | None = None) -> str:
+    """Create/update the recipe's components and stack, activate it, return the stack name."""
+    from zenml.client import Client
+    from zenml.enums import StackComponentType
+
+    root = configure_zenml(root)
+    recipe = load_recipe(root)
+    client = Client()
+    components = {}
+    for ctype, spec in recipe["components"].items():
+        component_type = StackComponentType(ctype)
+        config = _resolve_config(spec.get("config", {}), root)
+        if config.get("path"):
+            Path(config["path"]).mkdir(parents=True, exist_ok=True)
+        try:
+            existing = client.get_stack_component(component_type, spec["name"], allow_name_prefix_match=False)
+        except KeyError:
+            client.create_stack_component(name=spec["name"], flavor=spec["flavor"], component_type=component_type,
+                                          configuration=config)
+            log.info("registered %s %s", ctype, spec["name"])
+        else:
+            if existing.flavor_name != spec["flavor"]:
+                raise RuntimeError(f"ZenML {ctype} {spec['name']!r} exists with flavor {existing.flavor_name!r}, "
+                                   f"the recipe wants {spec['flavor']!r}; delete it (zenml {ctype.replace('_', '-')} delete "
+                                   f"{spec['name']}) or rename it in {RECIPE}")
+            if any(existing.configuration.get(k) != v for k, v in config.items()):
+                client.update_stack_component(spec["name"], component_type, configuration=config)
+                log.info("updated %s %s", ctype, spec["name"])
+        components[component_type] = spec["name"]
+    name = recipe["stack"]
+    try:
+        client.get_stack(name, allow_name_prefix_match=False)
+    except KeyError:
+        client.create_stack(name=name, components=components)
+    if client.active_stack_model.name != name:
+        client.activate_stack(name)
+    return name
+
+
+def mlflow_tracking_uri() -> str:
+    """The tracking URI of the active stack's MLflow experiment tracker."""
+    from zenml.client import Client
+
+    tracker = Client().active_stack.experiment_tracker
+    if tracker is None or tracker.flavor != "mlflow":
+        raise RuntimeError("the active ZenML stack has no MLflow experiment tracker; run `hilight stack` to create hilight_local")
+    return tracker.get_tracking_uri()
