@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny synthetic datasets and an isolated ZenML + MLflow project."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from hilight.env import apply_offline_defaults
+
+apply_offline_defaults()
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(width=64, height=48, fps=8, duration_s=2.0)  # 16 frames: enough for the 12-frame sampler
+
+
+@pytest.fixture(scope="session")
+def tiny_settings():
+    from hilight.data.synth import SynthSettings
+
+    return SynthSettings(**TINY)
+
+
+@pytest.fixture(scope="session")
+def billiards_dir(tmp_path_factory, tiny_settings) -> Path:
+    """A 24-clip billiards dataset, generated once per session. Treat as read-only."""
+    from hilight.data.synth import generate_dataset
+
+    return generate_dataset(tmp_path_factory.mktemp("billiards"), domain="billiards", n_videos=24, seed=3,
+                            settings=tiny_settings, progress=False)
+
+
+@pytest.fixture(scope="session")
+def general_dir(tmp_path_factory, tiny_settings) -> Path:
+    from hilight.data.synth import generate_dataset
+
+    return generate_dataset(tmp_path_factory.mktemp("general"), domain="general", n_videos=8, seed=3,
+                            settings=tiny_settings, progress=False)
+
+
+@pytest.fixture
+def dataset_copy(tmp_path, billiards_dir) -> Path:
+    """A private, writable copy of the billiards dataset."""
+    dst = tmp_path / "billiards"
+    shutil.copytree(billiards_dir, dst)
+    return dst
+
+
+@pytest.fixture
+def zenml_project(tmp_path, monkeypatch):
+    """An isolated project: its own .zenml config dir (ZenML SQLite store, artifacts, MLflow DB).
+
+    Follows ZenML's template ``clean_zenml_client`` fixture: reset the GlobalConfiguration and
+    Client singletons, point ZENML_CONFIG_PATH at a temp dir, restore everything afterwards.
+    """
+    from zenml.client import Client
+    from zenml.config.global_config import GlobalConfiguration
+
+    root = tmp_path / "project"
+    (root / ".zenml").mkdir(parents=True)
+    shutil.copy(REPO / ".zenml" / "stack.yaml", root / ".zenml" / "stack.yaml")
+    shutil.copytree(REPO / "data_contracts", root / "data_contracts")
+    original_config, original_client = GlobalConfiguration.get_instance(), Client.get_instance()
+    GlobalConfiguration._reset_instance()
+    Client._reset_instance()
+    monkeypatch.setenv("HILIGHT_PROJECT_ROOT", str(root))
+    monkeypatch.setenv("ZENML_CONFIG_PATH", str(root / ".zenml"))
+    monkeypatch.chdir(root)
+    yield root
+    GlobalConfiguration._reset_instance(original_config)
+    Client._reset_instance(original_client)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)

@@ -1,0 +1,150 @@
+"""Generator invariants: physics, text/event agreement, hard negatives, determinism, real MP4s."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import decord
+import numpy as np
+import pytest
+
+from hilight.data.synth import billiards, generate_dataset
+from hilight.data.synth import physics as ph
+from hilight.data.synth.text import Caption, Fact, hard_negatives
+
+
+def _clips(n: int, seed: int = 11):
+    for i in range(n):
+        yield billiards.make_clip(np.random.default_rng([seed, i]), width=64, height=48, fps=10, duration_s=3.0)
+
+
+def test_balls_stay_on_table_unless_pocketed():
+    r = ph.BALL_RADIUS
+    for clip in _clips(40):
+        pos = clip.sim.positions
+        alive = ~np.isnan(pos[..., 0])
+        x, y = pos[..., 0][alive], pos[..., 1][alive]
+        # a ball may overshoot by at most one integration substep before the cushion reflects it
+        assert x.min() >= r - 0.02 and x.max() <= ph.TABLE_LENGTH - r + 0.02
+        assert y.min() >= r - 0.02 and y.max() <= ph.TABLE_WIDTH - r + 0.02
+        # a ball disappears exactly when a pocket event names it, and never comes back
+        gone = {clip.sim.names[i] for i in range(len(clip.sim.names)) if np.isnan(pos[-1, i, 0])}
+        assert gone == {b for b, _ in clip.sim.pocketed()}
+        for i in range(pos.shape[1]):
+            col = np.isnan(pos[:, i, 0])
+            assert not np.any(col[:-1] & ~col[1:]), "a pocketed ball reappeared"
+
+
+def test_scenarios_cover_break_pot_and_miss():
+    seen = {clip.scenario for clip in _clips(30)}
+    assert seen == {"break", "pot", "miss"}
+
+
+def test_ball_collision_conserves_momentum_along_line_of_centres():
+    sim = ph.simulate(["white", "red"], np.array([[0.5, 0.5], [1.0, 0.5]]), np.array([[2.0, 0.0], [0.0, 0.0]]),
+                      fps=50, n_frames=40, strike_ball="white")
+    assert sim.first_contact("white") == "red"
+    last = sim.positions[-1]
+    assert last[1, 0] > 1.1 and last[0, 0] < last[1, 0]  # red was driven forward past the cue ball
+
+
+def test_captions_and_answers_agree_with_event_log():
+    for clip in _clips(40):
+        pocketed = [(b, p) for b, p in clip.sim.pocketed() if b != "white"]
+        hit = clip.sim.first_contact("white")
+        texts = [c.text for c in clip.captions]
+        for t in texts:
+            if m := re.fullmatch(r"The (\w+) ball is knocked into the (.+)", t):
+                assert (m.group(1), m.group(2)) in pocketed
+            if m := re.fullmatch(r"The white cue ball hits the (\w+) ball", t):
+                assert m.group(1) == hit
+            if m := re.fullmatch(r"The (\w+) ball stays still near the .+", t):
+                assert m.group(1) not in clip.sim.touched()
+        assert ("No ball is pocketed" in texts) == (not pocketed)
+        assert len({c.object for c in clip.captions}) == len(clip.captions), "each caption is about a different object"
+        for qa in clip.qa:
+            if qa.kind == "pocketed_colour":
+                assert [b for b, _ in pocketed] == [qa.answer_value]
+            elif qa.kind == "pocket":
+                assert qa.answer_value == pocketed[0][1]
+            elif qa.kind == "first_contact":
+                assert qa.answer_value == hit
+            elif qa.kind == "count_pocketed":
+                assert int(qa.answer_value) == len(pocketed)
+            elif qa.kind == "any_pocketed":
+                assert qa.answer_value == "no" and not pocketed
+            assert qa.answer_value.split()[0].lower() in qa.answer.lower() or qa.kind == "count_pocketed"
+
+
+def test_hard_negative_changes_exactly_one_fact():
+    cap = Caption("The red ball is knocked into the top left corner pocket", "red ball",
+                  [Fact("colour", "red", ["blue"]), Fact("pocket", "top left corner pocket", ["bottom side pocket"]),
+                   Fact("action", "is knocked into", ["misses"])])
+    negs = hard_negatives(cap, np.random.default_rng(0))
+    assert [n["negative"] for n in negs] == [
+        "The blue ball is knocked into the top left corner pocket",
+        "The red ball is knocked into the bottom side pocket",
+        "The red ball misses the top left corner pocket",
+    ]
+    # a fact that is not literally in the sentence (or is ambiguous) yields no negative
+    assert hard_negatives(Caption("The triangle is scattered", "rack", [Fact("colour", "red", ["blue"])]),
+                          np.random.default_rng(0)) == []
+
+
+def test_dataset_files_and_videos(billiards_dir, tiny_settings):
+    caps = json.loads((billiards_dir / "captions.json").read_text())
+    qa = json.loads((billiards_dir / "qa.json").read_text())
+    negs = json.loads((billiards_dir / "negatives.json").read_text())
+    assert len(caps) == len(qa) == 24
+    assert all(len(r["captions"]) >= 3 for r in caps)
+    assert {n["changed"] for n in negs} >= {"colour", "pocket", "action"}
+    for rec in qa:
+        turns = rec["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+        assert sum(t["value"].count("<video>") for t in turns) == 1 and "<video>" in turns[0]["value"]
+    vr = decord.VideoReader(str(billiards_dir / "videos" / caps[0]["video"]))
+    assert len(vr) == round(tiny_settings.fps * tiny_settings.duration_s)
+    assert vr[0].shape == (tiny_settings.height, tiny_settings.width, 3)
+    assert abs(vr.get_avg_fps() - tiny_settings.fps) < 1e-6
+
+
+def test_rendered_cue_ball_is_where_the_simulation_says():
+    clip = next(_clips(1, seed=5))
+    frame = clip.frames[0].astype(int)
+    x, y = clip.sim.positions[0, clip.sim.names.index("white")]
+    h, w = frame.shape[:2]
+    scale = min((w - 4) / (ph.TABLE_LENGTH + 0.16), (h - 4) / (ph.TABLE_WIDTH + 0.16))
+    px = int((w - ph.TABLE_LENGTH * scale) / 2 + x * scale)
+    py = int((h - ph.TABLE_WIDTH * scale) / 2 + y * scale)
+    assert frame[py, px].min() > 200  # white
+
+
+def test_same_seed_same_bytes_different_seed_different(tmp_path, tiny_settings):
+    a = generate_dataset(tmp_path / "a", n_videos=3, seed=7, settings=tiny_settings, progress=False)
+    b = generate_dataset(tmp_path / "b", n_videos=3, seed=7, settings=tiny_settings, workers=2, progress=False)
+    c = generate_dataset(tmp_path / "c", n_videos=3, seed=8, settings=tiny_settings, progress=False)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    for rel in files:
+        if rel.name.startswith("bil7"):
+            assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+    assert (a / "captions.json").read_text() == (b / "captions.json").read_text()
+    assert (a / "captions.json").read_text() != (c / "captions.json").read_text()
+
+
+def test_general_domain(general_dir):
+    caps = json.loads((general_dir / "captions.json").read_text())
+    meta = {e["video_id"]: e for e in json.loads((general_dir / "events.json").read_text())}
+    for rec in caps:
+        movers = meta[rec["video_id"]]["movers"]
+        for m in movers:
+            assert any(c["caption"].endswith(f"{m['colour']} {m['shape']} moves {m['direction']}") for c in rec["captions"])
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError, match="unknown domain"):
+        generate_dataset("unused", domain="tennis", n_videos=1)
+    from hilight.data.synth import SynthSettings
+
+    with pytest.raises(ValueError, match="multiple of 2"):
+        SynthSettings(width=63)
