@@ -1,0 +1,444 @@
+"""Data ingestion: fingerprint -> load -> probe -> validate -> write manifest and quarantine.
+
+Each stage is a plain function so ZenML steps stay thin and tests can call them directly.
+Nothing is dropped silently: every input row ends up either in a validated manifest or in the
+quarantine table with the reason (and detail) it was rejected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, Field, field_validator
+
+from hilight.data import importers
+from hilight.data.contracts import ROW_ID, ContractResult, DataContract, validate_table
+from hilight.data.probe import PICKLE_SUFFIXES, probe_files, resolve_video_path, sha256_file
+from hilight.data.tokens import TokenCounter
+from hilight.env import resolve_path
+
+log = logging.getLogger(__name__)
+TABLES = ("videos", "captions", "qa")
+
+
+class DatasetSpec(BaseModel):
+    """One dataset on disk: a root holding annotation files and a video folder."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    domain: str = "billiards"
+    root: str  # relative paths are relative to the project root
+    video_dir: str = "videos"
+    captions: list[str] = Field(default_factory=list)  # caption-table files, relative to root
+    qa: list[str] = Field(default_factory=list)  # LLaVA/VideoInstruct JSON files, relative to root
+    # Opt-in: resolve a reference to "x.pkl" to an existing "x<suffix>" (the reference's stage-2
+    # behaviour). The substitution is recorded in the manifest's ``video`` / ``video_ref`` columns.
+    pkl_fallback_suffixes: list[str] = Field(default_factory=list)
+
+    @field_validator("captions", "qa")
+    @classmethod
+    def _relative(cls, v: list[str]) -> list[str]:
+        bad = [p for p in v if os.path.isabs(p) or ".." in Path(p).parts]
+        if bad:
+            raise ValueError(f"annotation paths must be relative to the dataset root without '..': {bad}")
+        return v
+
+
+class ProbeSettings(BaseModel):
+    workers: int = Field(2, ge=1, le=256)
+    decode_frames: int = Field(12, ge=0, le=256)  # frames decoded per video; 0 = header only
+
+
+class DataValidationConfig(BaseModel):
+    """Config of the ``data_validation`` pipeline (``configs/data_validation_*.yaml``)."""
+
+    model_config = {"extra": "forbid"}
+
+    pipeline: Literal["data_validation"] = "data_validation"
+    datasets: list[DatasetSpec] = Field(min_length=1)
+    contracts_dir: str = "data_contracts"
+    output_dir: str = "outputs/data_validation"
+    probe: ProbeSettings = Field(default_factory=ProbeSettings)
+    tokenizer_dir: str | None = None  # local CLIP tokenizer for exact caption token counts
+    progress: bool = True
+    enable_cache: bool = True
+    experiment_name: str = "data_validation"
+
+    @field_validator("datasets")
+    @classmethod
+    def _unique_names(cls, v: list[DatasetSpec]) -> list[DatasetSpec]:
+        names = [d.name for d in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"dataset names must be unique, got {names}")
+        return v
+
+
+# --------------------------------------------------------------------------------------------
+# fingerprint
+
+
+def _files_to_hash(spec: DatasetSpec) -> list[tuple[str, Path]]:
+    root = resolve_path(spec.root)
+    entries = [(f"ann/{a}", root / a) for a in [*spec.captions, *spec.qa]]
+    video_root = root / spec.video_dir
+    if video_root.is_dir():
+        for dirpath, dirnames, filenames in os.walk(video_root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in filenames:
+                if not name.startswith("."):
+                    p = Path(dirpath) / name
+                    entries.append((f"vid/{p.relative_to(video_root).as_posix()}", p))
+    return sorted(entries)
+
+
+def _entry_digest(path: Path) -> str:
+    if path.is_symlink():
+        return "symlink:" + os.readlink(path)  # never follow: the target may be outside the root
+    if not path.is_file():
+        return "missing"
+    return sha256_file(path)
+
+
+def fingerprint_dataset(spec: DatasetSpec, workers: int = 4) -> str:
+    """sha256 over (relative path, content hash) of the annotations and every file in the video dir.
+
+    Independent of where the dataset lives: only paths relative to its root enter the hash.
+    """
+    entries = _files_to_hash(spec)
+    with ThreadPoolExecutor(workers) as pool:  # hashlib releases the GIL on large buffers
+        digests = list(pool.map(_entry_digest, [p for _, p in entries]))
+    h = hashlib.sha256()
+    for (rel, _), digest in zip(entries, digests):
+        h.update(f"{rel}\0{digest}\n".encode())
+    return h.hexdigest()
+
+
+def fingerprint_datasets(config: DataValidationConfig) -> dict[str, str]:
+    """Per-dataset fingerprints plus ``"combined"`` over all of them (in config order)."""
+    out = {d.name: fingerprint_dataset(d, workers=max(2, config.probe.workers)) for d in config.datasets}
+    out["combined"] = hashlib.sha256(json.dumps(out, sort_keys=True).encode()).hexdigest()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# load
+
+
+@dataclass
+class Tables:
+    """The three tables under validation; each has a unique ``row_id``."""
+
+    videos: pd.DataFrame
+    captions: pd.DataFrame
+    qa: pd.DataFrame
+
+    def as_dict(self) -> dict[str, pd.DataFrame]:
+        return {"videos": self.videos, "captions": self.captions, "qa": self.qa}
+
+
+def load_tables(config: DataValidationConfig) -> Tables:
+    """Read every annotation file, compute the facts the contracts check, list referenced videos."""
+    counter = TokenCounter(resolve_path(config.tokenizer_dir) if config.tokenizer_dir else None)
+    caps, qas = [], []
+    for spec in config.datasets:
+        root = resolve_path(spec.root)
+        caps += [importers.read_caption_table(root / f, spec.name) for f in spec.captions]
+        qas += [importers.read_qa(root / f, spec.name) for f in spec.qa]
+    captions = pd.concat(caps, ignore_index=True) if caps else pd.DataFrame(columns=importers.CAPTION_COLUMNS)
+    qa = pd.concat(qas, ignore_index=True) if qas else pd.DataFrame(columns=importers.QA_COLUMNS)
+    captions.insert(0, ROW_ID, range(len(captions)))
+    qa.insert(0, ROW_ID, range(len(qa)))
+
+    captions["caption_stripped"] = [c.strip() if isinstance(c, str) else None for c in captions["caption"]]
+    captions["caption_tokens"] = pd.array([counter(c) if isinstance(c, str) else None for c in captions["caption"]], dtype="Int64")
+    captions["duplicate_of"] = importers.mark_duplicates(
+        captions, lambda r: None if not isinstance(r["caption"], str) else (r["dataset"], r["caption_id"]))
+    same_text = importers.mark_duplicates(
+        captions, lambda r: None if not isinstance(r["caption"], str) else (r["dataset"], r["video"], r["caption_stripped"]))
+    captions["duplicate_of"] = captions["duplicate_of"].where(captions["duplicate_of"].notna(), same_text)
+
+    facts = pd.DataFrame([importers.conversation_facts(c) for c in qa["conversations"]], index=qa.index)
+    qa = pd.concat([qa, facts], axis=1)
+    qa["duplicate_of"] = importers.mark_duplicates(qa, lambda r: None if not isinstance(r["id"], str) else (r["dataset"], r["id"]))
+
+    videos = _referenced_videos(config, captions, qa)
+    return Tables(videos=videos, captions=captions, qa=qa)
+
+
+def _referenced_videos(config: DataValidationConfig, captions: pd.DataFrame, qa: pd.DataFrame) -> pd.DataFrame:
+    specs = {d.name: d for d in config.datasets}
+    refs = pd.concat([captions[["dataset", "video"]], qa[["dataset", "video"]]], ignore_index=True).dropna()
+    refs = refs.drop_duplicates().reset_index(drop=True)
+    rows = []
+    for dataset, ref in refs.itertuples(index=False):
+        spec = specs[dataset]
+        root = resolve_path(spec.root)
+        resolved_ref = ref
+        if Path(ref).suffix.lower() in PICKLE_SUFFIXES:
+            for suffix in spec.pkl_fallback_suffixes:
+                alt = str(Path(ref).with_suffix(suffix))
+                alt_path, err = resolve_video_path(root, spec.video_dir, alt)
+                if err is None and alt_path.is_file():
+                    resolved_ref = alt
+                    break
+        path, error = resolve_video_path(root, spec.video_dir, resolved_ref)
+        rows.append({"dataset": dataset, "video_ref": ref, "video": resolved_ref,
+                     "video_path": (Path(spec.video_dir) / resolved_ref).as_posix() if error is None else None,
+                     "abs_path": None if path is None else str(path), "path_error": error})
+    videos = pd.DataFrame(rows, columns=["dataset", "video_ref", "video", "video_path", "abs_path", "path_error"])
+    videos.insert(0, ROW_ID, range(len(videos)))
+    return videos
+
+
+# --------------------------------------------------------------------------------------------
+# probe
+
+
+def probe_videos(videos: pd.DataFrame, settings: ProbeSettings, progress: bool = True) -> pd.DataFrame:
+    """``videos`` plus the probe facts (``hilight.data.probe.PROBE_COLUMNS``)."""
+    paths = [p if isinstance(p, str) else None for p in videos["abs_path"]]
+    facts = probe_files(paths, workers=settings.workers,
+                        decode_frames=settings.decode_frames, progress=progress)
+    facts = facts.drop(columns=["path_error"])  # the resolver's path_error is authoritative
+    out = pd.concat([videos.reset_index(drop=True), facts], axis=1)
+    for col in ("n_frames", "width", "height", "min_side", "size_bytes"):
+        out[col] = pd.array(out[col], dtype="Int64")
+    for col in ("fps", "duration_s"):
+        out[col] = pd.array(out[col], dtype="Float64")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# validate
+
+
+@dataclass
+class Validation:
+    """Validated rows, the quarantine, and the per-contract results."""
+
+    valid: dict[str, pd.DataFrame]
+    quarantine: pd.DataFrame
+    summary: pd.DataFrame  # per (table, dataset): total, rejected, reject_fraction, threshold, exceeded
+    ge_results: dict[str, dict]  # per table, Great Expectations' validation result as JSON
+    table_failures: list[dict] = field(default_factory=list)
+
+    @property
+    def exceeded(self) -> pd.DataFrame:
+        return self.summary[self.summary["exceeded"]]
+
+
+QUARANTINE_COLUMNS = ["table", "contract", "dataset", ROW_ID, "source", "item", "reason", "all_reasons", "message", "detail"]
+
+
+def validate_tables(tables: Tables, contracts: dict[str, DataContract]) -> Validation:
+    """Apply the video contract, propagate rejected videos to their rows, then the row contracts."""
+    missing = [t for t in TABLES if t not in contracts]
+    if missing:
+        raise ValueError(f"no data contract for tables {missing}; add them to the contracts directory")
+    videos = tables.videos
+    results = {"videos": validate_table(videos, contracts["videos"])}
+    video_reason = _primary_reasons(results["videos"])
+    rejected_video = {}
+    for rid, reason, detail in video_reason.itertuples(index=False):
+        row = videos.loc[videos[ROW_ID] == rid].iloc[0]
+        rejected_video[(row["dataset"], row["video_ref"])] = f"{row['video_ref']}: {reason}" + (f" ({detail})" if detail else "")
+    frames = {"videos": videos}
+    for name in ("captions", "qa"):
+        df = tables.as_dict()[name].copy()
+        df["video_reject"] = [rejected_video.get((d, v)) for d, v in zip(df["dataset"], df["video"])]
+        frames[name] = df
+        results[name] = validate_table(df, contracts[name])
+
+    valid, quarantined, summary_rows, table_failures = {}, [], [], []
+    for name, df in frames.items():
+        res = results[name]
+        rejected = res.rejected_ids()
+        valid[name] = df[~df[ROW_ID].isin(rejected)].reset_index(drop=True)
+        quarantined.append(_quarantine_rows(name, df, res))
+        table_failures += [{"table": name, **f} for f in res.table_failures]
+        for dataset in sorted(set(df["dataset"].dropna())):
+            part = df[df["dataset"] == dataset]
+            n_rej = int(part[ROW_ID].isin(rejected).sum())
+            frac = n_rej / len(part) if len(part) else 0.0
+            summary_rows.append({"table": name, "contract": res.contract.name, "contract_version": res.contract.version,
+                                 "dataset": dataset, "total": len(part), "accepted": len(part) - n_rej, "rejected": n_rej,
+                                 "reject_fraction": frac, "threshold": res.contract.max_reject_fraction,
+                                 "exceeded": frac > res.contract.max_reject_fraction})
+    quarantine = pd.concat(quarantined, ignore_index=True) if quarantined else pd.DataFrame(columns=QUARANTINE_COLUMNS)
+    summary = pd.DataFrame(summary_rows, columns=["table", "contract", "contract_version", "dataset", "total", "accepted",
+                                                  "rejected", "reject_fraction", "threshold", "exceeded"])
+    return Validation(valid=valid, quarantine=quarantine, summary=summary,
+                      ge_results={t: r.ge_result for t, r in results.items()}, table_failures=table_failures)
+
+
+def _primary_reasons(res: ContractResult) -> pd.DataFrame:
+    """First (highest-priority) reason per rejected row."""
+    return res.failures.drop_duplicates(ROW_ID, keep="first")[[ROW_ID, "reason", "detail"]]
+
+
+def _quarantine_rows(table: str, df: pd.DataFrame, res: ContractResult) -> pd.DataFrame:
+    if res.failures.empty:
+        return pd.DataFrame(columns=QUARANTINE_COLUMNS)
+    grouped = res.failures.groupby(ROW_ID, sort=False)
+    first = grouped.first().reset_index()
+    first["all_reasons"] = grouped["reason"].agg(lambda s: ",".join(s)).values
+    item_col = {"videos": "video_ref", "captions": "caption", "qa": "id"}[table]
+    meta = df.set_index(ROW_ID)
+    first["table"] = table
+    first["contract"] = res.contract.name
+    first["dataset"] = [meta.at[r, "dataset"] if "dataset" in meta else None for r in first[ROW_ID]]
+    first["source"] = [meta.at[r, "source"] if "source" in meta else f"{meta.at[r, 'dataset']}:{meta.at[r, 'video_ref']}" for r in first[ROW_ID]]
+    first["item"] = [importers.printable(meta.at[r, item_col]) for r in first[ROW_ID]]
+    first["detail"] = [importers.printable(d) for d in first["detail"]]
+    return first[QUARANTINE_COLUMNS]
+
+
+# --------------------------------------------------------------------------------------------
+# write
+
+
+MANIFEST_COLUMNS = {
+    "videos": ["dataset", "video", "video_ref", "video_path", "sha256", "size_bytes", "n_frames", "fps", "width",
+               "height", "duration_s"],
+    "captions": ["dataset", "video_id", "video", "video_path", "video_sha256", "caption_id", "caption", "object",
+                 "split", "caption_tokens", "source"],
+    "qa": ["dataset", "id", "video", "video_path", "video_sha256", "conversations", "n_turns", "source"],
+}
+
+
+class DataRejectedError(RuntimeError):
+    """Too many rows failed a contract; the message names the top reasons and the report."""
+
+
+@dataclass
+class IngestResult:
+    output_dir: Path
+    fingerprints: dict[str, str]
+    summary: pd.DataFrame
+    manifests: dict[str, Path]
+    quarantine_path: Path
+    ge_results_path: Path
+    report_path: Path
+    counts: dict[str, int]
+
+    @property
+    def exceeded(self) -> pd.DataFrame:
+        return self.summary[self.summary["exceeded"]]
+
+
+def write_outputs(validation: Validation, fingerprints: dict[str, str], config: DataValidationConfig,
+                  contracts: dict[str, DataContract], out_dir: Path) -> IngestResult:
+    """Write the validated manifests (Parquet, fingerprint in the schema metadata), quarantine, GE JSON, report."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    videos = validation.valid["videos"]
+    by_ref = {(d, r): (p, s) for d, r, p, s in videos[["dataset", "video_ref", "video_path", "sha256"]].itertuples(index=False)}
+    meta = {"hilight.data_fingerprint": fingerprints["combined"],
+            "hilight.dataset_fingerprints": json.dumps({k: v for k, v in fingerprints.items() if k != "combined"}),
+            "hilight.contracts": json.dumps({t: c.suite_name for t, c in contracts.items()})}
+    manifests = {}
+    for name in TABLES:
+        df = validation.valid[name].copy()
+        if name != "videos":
+            df["video_path"] = [by_ref.get((d, v), (None, None))[0] for d, v in zip(df["dataset"], df["video"])]
+            df["video_sha256"] = [by_ref.get((d, v), (None, None))[1] for d, v in zip(df["dataset"], df["video"])]
+        df = df[MANIFEST_COLUMNS[name]]
+        table = pa.Table.from_pandas(df, preserve_index=False)
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **{k.encode(): v.encode() for k, v in meta.items()}})
+        manifests[name] = out_dir / f"{name}.parquet"
+        pq.write_table(table, manifests[name])
+    quarantine_path = out_dir / "quarantine.parquet"
+    validation.quarantine.astype({"detail": object, "item": object}).to_parquet(quarantine_path, index=False)
+    ge_results_path = out_dir / "ge_results.json"
+    ge_results_path.write_text(json.dumps(validation.ge_results, indent=1, default=str))
+    counts = {f"{t}_accepted": len(validation.valid[t]) for t in TABLES}
+    counts.update({f"{t}_rejected": int((validation.quarantine["table"] == t).sum()) for t in TABLES})
+    report_path = out_dir / "report.md"
+    result = IngestResult(out_dir, fingerprints, validation.summary, manifests, quarantine_path, ge_results_path,
+                          report_path, counts)
+    report_path.write_text(render_report(result, validation, config, contracts), encoding="utf-8")
+    (out_dir / "manifest.json").write_text(json.dumps({
+        "data_fingerprint": fingerprints["combined"],
+        "dataset_fingerprints": {k: v for k, v in fingerprints.items() if k != "combined"},
+        "datasets": {d.name: {"root": d.root, "domain": d.domain, "video_dir": d.video_dir} for d in config.datasets},
+        "contracts": {t: {"name": c.name, "version": c.version} for t, c in contracts.items()},
+        "counts": counts,
+        "files": {t: p.name for t, p in manifests.items()},
+    }, indent=1) + "\n")
+    return result
+
+
+def top_reasons(quarantine: pd.DataFrame, n: int = 5) -> list[tuple[str, int]]:
+    if quarantine.empty:
+        return []
+    counts = quarantine.groupby(["table", "reason"]).size().sort_values(ascending=False).head(n)
+    return [(f"{t}:{r}", int(c)) for (t, r), c in counts.items()]
+
+
+def render_report(result: IngestResult, validation: Validation, config: DataValidationConfig,
+                  contracts: dict[str, DataContract]) -> str:
+    lines = ["# Data validation report", "", f"Data fingerprint: `{result.fingerprints['combined']}`", ""]
+    lines += ["## Contracts", ""] + [f"- `{c.name}` v{c.version} on table `{t}` (max reject fraction {c.max_reject_fraction:.0%})"
+                                     for t, c in contracts.items()]
+    lines += ["", "## Accepted and rejected", "", "| table | dataset | total | accepted | rejected | reject % | threshold | status |",
+              "|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in validation.summary.itertuples(index=False):
+        status = "**FAIL**" if r.exceeded else "ok"
+        lines.append(f"| {r.table} | {r.dataset} | {r.total} | {r.accepted} | {r.rejected} | {r.reject_fraction:.1%} | {r.threshold:.0%} | {status} |")
+    if validation.table_failures:
+        lines += ["", "## Table-level failures", ""] + [f"- {f['table']}: {f['reason']}: {f['message']} (observed {f['observed']})"
+                                                      for f in validation.table_failures]
+    lines += ["", "## Rejections by reason", ""]
+    q = validation.quarantine
+    if q.empty:
+        lines.append("No rows rejected.")
+    else:
+        for (table, reason), grp in q.groupby(["table", "reason"], sort=True):
+            lines.append(f"### `{table}` / `{reason}` ({len(grp)})")
+            lines.append("")
+            lines.append(f"{grp['message'].iloc[0]}")
+            lines.append("")
+            for row in grp.head(10).itertuples(index=False):
+                detail = f": {row.detail}" if row.detail else ""
+                lines.append(f"- `{row.source}` {str(row.item)[:80]!r}{detail}")
+            if len(grp) > 10:
+                lines.append(f"- ... and {len(grp) - 10} more (see quarantine.parquet)")
+            lines.append("")
+    lines += ["", "## Files", ""] + [f"- {t}: `{p.name}`" for t, p in result.manifests.items()]
+    lines += [f"- quarantine: `{result.quarantine_path.name}`", f"- Great Expectations results: `{result.ge_results_path.name}`", ""]
+    return "\n".join(lines)
+
+
+def check_thresholds(result: IngestResult, validation: Validation) -> None:
+    """Raise ``DataRejectedError`` if any (table, dataset) exceeded its contract's reject threshold."""
+    bad = result.exceeded
+    if bad.empty and not validation.table_failures:
+        return
+    parts = [f"{r.table}/{r.dataset}: {r.rejected}/{r.total} rejected ({r.reject_fraction:.1%} > {r.threshold:.0%})"
+             for r in bad.itertuples(index=False)]
+    parts += [f"{f['table']}: {f['reason']} ({f['message']})" for f in validation.table_failures]
+    reasons = ", ".join(f"{k} x{v}" for k, v in top_reasons(validation.quarantine))
+    raise DataRejectedError(
+        "data rejected by contract: " + "; ".join(parts) + f". Top reasons: {reasons or 'n/a'}. "
+        f"Report: {result.report_path} (quarantine: {result.quarantine_path}). "
+        "Fix the data, or raise max_reject_fraction in the contract if these rejects are expected.")
+
+
+def run_ingest(config: DataValidationConfig, contracts: dict[str, DataContract], *, check: bool = True) -> IngestResult:
+    """The whole ingestion in one call (used by ``hilight validate`` and tests; the pipeline runs it step by step)."""
+    fingerprints = fingerprint_datasets(config)
+    tables = load_tables(config)
+    tables.videos = probe_videos(tables.videos, config.probe, progress=config.progress)
+    validation = validate_tables(tables, contracts)
+    result = write_outputs(validation, fingerprints, config, contracts, resolve_path(config.output_dir))
+    if check:
+        check_thresholds(result, validation)
+    return result

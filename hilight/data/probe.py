@@ -1,0 +1,142 @@
+"""Video probing: where a referenced file is, whether it is safe to open, and what decord sees.
+
+Probing decodes the frames the training sampler will actually take (``np.linspace`` over the
+clip, as the HiLight reference does), so "decodable" means "the dataloader will not fail on it",
+not merely "has a header". Files are probed in worker processes: decoding is CPU-bound and a
+crashing decoder must not take the pipeline down.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+VIDEO_SUFFIXES = {".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v"}
+ARRAY_SUFFIXES = {".npy"}
+PICKLE_SUFFIXES = {".pkl", ".pickle"}
+PROBE_COLUMNS = ["path_error", "is_pickle", "exists", "size_bytes", "decodable", "probe_error", "n_frames",
+                 "fps", "width", "height", "min_side", "duration_s", "sha256"]
+
+
+def resolve_video_path(root: Path, video_dir: str | Path, ref: str) -> tuple[Path | None, str | None]:
+    """Absolute path of a referenced video, or an error if the reference leaves the data root.
+
+    Rejected: absolute paths, any ``..`` component, and paths (symlinks included) that resolve
+    outside ``root``.
+    """
+    if not ref:
+        return None, "empty video path"
+    if os.path.isabs(ref) or Path(ref).is_absolute():
+        return None, f"absolute path {ref!r}"
+    if ".." in Path(ref).parts:
+        return None, f"path {ref!r} contains '..'"
+    root = Path(root).resolve()
+    candidate = root / video_dir / ref
+    try:
+        resolved = candidate.resolve()
+    except (OSError, RuntimeError) as exc:  # symlink loops
+        return None, f"cannot resolve {ref!r}: {exc}"
+    if not resolved.is_relative_to(root):
+        return None, f"{ref!r} resolves to {resolved}, outside the data root {root} (symlink?)"
+    return candidate, None
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sampler_indices(n_frames: int, k: int) -> np.ndarray:
+    """The reference sampler: ``k`` uniformly spaced frame indices, first and last included."""
+    return np.linspace(0, n_frames - 1, k).astype(int)
+
+
+def probe_file(path: str | None, decode_frames: int = 12) -> dict:
+    """Facts about one file (``PROBE_COLUMNS``). Never raises for a bad file: the error is a fact."""
+    out = dict.fromkeys(PROBE_COLUMNS)
+    if not isinstance(path, str):  # unresolvable reference: the resolver's path_error says why
+        return out
+    p = Path(path)
+    suffix = p.suffix.lower()
+    out["is_pickle"] = suffix in PICKLE_SUFFIXES
+    out["exists"] = p.is_file()
+    if not out["exists"]:
+        return out
+    out["size_bytes"] = p.stat().st_size
+    if out["is_pickle"] or out["size_bytes"] == 0:
+        return out  # never unpickled; nothing to decode
+    out["sha256"] = sha256_file(p)
+    try:
+        if suffix in ARRAY_SUFFIXES:
+            out.update(_probe_array(p))
+        elif suffix in VIDEO_SUFFIXES:
+            out.update(_probe_video(p, decode_frames))
+        else:
+            raise ValueError(f"unsupported extension {suffix!r}; expected one of {sorted(VIDEO_SUFFIXES | ARRAY_SUFFIXES)}")
+        out["decodable"] = True
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is the fact we record, with its message
+        out["decodable"] = False
+        out["probe_error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+    if out["width"] is not None and out["height"] is not None:
+        out["min_side"] = min(out["width"], out["height"])
+    return out
+
+
+def _probe_video(path: Path, decode_frames: int) -> dict:
+    import decord
+
+    vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+    n = len(vr)
+    if n == 0:
+        raise ValueError("video has no frames")
+    fps = float(vr.get_avg_fps())
+    if decode_frames > 0:
+        frames = vr.get_batch(sampler_indices(n, decode_frames).tolist()).asnumpy()
+        height, width = frames.shape[1:3]
+    else:
+        height, width = vr[0].shape[:2]
+    return {"n_frames": n, "fps": fps, "width": int(width), "height": int(height),
+            "duration_s": n / fps if fps > 0 else None}
+
+
+def _probe_array(path: Path) -> dict:
+    arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    if arr.ndim != 4 or 3 not in (arr.shape[1], arr.shape[3]):
+        raise ValueError(f"array must be [T,3,H,W] or [T,H,W,3], got shape {list(arr.shape)}")
+    t, h, w = (arr.shape[0], arr.shape[2], arr.shape[3]) if arr.shape[1] == 3 else arr.shape[:3]
+    return {"n_frames": int(t), "fps": None, "width": int(w), "height": int(h), "duration_s": None}
+
+
+def _probe_job(args: tuple[str | None, int]) -> dict:
+    return probe_file(*args)
+
+
+def _worker_context() -> mp.context.BaseContext:
+    """forkserver: workers fork from a clean server process (never from a parent holding DB
+    connections or threads), and the server imports numpy/decord once instead of once per worker."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["hilight.data.probe", "decord"])
+    return ctx
+
+
+def probe_files(paths: list[str | None], *, workers: int = 2, decode_frames: int = 12, progress: bool = True) -> pd.DataFrame:
+    """Probe ``paths`` (None = unresolvable) in ``workers`` processes; one row per path, same order."""
+    jobs = [(p, decode_frames) for p in paths]
+    bar = dict(total=len(jobs), desc="probe videos", unit="file", disable=not progress)
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(workers, mp_context=_worker_context()) as pool:
+            chunk = max(1, min(16, len(jobs) // (workers * 8)))
+            rows = list(tqdm(pool.map(_probe_job, jobs, chunksize=chunk), **bar))
+    else:
+        rows = [_probe_job(j) for j in tqdm(jobs, **bar)]
+    return pd.DataFrame(rows, columns=PROBE_COLUMNS)
