@@ -88,9 +88,13 @@ def run(
     run_name: Optional[str] = typer.Option(None, help="ZenML run name (default: generated)."),
 ) -> None:
     """Run a ZenML pipeline on the project-local stack, tracked in MLflow."""
-    from pipelines.run import run_pipeline
+    from pipelines.run import PipelineFailedError, run_pipeline
 
-    result = run_pipeline(pipeline, resolve_path(config), enable_cache=False if no_cache else None, run_name=run_name)
+    try:
+        result = run_pipeline(pipeline, resolve_path(config), enable_cache=False if no_cache else None, run_name=run_name)
+    except PipelineFailedError as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise typer.Exit(1) from None
     typer.echo(f"pipeline {pipeline} finished: run {getattr(result, 'name', result)}")
 
 
@@ -113,10 +117,14 @@ def demo(
             continue
         generate_dataset(out, domain=domain, n_videos=videos, seed=seed, workers=workers)
 
-    from pipelines.run import run_pipeline
+    from pipelines.run import PipelineFailedError, run_pipeline
     from pipelines.stack import mlflow_tracking_uri
 
-    result = run_pipeline("data_validation", root / DEMO_CONFIG)
+    try:
+        result = run_pipeline("data_validation", root / DEMO_CONFIG)
+    except PipelineFailedError as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise typer.Exit(1) from None
     manifest = json.loads((root / "outputs" / "data_validation" / "manifest.json").read_text())
     typer.echo("\n" + "=" * 72)
     typer.echo(f"data_validation run   {result.name}")

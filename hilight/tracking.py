@@ -4,7 +4,6 @@ orchestrator run id, so a score table can be traced back to the data and code th
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 from pathlib import Path
 from typing import Any, Mapping
@@ -13,8 +12,6 @@ import mlflow
 from pydantic import BaseModel
 
 from hilight.env import project_root
-
-log = logging.getLogger(__name__)
 
 TAG_FINGERPRINT = "hilight.data_fingerprint"
 TAG_GIT_COMMIT = "hilight.git_commit"

@@ -35,4 +35,25 @@ def run_pipeline(name: str, config_path: Path, *, enable_cache: bool | None = No
     }
     if run_name:
         options["run_name"] = run_name
-    return pipeline.with_options(**options)(**kwargs)
+    try:
+        return pipeline.with_options(**options)(**kwargs)
+    except RuntimeError as exc:
+        raise PipelineFailedError(_failure_message(name, exc)) from exc
+
+
+class PipelineFailedError(RuntimeError):
+    """A pipeline run failed; the message carries the failed steps' own error messages."""
+
+
+def _failure_message(name: str, exc: RuntimeError) -> str:
+    """ZenML only says which step failed; add what the step itself raised (e.g. a contract's reasons)."""
+    from zenml.client import Client
+    from zenml.enums import ExecutionStatus
+
+    runs = Client().list_pipeline_runs(pipeline_name=name, sort_by="desc:created", size=1)
+    if not runs.items:
+        return str(exc)
+    run = runs.items[0]
+    failed = [f"step {step_name}: {step.exception_info.message}" for step_name, step in run.steps.items()
+              if step.status == ExecutionStatus.FAILED and step.exception_info and step.exception_info.message]
+    return f"pipeline {name} run {run.name} failed: " + ("; ".join(failed) or str(exc))

@@ -38,7 +38,10 @@ def load_annotations(config: ingest.DataValidationConfig, fingerprints: dict[str
     Annotated[pd.DataFrame, "caption_rows"],
     Annotated[pd.DataFrame, "qa_rows"],
 ]:
-    """Parse caption tables and QA files into rows with the facts the contracts check."""
+    """Parse caption tables and QA files into rows with the facts the contracts check.
+
+    ``fingerprints`` is unused in the body on purpose: as an input it puts the data's content
+    hash into this step's cache key."""
     tables = ingest.load_tables(config)
     return tables.videos, tables.captions, tables.qa
 

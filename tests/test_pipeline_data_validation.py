@@ -83,8 +83,10 @@ def test_pipeline_fails_past_threshold(zenml_project, billiards_dir, caplog):
     for p in sorted((root / "data/billiards/videos").glob("*.mp4"))[:6]:
         p.write_bytes(b"")
     (root / "config.yaml").write_text(CONFIG.replace("  - {name: general, domain: general, root: data/general, captions: [captions.json], qa: [qa.json]}\n", ""))
-    with pytest.raises(RuntimeError, match="failure in step.*write_manifest"):
+    with pytest.raises(RuntimeError, match="failed: step write_manifest: data rejected by contract") as err:
         run_pipeline("data_validation", root / "config.yaml")
+    assert "videos/billiards: 6/24 rejected (25.0% > 10%)" in str(err.value)
+    assert "videos:zero_byte_file x6" in str(err.value) and "outputs/dv/report.md" in str(err.value)
     # the step's own error names the threshold, the top reasons and the report
     assert "videos/billiards: 6/24 rejected (25.0% > 10%)" in caplog.text
     assert "videos:zero_byte_file x6" in caplog.text and "outputs/dv/report.md" in caplog.text

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,7 +26,6 @@ from hilight.data.probe import PICKLE_SUFFIXES, probe_files, resolve_video_path,
 from hilight.data.tokens import TokenCounter
 from hilight.env import resolve_path
 
-log = logging.getLogger(__name__)
 TABLES = ("videos", "captions", "qa")
 
 
@@ -364,7 +362,7 @@ def write_outputs(validation: Validation, fingerprints: dict[str, str], config: 
     report_path = out_dir / "report.md"
     result = IngestResult(out_dir, fingerprints, validation.summary, manifests, quarantine_path, ge_results_path,
                           report_path, counts)
-    report_path.write_text(render_report(result, validation, config, contracts), encoding="utf-8")
+    report_path.write_text(render_report(result, validation, contracts), encoding="utf-8")
     (out_dir / "manifest.json").write_text(json.dumps({
         "data_fingerprint": fingerprints["combined"],
         "dataset_fingerprints": {k: v for k, v in fingerprints.items() if k != "combined"},
@@ -383,8 +381,7 @@ def top_reasons(quarantine: pd.DataFrame, n: int = 5) -> list[tuple[str, int]]:
     return [(f"{t}:{r}", int(c)) for (t, r), c in counts.items()]
 
 
-def render_report(result: IngestResult, validation: Validation, config: DataValidationConfig,
-                  contracts: dict[str, DataContract]) -> str:
+def render_report(result: IngestResult, validation: Validation, contracts: dict[str, DataContract]) -> str:
     lines = ["# Data validation report", "", f"Data fingerprint: `{result.fingerprints['combined']}`", ""]
     lines += ["## Contracts", ""] + [f"- `{c.name}` v{c.version} on table `{t}` (max reject fraction {c.max_reject_fraction:.0%})"
                                      for t, c in contracts.items()]

@@ -79,7 +79,7 @@ def make_clip(rng: np.random.Generator, *, width: int, height: int, fps: int, du
     bg_colour = list(BG_COLOURS)[int(rng.integers(len(BG_COLOURS)))]
     frames = _render(movers, pattern, bg_colour, width, height, n_frames)
     captions = _describe(movers, pattern, bg_colour)
-    qa = _questions(movers, pattern)
+    qa = _questions(movers)
     return Clip(frames, "shapes", movers, (pattern, bg_colour), captions, qa)
 
 
@@ -138,7 +138,7 @@ def _describe(movers: list[Mover], pattern: str, bg_colour: str) -> list[Caption
     return caps
 
 
-def _questions(movers: list[Mover], pattern: str) -> list[QAPair]:
+def _questions(movers: list[Mover]) -> list[QAPair]:
     m = movers[0]
     qa = [
         QAPair(f"What color is the {m.shape}?", f"The {m.shape} is {m.colour}.", "colour", m.colour),
