@@ -1,0 +1,1 @@
+"""Model families: CLIP-ViP (``clipvip``); strict checkpoint I/O (``checkpoints``); tokenizers (``tokenizers``)."""

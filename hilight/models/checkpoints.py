@@ -1,0 +1,157 @@
+"""Strict weight loading and saving.
+
+Legacy ``.pt``/``.bin`` files are read with ``torch.load(weights_only=True)`` only; our own files are safetensors
+with the resolved model config beside them. A load fails, naming every key, unless each key of the file maps onto
+exactly one parameter of the model with the same shape. The only accepted differences are the explicit mappings
+below, each of which is logged when used.
+
+CLIP-ViP key mapping (``pretrain_clipvip_base_16.pt`` from microsoft/XPretrain and HiLight's fine-tuned
+``lr1e-5_ft_*.pt``; reference §1.8 / hilight-reference §7.1):
+
+1. ``module.`` — a DDP wrapper prefix (HiLight's fine-tuned files) — is stripped.
+2. ``clipmodel.`` — the attribute of XPretrain's ``VidCLIP`` wrapper — is stripped. Every key must carry the same
+   prefix; a file mixing layouts is rejected.
+3. ``*.position_ids`` — persistent buffers in CLIP-ViP's code, non-persistent in ours — are dropped after checking
+   that they hold ``arange`` (anything else means a different model).
+4. With ``part="vision"`` (the VLM uses only the video tower) ``text_model.*`` and ``text_projection.*`` in the
+   file are ignored and not required.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TEXT_PREFIXES = ("text_model.", "text_projection.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or does not match the model; the message names the file and every bad key."""
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file or a legacy torch file (never unpickled beyond ``weights_only``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist (a directory of ours holds {MODEL_FILE})")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(path)
+        except Exception as exc:  # safetensors raises its own error types for corrupt headers/truncation
+            raise CheckpointError(f"checkpoint {path} is not a readable safetensors file ({exc}); "
+                                  "it may be truncated — re-copy it") from exc
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"checkpoint {path} holds objects other than tensors; it is refused because loading "
+                              f"it would run arbitrary code (weights_only=True): {str(exc).splitlines()[0]}") from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"checkpoint {path} is truncated or not a torch file ({str(exc).splitlines()[0]}); "
+                              "re-copy it") from exc
+    # a trainer-style {"model": sd} / {"state_dict": sd} wrapper is unwrapped (documented mapping)
+    if isinstance(obj, dict) and len(obj) == 1 and next(iter(obj)) in ("model", "state_dict", "module"):
+        log.info("checkpoint %s: unwrapping its %r entry", path, next(iter(obj)))
+        obj = next(iter(obj.values()))
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"checkpoint {path} is not a flat state_dict of tensors (got {type(obj).__name__})")
+    return obj
+
+
+def _strip_prefix(sd: dict[str, torch.Tensor], prefix: str, path: Path) -> dict[str, torch.Tensor]:
+    with_prefix = [k for k in sd if k.startswith(prefix)]
+    if not with_prefix:
+        return sd
+    if len(with_prefix) != len(sd):
+        other = sorted(k for k in sd if not k.startswith(prefix))
+        raise CheckpointError(f"checkpoint {path} mixes key layouts: {len(with_prefix)} keys start with {prefix!r} "
+                              f"and {len(other)} do not, e.g. {other[:5]}")
+    log.info("checkpoint %s: stripping prefix %r", path, prefix)
+    return {k[len(prefix):]: v for k, v in sd.items()}
+
+
+def _drop_position_ids(sd: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        if k.endswith("position_ids"):
+            if not torch.equal(v.reshape(-1).long(), torch.arange(v.numel())):
+                raise CheckpointError(f"checkpoint {path}: buffer {k} is not arange({v.numel()}); "
+                                      "this is not a CLIP-ViP checkpoint")
+            continue
+        out[k] = v
+    return out
+
+
+def clipvip_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The file's tensors under our parameter names (mappings 1–3 of the module docstring)."""
+    path = Path(path)
+    sd = read_state_dict(path)
+    sd = _strip_prefix(sd, "module.", path)
+    sd = _strip_prefix(sd, "clipmodel.", path)
+    return _drop_position_ids(sd, path)
+
+
+def load_strict(model: nn.Module, sd: dict[str, torch.Tensor], source: str, *,
+                ignore_prefixes: tuple[str, ...] = ()) -> None:
+    """Copy ``sd`` into ``model``; fail listing every missing, unexpected or mis-shaped key.
+
+    Keys starting with one of ``ignore_prefixes`` are neither loaded nor required."""
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(ignore_prefixes)}
+    sd = {k: v for k, v in sd.items() if not k.startswith(ignore_prefixes)}
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = sorted(f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                    for k in set(sd) & set(own) if sd[k].shape != own[k].shape)
+    if missing or unexpected or shapes:
+        parts = []
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+            if items:
+                shown = ", ".join(items[:20]) + (f", ... ({len(items) - 20} more)" if len(items) > 20 else "")
+                parts.append(f"{len(items)} {title}: {shown}")
+        raise CheckpointError(f"checkpoint {source} does not match the model ({'; '.join(parts)}). "
+                              "Check that the model preset matches the checkpoint (e.g. clipvip-b16 for ViP-B/16).")
+    # every key was matched above; strict=False only lets the ignored prefixes stay as they are
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=False)
+
+
+def load_clipvip_weights(model: nn.Module, path: str | Path, *, part: Literal["full", "vision"] = "full") -> None:
+    """Load an original/HiLight ``.pt`` or one of our safetensors files into a ``CLIPViPModel``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    sd = clipvip_state_dict(path)
+    ignore = TEXT_PREFIXES if part == "vision" else ()
+    if ignore:
+        dropped = [k for k in sd if k.startswith(ignore)]
+        log.info("checkpoint %s: ignoring %d text-tower keys (vision-only load)", path, len(dropped))
+    load_strict(model, sd, str(path), ignore_prefixes=ignore)
+    log.info("loaded %s into %s (%s, strict)", path, type(model).__name__, part)
+
+
+def save_model(model: nn.Module, out_dir: str | Path, config: dict) -> Path:
+    """``out_dir/model.safetensors`` + ``out_dir/config.json``; written to a temp name first, then renamed."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{MODEL_FILE}.tmp"
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp)
+    tmp.replace(out_dir / MODEL_FILE)
+    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True))
+    return out_dir
+
+
+def read_model_config(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{model_dir} is not a saved model directory: {CONFIG_FILE} is missing")
+    return json.loads(path.read_text())
