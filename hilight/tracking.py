@@ -4,7 +4,9 @@ orchestrator run id, so a score table can be traced back to the data and code th
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -12,6 +14,8 @@ import mlflow
 from pydantic import BaseModel
 
 from hilight.env import project_root
+
+log = logging.getLogger(__name__)
 
 TAG_FINGERPRINT = "hilight.data_fingerprint"
 TAG_GIT_COMMIT = "hilight.git_commit"
@@ -66,3 +70,91 @@ def log_lineage(config: BaseModel | Mapping[str, Any], *, fingerprint: str | Non
     for i in range(0, len(params), 100):
         mlflow.log_params(dict(list(params.items())[i:i + 100]))
     mlflow.log_dict(resolved, "config/resolved_config.json")
+
+
+class ResilientTracker:
+    """Per-step metrics and artifacts for one MLflow run that never crash the training calling it.
+
+    Metrics are buffered and sent in batches (``log_batch``); when the tracking store is unreachable the batch
+    stays in the buffer and is retried at the next flush, so an outage loses nothing that fits in ``max_buffer``.
+    Artifact uploads that fail are retried at the next flush too. Without a run id everything is a no-op, so the
+    library trains the same with or without MLflow."""
+
+    def __init__(self, run_id: str | None, *, flush_every_s: float = 10.0, max_buffer: int = 200_000):
+        self.run_id = run_id
+        self.flush_every_s = flush_every_s
+        self.max_buffer = max_buffer
+        self._metrics: list = []
+        self._artifacts: list[tuple[str, str | None]] = []
+        self._last_flush = 0.0
+        self._failing = False
+        self.dropped = 0
+
+    @classmethod
+    def for_active_run(cls, **kwargs) -> ResilientTracker:
+        run = mlflow.active_run()
+        return cls(run.info.run_id if run else None, **kwargs)
+
+    @property
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient()
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if self.run_id is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._metrics.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        if len(self._metrics) > self.max_buffer:  # bounded memory during a long outage: drop the oldest
+            self.dropped += len(self._metrics) - self.max_buffer
+            self._metrics = self._metrics[-self.max_buffer:]
+        if time.monotonic() - self._last_flush >= self.flush_every_s:
+            self.flush()
+
+    def log_artifacts(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload a file or a directory (queued and retried on failure)."""
+        if self.run_id is not None:
+            self._artifacts.append((str(local_path), artifact_path))
+            self.flush()
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        if self.run_id is None:
+            return
+        self._guard(lambda: [self.client.set_tag(self.run_id, k, str(v)) for k, v in tags.items()], "tags")
+
+    def flush(self) -> bool:
+        """Send what is buffered; True when nothing is left."""
+        if self.run_id is None:
+            return True
+        self._last_flush = time.monotonic()
+        while self._metrics:
+            chunk = self._metrics[:1000]  # MLflow's log_batch limit
+            if not self._guard(lambda c=chunk: self.client.log_batch(self.run_id, metrics=c), "metrics"):
+                return False
+            del self._metrics[:len(chunk)]
+        while self._artifacts:
+            local, dest = self._artifacts[0]
+            upload = self.client.log_artifacts if Path(local).is_dir() else self.client.log_artifact
+            if not self._guard(lambda: upload(self.run_id, local, dest), "artifacts"):
+                return False
+            self._artifacts.pop(0)
+        return True
+
+    def _guard(self, fn, what: str) -> bool:
+        # Deliberately broad: any tracking failure (HTTP, DB lock, disk) must not stop training. It is logged,
+        # once per outage, and the data stays queued.
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001
+            if not self._failing:
+                log.warning("MLflow tracking failed (%s: %s); training continues and %s will be retried",
+                            type(exc).__name__, exc, what)
+            self._failing = True
+            return False
+        if self._failing:
+            log.warning("MLflow tracking recovered")
+        self._failing = False
+        return True

@@ -1,0 +1,109 @@
+"""Caption-video pairs from a validated manifest (the output of the ``data_validation`` pipeline).
+
+One row per caption; a batch decodes each distinct video once, so grouped batches (several captions of one clip)
+cost one decode and one video-tower pass per clip.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from hilight.data.frames import load_clip_frames
+from hilight.env import resolve_path
+
+
+class ManifestError(ValueError):
+    """The manifest directory is missing, or the selection it was asked for is empty."""
+
+
+@dataclass(frozen=True)
+class CaptionManifest:
+    rows: pd.DataFrame  # dataset, video_id, video_file (absolute), caption, object, split
+    fingerprint: str  # the data_validation fingerprint of the manifest
+
+    def select(self, datasets: list[str] | None, splits: list[str]) -> pd.DataFrame:
+        rows = self.rows
+        if datasets:
+            unknown = sorted(set(datasets) - set(rows["dataset"]))
+            if unknown:
+                raise ManifestError(f"datasets {unknown} are not in the manifest (it has {sorted(set(rows['dataset']))})")
+            rows = rows[rows["dataset"].isin(datasets)]
+        rows = rows[rows["split"].isin(splits)]
+        if rows.empty:
+            raise ManifestError(f"no captions for datasets={datasets} splits={splits}")
+        return rows.reset_index(drop=True)
+
+
+def read_caption_manifest(manifest_dir: str | Path) -> CaptionManifest:
+    """Validated captions with absolute video paths; fails if the manifest is missing or incomplete."""
+    manifest_dir = resolve_path(manifest_dir)
+    meta_path = manifest_dir / "manifest.json"
+    if not meta_path.is_file():
+        raise ManifestError(f"{meta_path} does not exist; run `hilight run data_validation -c ...` first")
+    meta = json.loads(meta_path.read_text())
+    captions = pd.read_parquet(manifest_dir / meta["files"]["captions"])
+    roots = {name: resolve_path(d["root"]) for name, d in meta["datasets"].items()}
+    missing = sorted(set(captions["dataset"]) - set(roots))
+    if missing:
+        raise ManifestError(f"{meta_path} lists no root for datasets {missing}")
+    video_file = [str(roots[d] / p) for d, p in zip(captions["dataset"], captions["video_path"], strict=True)]
+    rows = pd.DataFrame({
+        "dataset": captions["dataset"].astype(str),
+        "video_id": (captions["dataset"] + "/" + captions["video_id"]).astype(str),
+        "video_file": video_file,
+        "caption": captions["caption"].astype(str),
+        "object": captions["object"].astype(str),
+        "split": captions["split"].astype(str),
+    })
+    return CaptionManifest(rows, meta["data_fingerprint"])
+
+
+class CaptionVideoDataset(Dataset):
+    """Index → (video number, caption). ``collate`` decodes the batch's distinct videos and tokenises captions."""
+
+    def __init__(self, rows: pd.DataFrame, tokenizer, *, num_frames: int, image_size: int, max_length: int,
+                 jitter_seed: int | None = None, cache_frames: bool = False):
+        self.rows = rows.reset_index(drop=True)
+        self.video_files, self.groups = np.unique(self.rows["video_file"].to_numpy(), return_inverse=True)
+        self.captions = self.rows["caption"].tolist()
+        self.tokenizer = tokenizer
+        self.num_frames, self.image_size, self.max_length = num_frames, image_size, max_length
+        self.jitter_seed = jitter_seed
+        self.epoch = 0
+        self._cache: dict[int, torch.Tensor] | None = {} if cache_frames and jitter_seed is None else None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[int, str]:
+        return int(self.groups[i]), self.captions[i]
+
+    def frames(self, video: int) -> torch.Tensor:
+        """[T, 3, S, S] for video number ``video``; the jitter depends on (seed, epoch, video) only."""
+        if self._cache is not None and video in self._cache:
+            return self._cache[video]
+        rng = None if self.jitter_seed is None else np.random.default_rng([self.jitter_seed, self.epoch, video])
+        x = load_clip_frames(self.video_files[video], self.num_frames, self.image_size, jitter=rng)
+        if self._cache is not None:
+            self._cache[video] = x
+        return x
+
+    def collate(self, items: list[tuple[int, str]]) -> dict[str, torch.Tensor]:
+        videos = [v for v, _ in items]
+        unique, inverse = np.unique(videos, return_inverse=True)
+        text = self.tokenizer([c for _, c in items], padding="max_length", truncation=True,
+                              max_length=self.max_length, return_tensors="pt")
+        return {
+            "pixel_values": torch.stack([self.frames(int(v)) for v in unique]),  # [V, T, 3, S, S]
+            "video_index": torch.from_numpy(inverse.reshape(-1)),  # [B] row → pixel_values index
+            "groups": torch.tensor(videos),  # [B] video number (same video ⇔ same number)
+            "input_ids": text["input_ids"],  # [B, L]
+            "attention_mask": text["attention_mask"],  # [B, L]
+        }

@@ -1,0 +1,60 @@
+"""Video frames for the towers: uniform sampling with decord and CLIP preprocessing.
+
+Matches CLIP-ViP / HiLight (reference §1.6): ``linspace(0, n-1, T)`` frame indices; /255; bicubic resize of the
+whole frame to S×S (the aspect ratio is *not* kept — both codebases squash); normalise with CLIP's mean/std.
+Written with torch rather than ``CLIPImageProcessor`` because that one keeps the aspect ratio (shortest-edge resize
++ crop), which would not match the released weights' training, and works frame by frame in numpy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class VideoReadError(RuntimeError):
+    """A video could not be decoded; names the file."""
+
+
+def frame_indices(n_frames: int, num: int, *, jitter: np.random.Generator | None = None) -> np.ndarray:
+    """``num`` indices spread uniformly over ``n_frames``; with ``jitter`` each index moves within its segment
+    (CLIP-ViP's training-time jitter), drawn from the given generator so it is reproducible."""
+    if n_frames < 1:
+        raise VideoReadError("video has no frames")
+    idx = np.linspace(0, n_frames - 1, num)
+    if jitter is not None and n_frames > num:
+        half = (n_frames - 1) / max(num - 1, 1) / 2
+        idx = idx + jitter.uniform(-half, half, size=num)
+    return np.clip(np.round(idx), 0, n_frames - 1).astype(np.int64)
+
+
+def read_frames(path: str | Path, num: int, *, jitter: np.random.Generator | None = None) -> torch.Tensor:
+    """[T, H, W, 3] uint8 frames of ``path``."""
+    import decord  # imported here: decord pulls in its native library, which forked workers load lazily
+
+    try:
+        reader = decord.VideoReader(str(path), num_threads=1)
+        frames = reader.get_batch(frame_indices(len(reader), num, jitter=jitter).tolist()).asnumpy()
+    except (decord.DECORDError, RuntimeError) as exc:
+        raise VideoReadError(f"cannot decode {path}: {exc}") from exc
+    return torch.from_numpy(frames)
+
+
+def preprocess(frames: torch.Tensor, size: int) -> torch.Tensor:
+    """[T, H, W, 3] uint8 → [T, 3, size, size] float32, CLIP-normalised."""
+    x = frames.permute(0, 3, 1, 2).float().div_(255.0)
+    x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp_(0.0, 1.0)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def load_clip_frames(path: str | Path, num: int, size: int, *, jitter: np.random.Generator | None = None) -> torch.Tensor:
+    """``path`` → [T, 3, size, size] model input."""
+    return preprocess(read_frames(path, num, jitter=jitter), size)

@@ -1,0 +1,57 @@
+"""Batch samplers for caption tables, resumable mid-epoch.
+
+``random``: rows shuffled each epoch (plain CLIP batches). ``grouped`` (research notes §1.4, option 1): videos are
+shuffled, and all captions of a video are drawn together before the next video, so a batch holds several
+descriptions of the same clip — the in-batch negatives are then mostly other videos' captions, and a video's
+secondary captions are balanced by its other captions rather than contradicted.
+
+The order depends only on (seed, epoch), so a resumed run sees exactly the batches an uninterrupted run would;
+``skip`` drops the batches already consumed in the resumed epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Literal
+
+import numpy as np
+
+
+class CaptionBatchSampler:
+    def __init__(self, groups: Sequence[int], batch_size: int, *, mode: Literal["random", "grouped"] = "random",
+                 seed: int = 0, drop_last: bool = True, shuffle: bool = True):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if mode not in ("random", "grouped"):
+            raise ValueError(f"sampler mode must be 'random' or 'grouped', got {mode!r}")
+        self.groups = np.asarray(groups)
+        self.batch_size, self.mode, self.seed = batch_size, mode, seed
+        self.drop_last, self.shuffle = drop_last, shuffle
+        self.epoch = 0
+        self.skip = 0
+        by_group = np.argsort(self.groups, kind="stable")
+        _, starts = np.unique(self.groups[by_group], return_index=True)
+        self._members = np.split(by_group, starts[1:])  # rows of each video, O(N log N) once
+        if len(self) == 0:
+            raise ValueError(f"{len(self.groups)} rows make no full batch of {batch_size}; lower batch_size")
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def order(self) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.groups))
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if self.mode == "random":
+            return rng.permutation(len(self.groups))
+        return np.concatenate([rng.permutation(self._members[v]) for v in rng.permutation(len(self._members))])
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self.order()
+        n = len(self)
+        for b in range(self.skip, n):
+            yield order[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.groups), self.batch_size)
+        return full + (0 if self.drop_last or not rest else 1)

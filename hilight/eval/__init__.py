@@ -1,0 +1,1 @@
+"""Evaluation: retrieval metrics now; caption-score matrices and probes build on them."""

@@ -1,0 +1,66 @@
+"""CLIP BPE tokenizers: read from a local directory for real runs, or trained offline from a corpus for the demo.
+
+The trained tokenizer is a real ``transformers.CLIPTokenizer`` (same normaliser, pre-tokeniser, ``</w>``
+end-of-word BPE and special tokens), only with a vocabulary learned from the synthetic captions, so the same code
+path serves both. Special tokens come first: ``<|startoftext|>`` = 0, ``<|endoftext|>`` = 1 (the tiny preset's
+bos/eos ids). As in CLIP, padding uses the EOS token, so masks must come from ``attention_mask``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import CLIPTokenizer
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+class TokenizerError(ValueError):
+    """A tokenizer directory is missing or unusable; the message names the path and the fix."""
+
+
+def load_clip_tokenizer(directory: str | Path, max_length: int | None = None) -> CLIPTokenizer:
+    """A CLIP tokenizer saved with ``save_pretrained`` (vocab.json + merges.txt or tokenizer.json). Never
+    downloads."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise TokenizerError(f"tokenizer directory {directory} does not exist; point tokenizer.dir at a local copy of "
+                             "openai/clip-vit-base-patch16's tokenizer files")
+    try:
+        tok = CLIPTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        raise TokenizerError(f"cannot read a CLIP tokenizer from {directory}: {exc}") from exc
+    if max_length is not None:
+        tok.model_max_length = max_length
+    return tok
+
+
+def build_clip_tokenizer(texts: Iterable[str], out_dir: str | Path, *, vocab_size: int = 1024,
+                         max_length: int = 32) -> CLIPTokenizer:
+    """Train CLIP-style BPE on ``texts`` and save it to ``out_dir`` (deterministic for the same texts)."""
+    template = CLIPTokenizer()  # empty vocab; provides CLIP's normaliser and pre-tokeniser
+    backend = Tokenizer(models.BPE(unk_token=EOS, end_of_word_suffix="</w>", continuing_subword_prefix=""))
+    backend.normalizer = template.backend_tokenizer.normalizer
+    backend.pre_tokenizer = template.backend_tokenizer.pre_tokenizer
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 2 * 256 + 64,  # room for the byte tokens added below special_tokens=[BOS, EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), end_of_word_suffix="</w>")
+    backend.train_from_iterator(sorted(set(texts)), trainer=trainer)
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+              for m in json.loads(backend.to_str())["model"]["merges"]]
+    # Rebuild the vocabulary the way CLIP's is laid out — specials, every byte, every byte + </w>, then one token
+    # per merge in merge order — so ids are deterministic (the trainer adds alphabet tokens in hash order) and
+    # no byte is ever unknown.
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab: dict[str, int] = {}
+    for token in [BOS, EOS, *alphabet, *(c + "</w>" for c in alphabet), *("".join(m) for m in merges)]:
+        vocab.setdefault(token, len(vocab))
+    if len(vocab) > vocab_size:
+        raise ValueError(f"vocab_size {vocab_size} is too small for CLIP's byte alphabet ({len(alphabet) * 2 + 2})")
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(str(out_dir))
+    return load_clip_tokenizer(out_dir, max_length)

@@ -1,0 +1,312 @@
+"""Stage 0: CLIP-ViP alignment on caption tables with the CLIP global loss + the SPARC local loss.
+
+``run_alignment(config)`` reads top to bottom: data → tokenizer → model (+ initial weights) → objective →
+``fit`` → export the final and best models → held-out retrieval of the trained model next to a random-init
+model (the proof that it learned). The research notes' final recipe (§3) is ``configs/alignment_clipvip_b16.yaml``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from hilight.data.captions import CaptionManifest, CaptionVideoDataset, read_caption_manifest
+from hilight.data.samplers import CaptionBatchSampler
+from hilight.env import resolve_path
+from hilight.eval.retrieval import retrieval_metrics
+from hilight.losses import ClipGlobalLoss, SimilarityPenalty, SparcLocalLoss
+from hilight.losses.sparc_local import Placement, language_mask, parse_keep, placement_depths
+from hilight.models.checkpoints import load_clipvip_weights, save_model
+from hilight.models.clipvip import CLIPViPModel, build_clipvip, load_preset
+from hilight.models.tokenizers import build_clip_tokenizer, load_clip_tokenizer
+from hilight.tracking import ResilientTracker
+from hilight.train.checkpoint import load_checkpoint
+from hilight.train.loop import FitResult, TrainSettings, fit
+
+log = logging.getLogger(__name__)
+
+
+class AlignmentData(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    manifest_dir: str = "outputs/data_validation"  # output of the data_validation pipeline
+    train_datasets: list[str] | None = None  # None = every dataset in the manifest
+    train_splits: list[str] = ["train"]
+    val_datasets: list[str] | None = None  # held-out set for validation and the final retrieval report
+    val_splits: list[str] = ["val", "test"]
+    jitter: bool = False  # CLIP-ViP's random frame offsets within each segment (seeded, resumable)
+    cache_frames: bool = False  # keep decoded clips in memory (small datasets, no jitter)
+
+
+class ModelSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    preset: str = "tiny"  # hilight/models/presets/clipvip/<preset>.json
+    overrides: dict = Field(default_factory=dict)  # nested overrides of the preset
+    init: str | None = None  # None = random init; else a .pt (original / HiLight layout) or a saved model dir
+    init_seed: int = 0
+
+
+class TokenizerSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dir: str | None = None  # a local CLIP tokenizer; None = train one on the training captions (demo)
+    vocab_size: int = 1024  # only when training one
+    max_length: int = Field(32, ge=4)  # CLIP-ViP: 50 (MSR-VTT) or 70 (pretraining)
+
+
+class LocalLossSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    weight: float = Field(1.0, ge=0)  # 0 disables the local loss
+    placement: Placement = "before_projector"
+    keep: int | str = "2320/2356"  # top-k patches per token, or the notes' threshold "N/P"
+    language_mask: bool = True
+    exclude_special: bool = True  # with the mask: also drop the start token and EOS
+    include_proxies: bool = True  # P counts the CLS + proxy tokens (the notes' 2356)
+    temperature: Literal["shared"] | float = "shared"  # "shared" = exp(logit_scale); a number = fixed 1/τ
+    checkpoint_depths: bool = True  # recompute each depth in backward (all_hidden_states memory)
+
+
+class LossSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    global_weight: float = Field(1.0, ge=0)
+    group_aware: bool = False
+    reduction: Literal["sum", "mean"] = "sum"  # CLIP-ViP's NCELearnableTempLoss sums both directions
+    local: LocalLossSpec = Field(default_factory=LocalLossSpec)
+    token_similarity_weight: float = Field(0.0, ge=0)  # anti-collapse penalties (notes §1.3)
+    patch_similarity_weight: float = Field(0.0, ge=0)
+
+
+class AlignmentConfig(BaseModel):
+    """Config of the ``clipvip_alignment`` pipeline (``configs/alignment_*.yaml``, ``pretrain_general_demo.yaml``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pipeline: Literal["clipvip_alignment"] = "clipvip_alignment"
+    experiment_name: str = "clipvip_alignment"
+    name: str = Field("alignment", pattern=r"^[A-Za-z0-9_.-]+$")  # names the run directory and the MLflow run
+    output_dir: str = "outputs/alignment"
+    data: AlignmentData = Field(default_factory=AlignmentData)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
+    loss: LossSpec = Field(default_factory=LossSpec)
+    sampler: Literal["random", "grouped"] = "grouped"
+    eval_batch_size: int = Field(32, ge=1)
+    train: TrainSettings
+    enable_cache: bool = True
+
+
+@dataclass
+class AlignmentResult:
+    run_dir: Path
+    final_model: Path
+    best_model: Path
+    tokenizer_dir: Path
+    fit: FitResult
+    retrieval: dict[str, float]  # held-out metrics of the best model
+    baseline: dict[str, float]  # the same for the random-init model
+
+
+# ------------------------------------------------------------------------------------------------ objective
+
+
+class AlignmentObjective:
+    """Global CLIP loss on pooled embeddings + SPARC local loss at the configured depths + penalties."""
+
+    def __init__(self, spec: LossSpec, model: CLIPViPModel):
+        self.spec = spec
+        cfg = model.config
+        num_patches = cfg.seq_len if spec.local.include_proxies else cfg.seq_len - cfg.vision.num_proxies
+        self.keep = parse_keep(spec.local.keep, num_patches)
+        self.depths = placement_depths(spec.local.placement, cfg.vision.num_hidden_layers, cfg.text.num_hidden_layers)
+        self.global_loss = ClipGlobalLoss(group_aware=spec.group_aware, reduction=spec.reduction)
+        self.local_loss = SparcLocalLoss(self.keep)
+        self.penalty = SimilarityPenalty()
+        self.eos = cfg.text.eos_token_id
+        self.skip_proxies = 0 if spec.local.include_proxies else cfg.vision.num_proxies
+
+    @property
+    def uses_local(self) -> bool:
+        return self.spec.local.weight > 0 or self.spec.token_similarity_weight > 0 or self.spec.patch_similarity_weight > 0
+
+    def __call__(self, model: CLIPViPModel, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        model = getattr(model, "module", model)  # DDP wrapper
+        deep = self.uses_local and self.spec.local.placement != "before_projector"
+        vision = model.encode_video(batch["pixel_values"], output_hidden_states=deep)
+        text = model.encode_text(batch["input_ids"], batch["attention_mask"], output_hidden_states=deep)
+        idx = batch["video_index"]
+        scale = model.scale()
+        terms = self.global_loss(model.video_embeds(vision)[idx], model.text_embeds(text), scale, batch["groups"])
+        loss = self.spec.global_weight * terms["global_loss"]
+        if self.uses_local:
+            mask = language_mask(batch["input_ids"], batch["attention_mask"], self.eos,
+                                 enabled=self.spec.local.language_mask, exclude_special=self.spec.local.exclude_special)
+            local_scale = scale if self.spec.local.temperature == "shared" else torch.tensor(float(self.spec.local.temperature))
+            local = {"local_loss": 0.0, "token_similarity_loss": 0.0, "patch_similarity_loss": 0.0}
+            for v_i, t_i, w in self.depths:
+                if deep:
+                    v_h, t_h, t_norm = vision.hidden_states[v_i], text.hidden_states[t_i], True
+                else:
+                    v_h, t_h, t_norm = vision.last_hidden_state, text.last_hidden_state, False
+                fn = lambda v, t, m=model, n=t_norm: self._depth(m, v, t, n, idx, mask, local_scale)  # noqa: E731
+                if self.spec.local.checkpoint_depths and torch.is_grad_enabled() and len(self.depths) > 1:
+                    out = torch.utils.checkpoint.checkpoint(fn, v_h, t_h, use_reentrant=False)
+                else:
+                    out = fn(v_h, t_h)
+                for k, v in zip(local, out, strict=True):
+                    local[k] = local[k] + w * v
+            terms.update(local)
+            loss = (loss + self.spec.local.weight * local["local_loss"]
+                    + self.spec.token_similarity_weight * local["token_similarity_loss"]
+                    + self.spec.patch_similarity_weight * local["patch_similarity_loss"])
+        terms["loss"] = loss
+        terms["logit_scale"] = model.logit_scale.detach()
+        return terms
+
+    def _depth(self, model, v_h, t_h, t_norm, idx, mask, scale):
+        """Project one depth's tokens into the joint space and compute the local terms."""
+        patches = model.video_tokens(v_h[:, self.skip_proxies:])[idx]  # [B, P, D] (gather: one row per caption)
+        tokens = model.text_tokens(t_h, final_norm=t_norm)  # [B, L, D]
+        local = self.local_loss(patches, tokens, mask, scale)["local_loss"]
+        pen = self.penalty(patches, tokens, mask)
+        return local, pen["token_similarity_loss"], pen["patch_similarity_loss"]
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+@torch.no_grad()
+def embed_split(model: CLIPViPModel, dataset: CaptionVideoDataset, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit video embeddings [Nv, P] (one per distinct video) and caption embeddings [Nt, P]."""
+    model.eval()
+    device = next(model.parameters()).device
+    videos = []
+    for start in range(0, len(dataset.video_files), batch_size):
+        pix = torch.stack([dataset.frames(v) for v in range(start, min(start + batch_size, len(dataset.video_files)))])
+        videos.append(model.video_embeds(model.encode_video(pix.to(device))))
+    texts = []
+    for start in range(0, len(dataset), batch_size):
+        enc = dataset.tokenizer(dataset.captions[start:start + batch_size], padding="max_length", truncation=True,
+                                max_length=dataset.max_length, return_tensors="pt").to(device)
+        texts.append(model.text_embeds(model.encode_text(enc["input_ids"], enc["attention_mask"])))
+    return torch.cat(videos).float().cpu(), torch.cat(texts).float().cpu()
+
+
+def retrieval_eval(model: CLIPViPModel, dataset: CaptionVideoDataset, batch_size: int) -> dict[str, float]:
+    v, t = embed_split(model, dataset, batch_size)
+    return retrieval_metrics(t @ v.T, torch.from_numpy(dataset.groups).long(), ks=(1, 5, 10))
+
+
+# ------------------------------------------------------------------------------------------------ the job
+
+
+def run_key(config: AlignmentConfig, data_fingerprint: str, init_digest: str) -> str:
+    """Identifies a training run: the same key resumes, anything that changes the result starts fresh."""
+    relevant = config.model_dump(mode="json", exclude={"enable_cache", "experiment_name"})
+    relevant["train"] = {k: v for k, v in relevant["train"].items() if k not in ("progress", "resume", "num_workers",
+                                                                                  "log_checkpoints")}
+    blob = json.dumps({"config": relevant, "data": data_fingerprint, "init": init_digest}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def init_digest(spec: ModelSpec) -> str:
+    if spec.init is None:
+        return f"random:{spec.init_seed}"
+    path = resolve_path(spec.init)
+    return _file_digest(path / "model.safetensors" if path.is_dir() else path)
+
+
+def build_model(spec: ModelSpec, tokenizer) -> CLIPViPModel:
+    config = load_preset(spec.preset, spec.overrides)
+    if len(tokenizer) > config.text.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but preset {spec.preset!r} has vocab_size "
+                         f"{config.text.vocab_size}; raise model.overrides.text.vocab_size")
+    if tokenizer.eos_token_id != config.text.eos_token_id:
+        raise ValueError(f"the tokenizer's EOS id is {tokenizer.eos_token_id} but preset {spec.preset!r} pools at "
+                         f"eos_token_id {config.text.eos_token_id}; set model.overrides.text.eos_token_id")
+    model = build_clipvip(config, seed=spec.init_seed)
+    if spec.init is not None:
+        load_clipvip_weights(model, resolve_path(spec.init))
+    return model
+
+
+def prepare_tokenizer(config: AlignmentConfig, manifest: CaptionManifest, out_dir: Path):
+    if config.tokenizer.dir:
+        return load_clip_tokenizer(resolve_path(config.tokenizer.dir), config.tokenizer.max_length), resolve_path(config.tokenizer.dir)
+    if config.model.init is not None:
+        # a model initialised from weights must keep the tokenizer it was trained with
+        saved = resolve_path(config.model.init)
+        if (saved / "tokenizer").is_dir():
+            return load_clip_tokenizer(saved / "tokenizer", config.tokenizer.max_length), saved / "tokenizer"
+    texts = manifest.rows["caption"].tolist()
+    tok_dir = out_dir / "tokenizer"
+    return build_clip_tokenizer(texts, tok_dir, vocab_size=config.tokenizer.vocab_size,
+                                max_length=config.tokenizer.max_length), tok_dir
+
+
+def run_alignment(config: AlignmentConfig, *, tracker: ResilientTracker | None = None) -> AlignmentResult:
+    tracker = tracker or ResilientTracker(None)
+    manifest = read_caption_manifest(config.data.manifest_dir)
+    key = run_key(config, manifest.fingerprint, init_digest(config.model))
+    run_dir = resolve_path(config.output_dir) / f"{config.name}-{key}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log.info("run directory %s", run_dir)
+
+    tokenizer, tok_dir = prepare_tokenizer(config, manifest, run_dir)
+    model = build_model(config.model, tokenizer)
+    mcfg = model.config
+    make = lambda rows, jitter: CaptionVideoDataset(  # noqa: E731
+        rows, tokenizer, num_frames=mcfg.num_frames, image_size=mcfg.vision.image_size,
+        max_length=config.tokenizer.max_length, jitter_seed=config.train.seed if jitter else None,
+        cache_frames=config.data.cache_frames)
+    train_set = make(manifest.select(config.data.train_datasets, config.data.train_splits), config.data.jitter)
+    val_set = make(manifest.select(config.data.val_datasets, config.data.val_splits), False)
+    sampler = CaptionBatchSampler(train_set.groups, config.train.batch_size, mode=config.sampler, seed=config.train.seed)
+    log.info("training on %d captions of %d videos; validating on %d captions of %d videos",
+             len(train_set), len(train_set.video_files), len(val_set), len(val_set.video_files))
+
+    objective = AlignmentObjective(config.loss, model)
+    resolved = {"alignment": config.model_dump(mode="json"), "model": mcfg.model_dump(mode="json"),
+                "data_fingerprint": manifest.fingerprint, "run_key": key}
+
+    def evaluate(m: CLIPViPModel) -> dict[str, float]:
+        return {f"val/{k}": v for k, v in retrieval_eval(m, val_set, config.eval_batch_size).items()}
+
+    result = fit(model, objective, train_set, sampler, config.train, run_dir, evaluate=evaluate,
+                 after_step=CLIPViPModel.clamp_logit_scale, tracker=tracker, config=resolved)
+
+    # exports: the final weights and the best checkpoint's, each a standalone model directory with its tokenizer
+    final_dir = _export(model, run_dir / "final", resolved, tok_dir)
+    best_dir = final_dir
+    if result.best_checkpoint is not None and result.best_checkpoint != result.final_checkpoint:
+        best = build_clipvip(mcfg)
+        best.load_state_dict(load_checkpoint(result.best_checkpoint, None)[0], strict=True)
+        best_dir = _export(best, run_dir / "best", resolved, tok_dir)
+        model = best
+    retrieval = retrieval_eval(model, val_set, config.eval_batch_size)
+    baseline = retrieval_eval(build_clipvip(mcfg, seed=config.model.init_seed), val_set, config.eval_batch_size)
+    return AlignmentResult(run_dir, final_dir, best_dir, tok_dir, result, retrieval, baseline)
+
+
+def _export(model: CLIPViPModel, out_dir: Path, resolved: dict, tok_dir: Path) -> Path:
+    save_model(model, out_dir, {"family": "clipvip", **resolved})
+    tok = load_clip_tokenizer(tok_dir)
+    tok.save_pretrained(str(out_dir / "tokenizer"))
+    return out_dir
