@@ -57,3 +57,9 @@ def _failure_message(name: str, exc: RuntimeError) -> str:
     failed = [f"step {step_name}: {step.exception_info.message}" for step_name, step in run.steps.items()
               if step.status == ExecutionStatus.FAILED and step.exception_info and step.exception_info.message]
     return f"pipeline {name} run {run.name} failed: " + ("; ".join(failed) or str(exc))
+
+
+def step_output(run, step_name: str, output_name: str):
+    """Load a named output of a finished run's step (ZenML lists one artifact version per output name)."""
+    output = run.steps[step_name].outputs[output_name]
+    return (output[0] if isinstance(output, list) else output).load()

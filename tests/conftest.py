@@ -71,3 +71,34 @@ def zenml_project(tmp_path, monkeypatch):
     GlobalConfiguration._reset_instance(original_config)
     Client._reset_instance(original_client)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.fixture(scope="session")
+def caption_manifest(tmp_path_factory, billiards_dir, general_dir) -> Path:
+    """A validated manifest (the data_validation outputs) of the session's tiny datasets."""
+    from hilight.data.contracts import load_contracts
+    from hilight.data.ingest import DataValidationConfig, run_ingest
+
+    out = tmp_path_factory.mktemp("manifest")
+    config = DataValidationConfig.model_validate({
+        "datasets": [{"name": "billiards", "root": str(billiards_dir), "captions": ["captions.json"], "qa": ["qa.json"]},
+                     {"name": "general", "domain": "general", "root": str(general_dir), "captions": ["captions.json"],
+                      "qa": ["qa.json"]}],
+        "output_dir": str(out), "progress": False, "probe": {"workers": 1}})
+    run_ingest(config, load_contracts(REPO / "data_contracts"))
+    return out
+
+
+def alignment_config(manifest: Path, output_dir: Path, **train) -> dict:
+    """A tiny clipvip_alignment config as a dict (tests dump it to YAML or validate it directly)."""
+    return {
+        "pipeline": "clipvip_alignment", "name": "test", "output_dir": str(output_dir),
+        "data": {"manifest_dir": str(manifest), "train_datasets": ["billiards"], "val_datasets": ["billiards"],
+                 "cache_frames": True},
+        "model": {"preset": "tiny"},
+        "tokenizer": {"vocab_size": 1024, "max_length": 16},
+        "loss": {"group_aware": True, "local": {"keep": 12}},
+        "sampler": "grouped",
+        "train": {"max_steps": 6, "batch_size": 8, "lr": 1e-3, "val_every": 3, "ckpt_every": 2, "warmup_steps": 1,
+                  "progress": False, **train},
+    }

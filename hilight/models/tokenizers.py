@@ -45,7 +45,8 @@ def build_clip_tokenizer(texts: Iterable[str], out_dir: str | Path, *, vocab_siz
     backend = Tokenizer(models.BPE(unk_token=EOS, end_of_word_suffix="</w>", continuing_subword_prefix=""))
     backend.normalizer = template.backend_tokenizer.normalizer
     backend.pre_tokenizer = template.backend_tokenizer.pre_tokenizer
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 2 * 256 + 64,  # room for the byte tokens added below special_tokens=[BOS, EOS], show_progress=False,
+    # vocab_size - 256 leaves room for the byte + </w> tokens added below
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 256, special_tokens=[BOS, EOS], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), end_of_word_suffix="</w>")
     backend.train_from_iterator(sorted(set(texts)), trainer=trainer)
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)

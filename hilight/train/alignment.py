@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -126,10 +127,9 @@ class AlignmentObjective:
         self.spec = spec
         cfg = model.config
         num_patches = cfg.seq_len if spec.local.include_proxies else cfg.seq_len - cfg.vision.num_proxies
-        self.keep = parse_keep(spec.local.keep, num_patches)
         self.depths = placement_depths(spec.local.placement, cfg.vision.num_hidden_layers, cfg.text.num_hidden_layers)
         self.global_loss = ClipGlobalLoss(group_aware=spec.group_aware, reduction=spec.reduction)
-        self.local_loss = SparcLocalLoss(self.keep)
+        self.local_loss = SparcLocalLoss(parse_keep(spec.local.keep, num_patches) if self.uses_local else num_patches)
         self.penalty = SimilarityPenalty()
         self.eos = cfg.text.eos_token_id
         self.skip_proxies = 0 if spec.local.include_proxies else cfg.vision.num_proxies
@@ -265,7 +265,8 @@ def run_alignment(config: AlignmentConfig, *, tracker: ResilientTracker | None =
     tracker = tracker or ResilientTracker(None)
     manifest = read_caption_manifest(config.data.manifest_dir)
     key = run_key(config, manifest.fingerprint, init_digest(config.model))
-    run_dir = resolve_path(config.output_dir) / f"{config.name}-{key}"
+    out_dir = resolve_path(config.output_dir)
+    run_dir = out_dir / "runs" / key  # the same key resumes; new data, config or init weights start fresh
     run_dir.mkdir(parents=True, exist_ok=True)
     log.info("run directory %s", run_dir)
 
@@ -293,20 +294,27 @@ def run_alignment(config: AlignmentConfig, *, tracker: ResilientTracker | None =
                  after_step=CLIPViPModel.clamp_logit_scale, tracker=tracker, config=resolved)
 
     # exports: the final weights and the best checkpoint's, each a standalone model directory with its tokenizer
-    final_dir = _export(model, run_dir / "final", resolved, tok_dir)
-    best_dir = final_dir
+    # (stable paths under output_dir, so a later stage's config can point at `<output_dir>/best`)
+    final_dir = _export(model, out_dir / "final", resolved, tok_dir)
     if result.best_checkpoint is not None and result.best_checkpoint != result.final_checkpoint:
-        best = build_clipvip(mcfg)
-        best.load_state_dict(load_checkpoint(result.best_checkpoint, None)[0], strict=True)
-        best_dir = _export(best, run_dir / "best", resolved, tok_dir)
-        model = best
+        model = build_clipvip(mcfg)
+        model.load_state_dict(load_checkpoint(result.best_checkpoint, None)[0], strict=True)
+    best_dir = _export(model, out_dir / "best", resolved, tok_dir)
     retrieval = retrieval_eval(model, val_set, config.eval_batch_size)
     baseline = retrieval_eval(build_clipvip(mcfg, seed=config.model.init_seed), val_set, config.eval_batch_size)
     return AlignmentResult(run_dir, final_dir, best_dir, tok_dir, result, retrieval, baseline)
 
 
 def _export(model: CLIPViPModel, out_dir: Path, resolved: dict, tok_dir: Path) -> Path:
-    save_model(model, out_dir, {"family": "clipvip", **resolved})
-    tok = load_clip_tokenizer(tok_dir)
-    tok.save_pretrained(str(out_dir / "tokenizer"))
+    """A standalone model directory (weights, config, tokenizer), swapped into place in one rename."""
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tmp, {"family": "clipvip", **resolved})
+    load_clip_tokenizer(tok_dir).save_pretrained(str(tmp / "tokenizer"))
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
     return out_dir
