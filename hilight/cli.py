@@ -96,7 +96,7 @@ def train(
     typer.echo(f"trained {result.fit.step} steps ({resumed}; {result.fit.skipped_steps} skipped) in {result.run_dir}")
     typer.echo(f"best model      {result.best_model}")
     typer.echo("held-out text->video R@1: aligned {:.3f}, random init {:.3f}".format(
-        result.retrieval["t2v_r@1"], result.baseline["t2v_r@1"]))
+        result.retrieval["t2v_r1"], result.baseline["t2v_r1"]))
 
 
 @app.command("run")
@@ -157,8 +157,8 @@ def demo(
     typer.echo(f"manifest              {root / 'outputs/data_validation'}/{{videos,captions,qa}}.parquet")
     typer.echo(f"report                {root / 'outputs/data_validation/report.md'}")
     for label, (run_name, m) in trained.items():
-        typer.echo(f"{label:<22}run {run_name}: held-out text->video R@1 {m['t2v_r@1']:.3f} "
-                   f"(random init {m['random_init/t2v_r@1']:.3f}), median rank {m['t2v_median_rank']:.0f} "
+        typer.echo(f"{label:<22}run {run_name}: held-out text->video R@1 {m['t2v_r1']:.3f} "
+                   f"(random init {m['random_init/t2v_r1']:.3f}), median rank {m['t2v_median_rank']:.0f} "
                    f"(random init {m['random_init/t2v_median_rank']:.0f})")
     typer.echo(f"models                {root / 'outputs/pretrain_general/best'}  (\"original\"),  "
                f"{root / 'outputs/alignment/best'}  (\"table1k\")")

@@ -146,15 +146,25 @@ class ResilientTracker:
     def _guard(self, fn, what: str) -> bool:
         # Deliberately broad: any tracking failure (HTTP, DB lock, disk) must not stop training. It is logged,
         # once per outage, and the data stays queued.
+        from mlflow.exceptions import MlflowException
+
         try:
             fn()
+        except MlflowException as exc:
+            if exc.error_code in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST"):  # our bug, not an outage: never retry
+                log.error("MLflow rejected %s, which are dropped: %s", what, exc)
+                return True
+            return self._outage(exc, what)
         except Exception as exc:  # noqa: BLE001
-            if not self._failing:
-                log.warning("MLflow tracking failed (%s: %s); training continues and %s will be retried",
-                            type(exc).__name__, exc, what)
-            self._failing = True
-            return False
+            return self._outage(exc, what)
         if self._failing:
             log.warning("MLflow tracking recovered")
         self._failing = False
         return True
+
+    def _outage(self, exc: Exception, what: str) -> bool:
+        if not self._failing:
+            log.warning("MLflow tracking failed (%s: %s); training continues and %s will be retried",
+                        type(exc).__name__, exc, what)
+        self._failing = True
+        return False

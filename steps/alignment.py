@@ -43,7 +43,7 @@ def train_clipvip(config: AlignmentConfig, inputs: dict[str, str]) -> tuple[
     step = result.fit.step
     metrics = {f"heldout/{k}": v for k, v in result.retrieval.items()}
     metrics.update({f"heldout_random_init/{k}": v for k, v in result.baseline.items()})
-    metrics["heldout/t2v_r@1_gain_over_random"] = result.retrieval["t2v_r@1"] - result.baseline["t2v_r@1"]
+    metrics["heldout/t2v_r1_gain_over_random"] = result.retrieval["t2v_r1"] - result.baseline["t2v_r1"]
     mlflow.log_metrics(metrics, step=step)
     table = pd.DataFrame([{"model": "aligned (best)", **result.retrieval}, {"model": "random init", **result.baseline}])
     mlflow.log_table(table, artifact_file="alignment/heldout_retrieval.json")
@@ -53,7 +53,7 @@ def train_clipvip(config: AlignmentConfig, inputs: dict[str, str]) -> tuple[
     mlflow.set_tags({"hilight.run_dir": str(result.run_dir), "hilight.skipped_steps": str(result.fit.skipped_steps),
                      "hilight.resumed_from": str(result.fit.resumed_from)})
     log.info("held-out text->video R@1: aligned %.3f vs random init %.3f",
-             result.retrieval["t2v_r@1"], result.baseline["t2v_r@1"])
-    log_metadata({"t2v_r@1": result.retrieval["t2v_r@1"], "random_init_t2v_r@1": result.baseline["t2v_r@1"],
+             result.retrieval["t2v_r1"], result.baseline["t2v_r1"])
+    log_metadata({"t2v_r1": result.retrieval["t2v_r1"], "random_init_t2v_r1": result.baseline["t2v_r1"],
                   "best_model": str(result.best_model)})
     return result.best_model, {**result.retrieval, **{f"random_init/{k}": v for k, v in result.baseline.items()}}

@@ -131,10 +131,10 @@ def test_retrieval_metrics_known_answers():
                         [0.1, 0.2, 0.3],   # caption 2 -> video 2: rank 1
                         [0.3, 0.2, 0.1]])  # caption 3 -> video 2: rank 3
     m = retrieval_metrics(sim, torch.tensor([0, 1, 2, 2]), ks=(1, 2))
-    assert m["t2v_r@1"] == pytest.approx(0.5) and m["t2v_r@2"] == pytest.approx(0.75)
+    assert m["t2v_r1"] == pytest.approx(0.5) and m["t2v_r2"] == pytest.approx(0.75)
     assert m["t2v_median_rank"] == 1.0  # torch's lower median of [1, 1, 2, 3]
     # video 0: its caption 0 scores 0.9, best; video 1: caption 1 (0.5) is beaten by caption 0 (0.1)? no: 0.5 > 0.1, 0.2
-    assert m["v2t_r@1"] == pytest.approx(1.0)
+    assert m["v2t_r1"] == pytest.approx(1.0)
 
 
 def test_tokenizer_is_built_offline_and_deterministic(tmp_path):
@@ -196,7 +196,7 @@ def test_alignment_job_trains_exports_and_resumes(tmp_path, caption_manifest):
     assert (result.best_model / "model.safetensors").is_file() and (result.best_model / "tokenizer").is_dir()
     saved = read_model_config(result.best_model)
     assert saved["family"] == "clipvip" and saved["model"]["num_frames"] == 6
-    assert 0.0 <= result.retrieval["t2v_r@1"] <= 1.0 and "t2v_median_rank" in result.baseline
+    assert 0.0 <= result.retrieval["t2v_r1"] <= 1.0 and "t2v_median_rank" in result.baseline
 
     again = run_alignment(cfg)  # same config + data: the finished run is found, nothing retrains
     assert again.fit.resumed_from == 6 and again.run_dir == result.run_dir

@@ -12,7 +12,7 @@ import torch
 def retrieval_metrics(sim: torch.Tensor, text_to_video: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
     """``sim`` [Nt, Nv] text x video scores; ``text_to_video`` [Nt] the correct video of each caption.
 
-    Returns ``t2v_r@k``, ``v2t_r@k`` (fractions in [0, 1]) and ``t2v_median_rank`` / ``v2t_median_rank``
+    Returns ``t2v_rk``, ``v2t_rk`` (fractions in [0, 1]) and ``t2v_median_rank`` / ``v2t_median_rank``
     (1 = best). Ties count against the query (the correct item ranks below equal scores)."""
     sim = sim.float()
     nt, nv = sim.shape
@@ -31,8 +31,8 @@ def retrieval_metrics(sim: torch.Tensor, text_to_video: torch.Tensor, ks: tuple[
 
     out: dict[str, float] = {}
     for k in ks:
-        out[f"t2v_r@{k}"] = (t2v_rank <= k).float().mean().item()
-        out[f"v2t_r@{k}"] = (v2t_rank <= k).float().mean().item()
+        out[f"t2v_r{k}"] = (t2v_rank <= k).float().mean().item()
+        out[f"v2t_r{k}"] = (v2t_rank <= k).float().mean().item()
     out["t2v_median_rank"] = t2v_rank.float().median().item()
     out["v2t_median_rank"] = v2t_rank.float().median().item()
     return out

@@ -56,10 +56,17 @@ def build_clip_tokenizer(texts: Iterable[str], out_dir: str | Path, *, vocab_siz
     # no byte is ever unknown.
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab: dict[str, int] = {}
-    for token in [BOS, EOS, *alphabet, *(c + "</w>" for c in alphabet), *("".join(m) for m in merges)]:
+    for token in [BOS, EOS, *alphabet, *(c + "</w>" for c in alphabet)]:
         vocab.setdefault(token, len(vocab))
     if len(vocab) > vocab_size:
-        raise ValueError(f"vocab_size {vocab_size} is too small for CLIP's byte alphabet ({len(alphabet) * 2 + 2})")
+        raise ValueError(f"vocab_size {vocab_size} is too small for CLIP's byte alphabet ({len(vocab)} tokens)")
+    kept = []
+    for merge in merges:  # merges are ordered by priority, so the tail can be dropped to fit vocab_size
+        if len(vocab) >= vocab_size:
+            break
+        vocab.setdefault("".join(merge), len(vocab))
+        kept.append(merge)
+    merges = kept
     tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

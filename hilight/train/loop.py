@@ -55,7 +55,7 @@ class TrainSettings(BaseModel):
     ckpt_every: int = Field(100, ge=1)
     keep_last: int = Field(2, ge=1)
     max_nonfinite_in_row: int = Field(5, ge=1)
-    select_metric: str = "val/t2v_r@1"  # decides the best checkpoint
+    select_metric: str = "val/t2v_r1"  # decides the best checkpoint
     select_mode: Literal["max", "min"] = "max"
     log_checkpoints: Literal["model", "none"] = "model"  # upload each checkpoint's model weights to MLflow
     progress: bool = True
