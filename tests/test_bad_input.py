@@ -152,3 +152,17 @@ def test_clean_data_passes(billiards_dir, tmp_path):
     assert result.counts["videos_accepted"] == 24
     meta = __import__("pyarrow.parquet", fromlist=["x"]).read_schema(result.manifests["captions"]).metadata
     assert meta[b"hilight.data_fingerprint"].decode() == result.fingerprints["combined"]
+
+
+def test_dataset_without_qa_files_validates(tmp_path, billiards_dir):
+    """Caption-only datasets (the table1k alignment data has no QA) must validate; nothing is rejected."""
+    from hilight.data.contracts import load_contracts
+    from hilight.data.ingest import DataValidationConfig, run_ingest
+    from tests.conftest import REPO
+
+    config = DataValidationConfig.model_validate({
+        "datasets": [{"name": "billiards", "root": str(billiards_dir), "captions": ["captions.json"]}],
+        "output_dir": str(tmp_path / "out"), "progress": False, "probe": {"workers": 1}})
+    result = run_ingest(config, load_contracts(REPO / "data_contracts"))
+    assert result.counts["qa_accepted"] == 0 and result.counts["captions_rejected"] == 0
+    assert result.counts["captions_accepted"] > 0

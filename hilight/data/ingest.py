@@ -164,7 +164,8 @@ def load_tables(config: DataValidationConfig) -> Tables:
         captions, lambda r: None if not isinstance(r["caption"], str) else (r["dataset"], r["video"], r["caption_stripped"]))
     captions["duplicate_of"] = captions["duplicate_of"].where(captions["duplicate_of"].notna(), same_text)
 
-    facts = pd.DataFrame([importers.conversation_facts(c) for c in qa["conversations"]], index=qa.index)
+    facts = pd.DataFrame([importers.conversation_facts(c) for c in qa["conversations"]], index=qa.index,
+                         columns=list(importers.conversation_facts(None)))  # columns even when there is no QA file
     qa = pd.concat([qa, facts], axis=1)
     qa["duplicate_of"] = importers.mark_duplicates(qa, lambda r: None if not isinstance(r["id"], str) else (r["dataset"], r["id"]))
 
