@@ -14,24 +14,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hilight.data.probe import frame_indices  # the same frames the ingestion probe decodes
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class VideoReadError(RuntimeError):
     """A video could not be decoded; names the file."""
-
-
-def frame_indices(n_frames: int, num: int, *, jitter: np.random.Generator | None = None) -> np.ndarray:
-    """``num`` indices spread uniformly over ``n_frames``; with ``jitter`` each index moves within its segment
-    (CLIP-ViP's training-time jitter), drawn from the given generator so it is reproducible."""
-    if n_frames < 1:
-        raise VideoReadError("video has no frames")
-    idx = np.linspace(0, n_frames - 1, num)
-    if jitter is not None and n_frames > num:
-        half = (n_frames - 1) / max(num - 1, 1) / 2
-        idx = idx + jitter.uniform(-half, half, size=num)
-    return np.clip(np.round(idx), 0, n_frames - 1).astype(np.int64)
 
 
 def read_frames(path: str | Path, num: int, *, jitter: np.random.Generator | None = None) -> torch.Tensor:
@@ -41,7 +31,7 @@ def read_frames(path: str | Path, num: int, *, jitter: np.random.Generator | Non
     try:
         reader = decord.VideoReader(str(path), num_threads=1)
         frames = reader.get_batch(frame_indices(len(reader), num, jitter=jitter).tolist()).asnumpy()
-    except (decord.DECORDError, RuntimeError) as exc:
+    except (decord.DECORDError, RuntimeError, ValueError) as exc:
         raise VideoReadError(f"cannot decode {path}: {exc}") from exc
     return torch.from_numpy(frames)
 

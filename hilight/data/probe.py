@@ -56,9 +56,18 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def sampler_indices(n_frames: int, k: int) -> np.ndarray:
-    """The reference sampler: ``k`` uniformly spaced frame indices, first and last included."""
-    return np.linspace(0, n_frames - 1, k).astype(int)
+def frame_indices(n_frames: int, num: int, *, jitter: np.random.Generator | None = None) -> np.ndarray:
+    """``num`` indices spread uniformly over ``n_frames``, first and last included, truncated to int as the
+    reference's ``linspace(0, n-1, 12).astype(int)``; with ``jitter`` each index moves within its segment
+    (CLIP-ViP's training-time jitter), drawn from the given generator so it is reproducible. Training decodes the
+    same frames (``hilight.data.frames``)."""
+    if n_frames < 1:
+        raise ValueError("video has no frames")
+    idx = np.linspace(0, n_frames - 1, num)
+    if jitter is not None and n_frames > num:
+        half = (n_frames - 1) / max(num - 1, 1) / 2
+        idx = idx + jitter.uniform(-half, half, size=num)
+    return np.clip(idx, 0, n_frames - 1).astype(np.int64)
 
 
 def probe_file(path: str | None, decode_frames: int = 12) -> dict:
@@ -101,7 +110,7 @@ def _probe_video(path: Path, decode_frames: int) -> dict:
         raise ValueError("video has no frames")
     fps = float(vr.get_avg_fps())
     if decode_frames > 0:
-        frames = vr.get_batch(sampler_indices(n, decode_frames).tolist()).asnumpy()
+        frames = vr.get_batch(frame_indices(n, decode_frames).tolist()).asnumpy()
         height, width = frames.shape[1:3]
     else:
         height, width = vr[0].shape[:2]

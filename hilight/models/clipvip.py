@@ -160,7 +160,7 @@ class CLIPViPModel(nn.Module):
     def __init__(self, config: CLIPViPConfig):
         super().__init__()
         self.config = config
-        self.vision_model = ViPVisionTransformer(config.vision, config.num_frames)
+        self.vision_model = ViPVisionTransformer(config.vision)
         self.text_model = CLIPTextModel(config.text.to_hf())
         self.visual_projection = nn.Linear(config.vision.hidden_size, config.projection_dim, bias=False)
         self.text_projection = nn.Linear(config.text.hidden_size, config.projection_dim, bias=False)
@@ -223,7 +223,7 @@ class CLIPViPModel(nn.Module):
 class ViPVisionTransformer(nn.Module):
     """Embeddings → pre_layrnorm (HF spelling) → encoder layers → post_layernorm on CLS only."""
 
-    def __init__(self, config: ViPVisionConfig, num_frames: int):
+    def __init__(self, config: ViPVisionConfig):
         super().__init__()
         self.config = config
         self.embeddings = ViPEmbeddings(config)

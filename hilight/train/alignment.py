@@ -19,6 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from hilight.data.captions import CaptionManifest, CaptionVideoDataset, read_caption_manifest
+from hilight.data.probe import sha256_file
 from hilight.data.samplers import CaptionBatchSampler
 from hilight.env import resolve_path
 from hilight.eval.retrieval import retrieval_metrics
@@ -218,19 +219,11 @@ def run_key(config: AlignmentConfig, data_fingerprint: str, init_digest: str) ->
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def init_digest(spec: ModelSpec) -> str:
     if spec.init is None:
         return f"random:{spec.init_seed}"
     path = resolve_path(spec.init)
-    return _file_digest(path / "model.safetensors" if path.is_dir() else path)
+    return sha256_file(path / "model.safetensors" if path.is_dir() else path)
 
 
 def build_model(spec: ModelSpec, tokenizer) -> CLIPViPModel:

@@ -1,0 +1,1 @@
+"""Training: the shared loop (``loop``), checkpoints (``checkpoint``) and stage jobs (``alignment``)."""
