@@ -38,6 +38,14 @@ def load_config(path: str | Path, model: type[M]) -> M:
         raise ConfigError(f"config file {path} has {exc.error_count()} problem(s):\n{problems}") from None
 
 
+def deep_merge(base: dict, overrides: dict) -> dict:
+    """``base`` with ``overrides`` applied: nested mappings merge key by key, anything else replaces."""
+    out = dict(base)
+    for k, v in overrides.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def import_object(ref: str):
     """``"package.module:Name"`` -> the object."""
     module, _, name = ref.partition(":")

@@ -3,4 +3,5 @@
 PIPELINES = {
     "data_validation": ("pipelines.data_validation", "hilight.data.ingest:DataValidationConfig"),
     "clipvip_alignment": ("pipelines.clipvip_alignment", "hilight.train.alignment:AlignmentConfig"),
+    "alignment_ablation": ("pipelines.alignment_ablation", "hilight.eval.ablation:AblationConfig"),
 }

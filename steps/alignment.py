@@ -30,11 +30,13 @@ def locate_training_data(config: AlignmentConfig) -> Annotated[dict[str, str], "
 def train_clipvip(config: AlignmentConfig, inputs: dict[str, str]) -> tuple[
     Annotated[Path, "clipvip_model_dir"],
     Annotated[dict[str, float], "heldout_retrieval"],
+    Annotated[dict[str, str], "training_run"],
 ]:
     """Fine-tune CLIP-ViP (resuming from the last checkpoint of the same run), export the best model,
-    and report held-out retrieval next to a random-init model."""
+    and report held-out retrieval next to a random-init model. ``training_run`` says where everything is
+    (run dir with its checkpoints, tokenizer, exports, MLflow run) for later evaluation steps."""
     run = get_step_context().pipeline_run
-    log_lineage(config, fingerprint=inputs["data_fingerprint"], zenml_run_id=str(run.id), pipeline="clipvip_alignment")
+    log_lineage(config, fingerprint=inputs["data_fingerprint"], zenml_run_id=str(run.id), pipeline=run.pipeline.name)
     mlflow.set_tags({"hilight.init_digest": inputs["init_digest"], "hilight.stage": "alignment"})
     mlflow.log_text(config.model_dump_json(indent=1), "config/alignment.json")
 
@@ -56,4 +58,9 @@ def train_clipvip(config: AlignmentConfig, inputs: dict[str, str]) -> tuple[
              result.retrieval["t2v_r1"], result.baseline["t2v_r1"])
     log_metadata({"t2v_r1": result.retrieval["t2v_r1"], "random_init_t2v_r1": result.baseline["t2v_r1"],
                   "best_model": str(result.best_model)})
-    return result.best_model, {**result.retrieval, **{f"random_init/{k}": v for k, v in result.baseline.items()}}
+    training_run = {"run_dir": str(result.run_dir), "tokenizer_dir": str(result.tokenizer_dir),
+                    "best_model": str(result.best_model), "final_model": str(result.final_model),
+                    "best_step": str(result.fit.best_checkpoint.name if result.fit.best_checkpoint else ""),
+                    "mlflow_run_id": mlflow.active_run().info.run_id}
+    return (result.best_model, {**result.retrieval, **{f"random_init/{k}": v for k, v in result.baseline.items()}},
+            training_run)

@@ -99,6 +99,7 @@ def test_dataset_files_and_videos(billiards_dir, tiny_settings):
     assert len(caps) == len(qa) == 24
     assert all(len(r["captions"]) >= 3 for r in caps)
     assert {n["changed"] for n in negs} >= {"colour", "pocket", "action"}
+    assert all(n["negative"] != n["caption"] and n["from"] != n["to"] for n in negs)
     for rec in qa:
         turns = rec["conversations"]
         assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
@@ -107,6 +108,21 @@ def test_dataset_files_and_videos(billiards_dir, tiny_settings):
     assert len(vr) == round(tiny_settings.fps * tiny_settings.duration_s)
     assert vr[0].shape == (tiny_settings.height, tiny_settings.width, 3)
     assert abs(vr.get_avg_fps() - tiny_settings.fps) < 1e-6
+
+
+@pytest.mark.parametrize("domain_dir", ["billiards_dir", "general_dir"])
+def test_probe_pairs_are_short_true_vs_long_wrong(domain_dir, request):
+    root = request.getfixturevalue(domain_dir)
+    probes = json.loads((root / "probes.json").read_text())
+    negs = {(n["video_id"], n["caption_index"], n["negative"]): n for n in json.loads((root / "negatives.json").read_text())}
+    caps = {r["video_id"]: [c["caption"] for c in r["captions"]] for r in json.loads((root / "captions.json").read_text())}
+    assert len(probes) >= 10
+    for p in probes:
+        neg = negs[(p["video_id"], p["caption_index"], p["long"])]  # the long side is a hard negative of that caption
+        assert neg["caption"] == caps[p["video_id"]][p["caption_index"]] and p["changed"] == neg["changed"]
+        assert len(p["short"].split()) < len(p["long"].split())
+        assert not re.search(rf"\b{re.escape(neg['to'])}\b", p["short"])  # the wrong value is not in the short one
+        assert re.search(rf"\b{re.escape(neg['from'])}\b", neg["caption"])
 
 
 def test_rendered_cue_ball_is_where_the_simulation_says():

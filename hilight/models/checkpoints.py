@@ -155,3 +155,16 @@ def read_model_config(model_dir: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{model_dir} is not a saved model directory: {CONFIG_FILE} is missing")
     return json.loads(path.read_text())
+
+
+def load_saved_clipvip(model_dir: str | Path):
+    """A ``CLIPViPModel`` from a saved model directory or a training checkpoint (``model.safetensors`` plus a
+    ``config.json`` whose ``model`` entry is the architecture), loaded strictly."""
+    from hilight.models.clipvip import CLIPViPConfig, build_clipvip
+
+    config = read_model_config(model_dir)
+    if "model" not in config:
+        raise CheckpointError(f"{Path(model_dir) / CONFIG_FILE} has no 'model' entry; it is not a CLIP-ViP export")
+    model = build_clipvip(CLIPViPConfig.model_validate(config["model"]))
+    load_clipvip_weights(model, model_dir)
+    return model

@@ -30,6 +30,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers import CLIPTextConfig, CLIPTextModel
 from transformers.models.clip.modeling_clip import CLIPMLP
 
+from hilight.config import deep_merge
+
 PRESET_DIR = Path(__file__).parent / "presets" / "clipvip"
 LOGIT_SCALE_MAX = math.log(200.0)  # CLIP-ViP clamps logit_scale to [0, ln 200] after every optimizer step
 
@@ -109,13 +111,6 @@ class CLIPViPConfig(BaseModel):
         return self.vision.num_proxies + self.num_frames * self.vision.num_patches
 
 
-def _merge(base: dict, overrides: dict) -> dict:
-    out = dict(base)
-    for k, v in overrides.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
 
@@ -126,7 +121,7 @@ def load_preset(name: str, overrides: dict | None = None) -> CLIPViPConfig:
     if not path.is_file():
         raise ValueError(f"unknown CLIP-ViP preset {name!r}; available: {preset_names()}")
     raw = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
-    return CLIPViPConfig.model_validate(_merge(raw, overrides or {}))
+    return CLIPViPConfig.model_validate(deep_merge(raw, overrides or {}))
 
 
 # ----------------------------------------------------------------------------------------------- outputs

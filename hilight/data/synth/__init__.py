@@ -5,6 +5,7 @@
     videos/<id>.mp4     H.264 clips
     captions.json       caption table: one record per video, several captions (each about one object)
     negatives.json      hard negatives: one fact of one caption changed (colour, pocket, action, ...)
+    probes.json         "say more, wrong more" pairs: a short true caption vs a longer one with one wrong fact
     qa.json             LLaVA/VideoInstruct conversations ({"id", "video", "conversations"})
     events.json         per-video simulation log and facts (the ground truth behind every sentence)
     dataset.json        generator settings, for provenance
@@ -26,14 +27,14 @@ from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 
 from hilight.data.synth import billiards, general
-from hilight.data.synth.text import conversation, hard_negatives
+from hilight.data.synth.text import conversation, hard_negatives, probe_pairs
 from hilight.data.synth.video import write_mp4
 
 log = logging.getLogger(__name__)
 
 Domain = Literal["billiards", "general"]
 DOMAINS: dict[str, int] = {"billiards": 0, "general": 1}
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"  # 2: probes.json
 SPLITS = ("train",) * 8 + ("val", "test")
 
 
@@ -60,10 +61,11 @@ def _one(args: tuple[str, int, int, SynthSettings, str]) -> dict:
     write_mp4(Path(out_dir) / "videos" / f"{vid}.mp4", clip.frames, settings.fps)
     split = SPLITS[int(rng.integers(len(SPLITS)))]
     captions = [{"caption": c.text, "object": c.object} for c in clip.captions]
-    negatives = []
+    negatives, probes = [], []
     for ci, cap in enumerate(clip.captions):
-        for neg in hard_negatives(cap, rng):
-            negatives.append({"video_id": vid, "caption_index": ci, "caption": cap.text, **neg})
+        cap_negatives = hard_negatives(cap, rng)
+        negatives += [{"video_id": vid, "caption_index": ci, "caption": cap.text, **neg} for neg in cap_negatives]
+        probes += [{"video_id": vid, "caption_index": ci, **pair} for pair in probe_pairs(cap, cap_negatives)]
     qa = {
         "id": vid,
         "video": f"{vid}.mp4",
@@ -73,6 +75,7 @@ def _one(args: tuple[str, int, int, SynthSettings, str]) -> dict:
     return {
         "caption_record": {"video_id": vid, "video": f"{vid}.mp4", "split": split, "captions": captions},
         "negatives": negatives,
+        "probes": probes,
         "qa": qa,
         "events": {"video_id": vid, "split": split, **clip.metadata()},
     }
@@ -106,6 +109,7 @@ def generate_dataset(
         results = [_one(j) for j in tqdm(jobs, **bar)]
     _dump(out_dir / "captions.json", [r["caption_record"] for r in results])
     _dump(out_dir / "negatives.json", [n for r in results for n in r["negatives"]])
+    _dump(out_dir / "probes.json", [p for r in results for p in r["probes"]])
     _dump(out_dir / "qa.json", [r["qa"] for r in results])
     _dump(out_dir / "events.json", [r["events"] for r in results])
     _dump(out_dir / "dataset.json", {

@@ -226,11 +226,13 @@ def describe(sim: ph.Simulation, scenario: str, rng: np.random.Generator) -> lis
     other_colours = [c for c in BALL_COLOURS if c != CUE]
     if scenario == "break":
         caps.append(Caption("The triangle of balls is scattered by the white cue ball", "rack",
-                            [Fact("action", "scattered", ["scattered", "left untouched"])]))
+                            [Fact("action", "scattered", ["left untouched"])],
+                            short="The triangle of balls is scattered"))
     elif hit is not None:
         caps.append(Caption(f"The white cue ball hits the {hit} ball", "cue ball",
                             [Fact("colour", hit, [c for c in other_colours if c != hit]),
-                             Fact("action", "hits", ["misses"])]))
+                             Fact("action", "hits", ["misses"])],
+                            short="The white cue ball hits a ball"))
     else:
         caps.append(Caption("The white cue ball misses every ball", "cue ball",
                             [Fact("action", "misses every ball", ["hits the red ball"])]))
@@ -238,11 +240,13 @@ def describe(sim: ph.Simulation, scenario: str, rng: np.random.Generator) -> lis
         caps.append(Caption(f"The {ball} ball is knocked into the {pocket}", f"{ball} ball",
                             [Fact("colour", ball, [c for c in other_colours if c != ball]),
                              Fact("pocket", pocket, [p for p in ph.POCKET_NAMES if p != pocket]),
-                             Fact("action", "is knocked into", ["misses"])]))
+                             Fact("action", "is knocked into", ["misses"])],
+                            short=f"The {ball} ball is knocked into a pocket"))
     if scenario == "miss" and hit is not None:
         caps.append(Caption(f"The {hit} ball misses the pocket", f"{hit} ball",
                             [Fact("colour", hit, [c for c in other_colours if c != hit]),
-                             Fact("action", "misses", ["is knocked into"])]))
+                             Fact("action", "misses", ["is knocked into"])],
+                            short=f"The {hit} ball misses"))
     if not potted:
         caps.append(Caption("No ball is pocketed", "pockets",
                             [Fact("action", "No ball is pocketed", ["A ball is pocketed"])]))
@@ -252,16 +256,19 @@ def describe(sim: ph.Simulation, scenario: str, rng: np.random.Generator) -> lis
         where = region(final[ball])
         caps.append(Caption(f"The {ball} ball stays still near the {where} of the table", f"{ball} ball",
                             [Fact("colour", ball, [c for c in other_colours if c != ball and c not in still]),
-                             Fact("action", "stays still", ["rolls"])]))
+                             Fact("action", "stays still", ["rolls"])],
+                            short=f"The {ball} ball stays still"))
     cue_pocket = dict(pocketed).get(CUE)
     if cue_pocket is not None:
         caps.append(Caption(f"The white cue ball falls into the {cue_pocket}", "cue ball end",
                             [Fact("pocket", cue_pocket, [p for p in ph.POCKET_NAMES if p != cue_pocket]),
-                             Fact("action", "falls into", ["stops before"])]))
+                             Fact("action", "falls into", ["stops before"])],
+                            short="The white cue ball falls into a pocket"))
     elif final[CUE] is not None:
         where = region(final[CUE])
         caps.append(Caption(f"The white cue ball stops near the {where} of the table", "cue ball end",
-                            [Fact("region", where, [r for r in REGIONS if r != where])]))
+                            [Fact("region", where, [r for r in REGIONS if r != where])],
+                            short="The white cue ball stops"))
     return caps
 
 

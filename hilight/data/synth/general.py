@@ -126,15 +126,18 @@ def _describe(movers: list[Mover], pattern: str, bg_colour: str) -> list[Caption
             f"{_article(m.colour)} {m.colour} {m.shape} moves {m.direction}", f"{m.colour} {m.shape}",
             [Fact("colour", m.colour, [c for c in COLOURS if c != m.colour]),
              Fact("shape", m.shape, other_shapes(m.shape)),
-             Fact("direction", m.direction, [d for d in DIRECTIONS if d != m.direction])]))
+             Fact("direction", m.direction, [d for d in DIRECTIONS if d != m.direction])],
+            short=f"{_article(m.colour)} {m.colour} {m.shape} moves"))
     caps.append(Caption(f"The background is {pattern} {bg_colour}", "background",
-                        [Fact("pattern", pattern, [p for p in BACKGROUNDS if p != pattern])]))
+                        [Fact("pattern", pattern, [p for p in BACKGROUNDS if p != pattern])],
+                        short=f"The background is {pattern}"))
     if len(movers) == 2:
         caps.append(Caption("Two shapes move across the screen", "scene",
-                            [Fact("count", "Two", ["Three", "Four"])]))
+                            [Fact("count", "Two", ["Three", "Four"])], short="Two shapes move"))
     else:
         caps.append(Caption("A single shape moves across the screen", "scene",
-                            [Fact("count", "single", ["second", "third"])]))
+                            [Fact("count", "single", ["second", "third"])],
+                            short="A single shape moves"))
     return caps
 
 

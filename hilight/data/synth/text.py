@@ -3,6 +3,10 @@
 A caption carries the facts it states (``Fact``: kind, true value, plausible wrong values). A hard
 negative is the same sentence with exactly one fact swapped for a wrong value, so an evaluation
 can tell *which* kind of detail (colour, pocket, action, ...) a model fails to see.
+
+A caption may also have a ``short`` form that states fewer of its facts, all true. Paired with a longer hard
+negative it makes the "say more, wrong more" probe of the research notes (§1.5): the short true sentence should
+outscore the longer sentence with one wrong fact.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ class Caption:
     text: str
     object: str  # what the caption is about: "cue ball", "red ball", "background", ...
     facts: list[Fact] = field(default_factory=list)
+    short: str | None = None  # fewer facts, all true (None: the caption has no shorter true form)
 
 
 @dataclass
@@ -51,6 +56,16 @@ def hard_negatives(caption: Caption, rng: np.random.Generator) -> list[dict]:
         negative = _pattern(fact.value).sub(wrong, caption.text, count=1)
         out.append({"negative": negative, "changed": fact.kind, "from": fact.value, "to": wrong})
     return out
+
+
+def probe_pairs(caption: Caption, negatives: list[dict]) -> list[dict]:
+    """(short, all true) vs (longer, one fact wrong) pairs: the caption's short form against each of its hard
+    negatives that has more words."""
+    if caption.short is None:
+        return []
+    words = len(caption.short.split())
+    return [{"short": caption.short, "long": n["negative"], "changed": n["changed"]}
+            for n in negatives if len(n["negative"].split()) > words]
 
 
 def conversation(qa: list[QAPair], rng: np.random.Generator) -> list[dict]:
