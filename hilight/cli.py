@@ -27,6 +27,7 @@ log = logging.getLogger("hilight")
 DEMO_CONFIG = Path("configs/data_validation_demo.yaml")
 DEMO_TRAINING = [("general pretraining", Path("configs/pretrain_general_demo.yaml")),
                  ("billiards alignment", Path("configs/alignment_demo.yaml"))]
+DEMO_ABLATION = Path("configs/ablation_demo.yaml")
 
 
 @app.callback()
@@ -124,15 +125,15 @@ def demo(
     workers: int = typer.Option(min(4, os.cpu_count() or 1), help="Worker processes for synthesis."),
 ) -> None:
     """Synthetic billiards + general data → validation → general pretraining ("original") → billiards alignment
-    ("table1k"), each a tracked ZenML pipeline run."""
-    from hilight.data.synth import generate_dataset
+    ("table1k") → ablation of the four local-loss placements, each a tracked ZenML pipeline run."""
+    from hilight.data.synth import GENERATOR_VERSION, generate_dataset
 
     root = project_root()
     for domain in ("billiards", "general"):
         out = root / "data" / "synth" / domain
         meta = out / "dataset.json"
         current = json.loads(meta.read_text()) if meta.is_file() else {}
-        if current.get("n_videos") == videos and current.get("seed") == seed:
+        if (current.get("n_videos"), current.get("seed"), current.get("version")) == (videos, seed, GENERATOR_VERSION):
             typer.echo(f"{domain}: reusing {out}")
             continue
         generate_dataset(out, domain=domain, n_videos=videos, seed=seed, workers=workers)
@@ -146,6 +147,9 @@ def demo(
         for label, cfg in DEMO_TRAINING:
             run = run_pipeline("clipvip_alignment", root / cfg)
             trained[label] = (run.name, step_output(run, "train_clipvip", "heldout_retrieval"))
+        ablation = run_pipeline("alignment_ablation", root / DEMO_ABLATION)
+        comparison = step_output(ablation, "compare_variants", "ablation_comparison")
+        selection = step_output(ablation, "compare_variants", "ablation_selection")
     except PipelineFailedError as exc:
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(1) from None
@@ -162,9 +166,18 @@ def demo(
                    f"(random init {m['random_init/t2v_median_rank']:.0f})")
     typer.echo(f"models                {root / 'outputs/pretrain_general/best'}  (\"original\"),  "
                f"{root / 'outputs/alignment/best'}  (\"table1k\")")
+    chosen = [f"{r['variant']}@{r['step']}" for r in selection["ranking"]] + [r["variant"] for r in selection["references"]]
+    cols = ["caption/top1_accuracy", "caption/hard_negative_accuracy", "say_more/short_wins", "retrieval/t2v_r1"]
+    shown = comparison.set_index("label").loc[chosen, cols]
+    shown.columns = [c.split("/", 1)[1] for c in cols]
+    typer.echo(f"ablation run          {ablation.name} (held-out billiards; each variant at its best checkpoint):")
+    typer.echo("    " + shown.round(3).to_string().replace("\n", "\n    "))
+    rule = selection["rule"]
+    typer.echo(f"selected variant      {selection['winner']['variant']} at {selection['winner']['checkpoint']} "
+               f"({rule['mode']} {rule['metric']}); report {root / 'outputs/ablation/report'}")
     typer.echo(f"MLflow store          {mlflow_tracking_uri()}")
-    typer.echo("MLflow UI             hilight ui   (then open http://127.0.0.1:5000, experiments 'data_validation' "
-               "and 'clipvip_alignment')")
+    typer.echo("MLflow UI             hilight ui   (then open http://127.0.0.1:5000, experiments 'data_validation', "
+               "'clipvip_alignment' and 'alignment_ablation')")
 
 
 @app.command("ui")

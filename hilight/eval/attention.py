@@ -57,7 +57,8 @@ def overlay(frames: np.ndarray, maps: np.ndarray | torch.Tensor, *, alpha: float
 
 
 def save_gif(frames: np.ndarray, path: str | Path, *, fps: float = 4.0) -> Path:
-    """An endlessly looping GIF of ``frames`` [T, H, W, 3] uint8."""
+    """An endlessly looping GIF of ``frames`` [T, H, W, 3] uint8 (Pillow merges identical consecutive frames into
+    one longer frame, so playback time stays T / fps)."""
     from PIL import Image
 
     path = Path(path)
