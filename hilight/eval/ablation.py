@@ -177,7 +177,8 @@ def variant_models(variant: str, training_run: dict[str, str], checkpoints: Lite
     run_dir = Path(training_run["run_dir"])
     found = dict(list_checkpoints(run_dir / "checkpoints"))
     if not found:
-        raise CheckpointError(f"variant {variant}: no checkpoints under {run_dir / 'checkpoints'}")
+        raise CheckpointError(f"variant {variant}: no checkpoints under {run_dir / 'checkpoints'}; if the outputs "
+                              "were deleted after a cached run, re-run with --no-cache")
     steps = sorted(found) if checkpoints == "all" else sorted(set(checkpoints))
     missing = [s for s in steps if s not in found]
     if missing:

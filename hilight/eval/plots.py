@@ -41,13 +41,16 @@ def loss_curves(history: pd.DataFrame, path: str | Path, *, smooth: int = 10) ->
 
 
 def metric_bars(table: pd.DataFrame, metrics: list[str], path: str | Path, *, label: str = "label") -> Path:
-    """One panel per metric, one bar per row of ``table`` (named by its ``label`` column)."""
+    """One panel per metric, one bar per row of ``table`` (named by its ``label`` column), coloured by variant as
+    in the other plots (variants in sorted order)."""
     fig = Figure(figsize=(3.2 * len(metrics), 3.4), layout="constrained")
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     x = np.arange(len(table))
+    order = {v: i for i, v in enumerate(sorted(table["variant"].unique()))}
+    colours = [f"C{order[v] % 10}" for v in table["variant"]]
     for ax, metric in zip(axes, metrics, strict=True):
         values = table[metric].to_numpy(dtype=float)
-        ax.bar(x, values, color=[f"C{i % 10}" for i in x])
+        ax.bar(x, values, color=colours)
         for xi, v in zip(x, values, strict=True):
             ax.annotate(f"{v:.2f}", (xi, v), ha="center", va="bottom", fontsize=6)
         ax.set_xticks(x, table[label], rotation=60, ha="right", fontsize=7)
