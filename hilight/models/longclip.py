@@ -1,0 +1,99 @@
+"""The Long-CLIP image tower: transformers' ``CLIPVisionModelWithProjection`` fed each frame of a clip, giving one
+projected vector per frame, ``[B, T, projection_dim]`` (not L2-normalised, as in the reference).
+
+``convert_longclip_visual`` maps the original OpenAI-style ``longclip-B.pt`` (plain state dict) onto transformers'
+names: the rename table of ``docs/reference/clipvip-sparc-longclip.md`` §3.4, with packed ``in_proj`` split into
+q/k/v and ``visual.proj`` transposed. Only the vision half is used; the text tower's keys (including the 248-row
+``positional_embedding`` / ``positional_embedding_res`` tables) are recognised and set aside. Any other key that
+is not consumed fails the conversion, naming it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+log = logging.getLogger(__name__)
+
+TEXT_KEYS = re.compile(r"^(token_embedding\.|positional_embedding(_res)?$|transformer\.|ln_final\.|text_projection$"
+                       r"|logit_scale$|input_resolution$|context_length$|vocab_size$)")
+LAYER_RENAMES = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+                 "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+
+
+def longclip_config(sd: dict[str, torch.Tensor]) -> CLIPVisionConfig:
+    """The vision architecture of an original-layout state dict, read from its shapes (as ``build_model`` does)."""
+    width = sd["visual.conv1.weight"].shape[0]
+    patch = sd["visual.conv1.weight"].shape[-1]
+    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    layers = len({k.split(".")[3] for k in sd if k.startswith("visual.transformer.resblocks.")})
+    return CLIPVisionConfig(hidden_size=width, intermediate_size=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                            num_hidden_layers=layers, num_attention_heads=max(width // 64, 1), image_size=grid * patch,
+                            patch_size=patch, projection_dim=sd["visual.proj"].shape[1], hidden_act="quick_gelu",
+                            layer_norm_eps=1e-5)
+
+
+def convert_longclip_visual(sd: dict[str, torch.Tensor], source: str = "longclip") -> dict[str, torch.Tensor]:
+    """Original ``visual.*`` keys → ``CLIPVisionModelWithProjection`` keys (float32)."""
+    from hilight.models.checkpoints import CheckpointError
+
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    fixed = {"visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+             "visual.class_embedding": "vision_model.embeddings.class_embedding",
+             "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+             "visual.ln_pre.weight": "vision_model.pre_layrnorm.weight", "visual.ln_pre.bias": "vision_model.pre_layrnorm.bias",
+             "visual.ln_post.weight": "vision_model.post_layernorm.weight",
+             "visual.ln_post.bias": "vision_model.post_layernorm.bias"}
+    layer = re.compile(r"^visual\.transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)$")
+    for key, value in sd.items():
+        value = value.float()
+        if key in fixed:
+            out[fixed[key]] = value
+        elif key == "visual.proj":
+            out["visual_projection.weight"] = value.t().contiguous()  # x @ proj  ==  Linear(weight=proj.T)
+        elif m := layer.match(key):
+            i, name, kind = m.groups()
+            prefix = f"vision_model.encoder.layers.{i}"
+            if name in LAYER_RENAMES:
+                out[f"{prefix}.{LAYER_RENAMES[name]}.{kind}"] = value
+            else:
+                unknown.append(key)
+        elif m := re.match(r"^visual\.transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", key):
+            i, kind = m.groups()
+            for part, chunk in zip("qkv", value.chunk(3, dim=0), strict=True):  # packed [3W, W] -> q, k, v
+                out[f"vision_model.encoder.layers.{i}.self_attn.{part}_proj.{kind}"] = chunk.contiguous()
+        elif not TEXT_KEYS.match(key):
+            unknown.append(key)
+    if unknown:
+        raise CheckpointError(f"{source}: {len(unknown)} keys are not part of the Long-CLIP layout: {unknown[:10]}")
+    return out
+
+
+class LongCLIPImageTower(nn.Module):
+    """Each frame → ``ln_post(CLS) @ proj``; ``[B, T, 3, S, S]`` → ``[B, T, projection_dim]``."""
+
+    def __init__(self, config: CLIPVisionConfig):
+        super().__init__()
+        self.model = CLIPVisionModelWithProjection(config)
+
+    @classmethod
+    def from_original(cls, path) -> LongCLIPImageTower:
+        """Build from an original-layout file (``longclip-B.pt``), loading the vision half strictly."""
+        from hilight.models.checkpoints import load_strict, read_state_dict
+
+        sd = read_state_dict(path)
+        tower = cls(longclip_config(sd))
+        load_strict(tower.model, convert_longclip_visual(sd, str(path)), str(path))
+        return tower
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.dim() != 5:
+            raise ValueError(f"pixel_values must be [B, T, C, H, W], got shape {tuple(pixel_values.shape)}")
+        b, t = pixel_values.shape[:2]
+        embeds = self.model(pixel_values=pixel_values.flatten(0, 1)).image_embeds  # [B*T, P]
+        return embeds.view(b, t, -1)

@@ -1,0 +1,91 @@
+"""Long-CLIP image tower: a tiny checkpoint in the original OpenAI layout (written by an OpenAI-style ViT defined
+here, with nn.MultiheadAttention's packed in_proj) converts strictly and gives the same frame vectors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from hilight.models.checkpoints import CheckpointError
+from hilight.models.longclip import LongCLIPImageTower
+
+
+class _QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class _Block(nn.Module):
+    def __init__(self, w, heads):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(w, heads)
+        self.ln_1, self.ln_2 = nn.LayerNorm(w), nn.LayerNorm(w)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("c_fc", nn.Linear(w, 4 * w))
+        self.mlp.add_module("gelu", _QuickGELU())
+        self.mlp.add_module("c_proj", nn.Linear(4 * w, w))
+
+    def forward(self, x):  # [L, B, W] as in OpenAI CLIP
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class _OpenAIVisual(nn.Module):
+    """OpenAI CLIP's VisionTransformer (the layout of longclip-B.pt's ``visual.*``)."""
+
+    def __init__(self, res=32, patch=8, width=64, layers=2, heads=1, out=24):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, patch, patch, bias=False)
+        self.class_embedding = nn.Parameter(torch.randn(width) * 0.1)
+        self.positional_embedding = nn.Parameter(torch.randn((res // patch) ** 2 + 1, width) * 0.1)
+        self.ln_pre, self.ln_post = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.transformer = nn.Module()
+        self.transformer.resblocks = nn.Sequential(*[_Block(width, heads) for _ in range(layers)])
+        self.proj = nn.Parameter(torch.randn(width, out) * 0.1)
+
+    def forward(self, x):
+        x = self.conv1(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], dim=1) + self.positional_embedding
+        x = self.transformer.resblocks(self.ln_pre(x).transpose(0, 1)).transpose(0, 1)
+        return self.ln_post(x[:, 0]) @ self.proj
+
+
+def _original_file(tmp_path, visual):
+    sd = {f"visual.{k}": v.half() for k, v in visual.state_dict().items()}  # stored fp16, like the release
+    sd.update({"positional_embedding": torch.zeros(248, 16), "positional_embedding_res": torch.zeros(248, 16),
+               "token_embedding.weight": torch.zeros(10, 16), "ln_final.weight": torch.ones(16),
+               "text_projection": torch.zeros(16, 16), "logit_scale": torch.tensor(4.6)})
+    path = tmp_path / "longclip-B.pt"
+    torch.save(sd, path)
+    return path, sd
+
+
+def test_converts_original_layout_and_matches_frame_vectors(tmp_path):
+    torch.manual_seed(0)
+    visual = _OpenAIVisual(width=128, heads=2)  # OpenAI CLIP: heads = width // 64
+    path, _ = _original_file(tmp_path, visual)
+    tower = LongCLIPImageTower.from_original(path).eval()
+    cfg = tower.model.config
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.image_size, cfg.patch_size, cfg.projection_dim) == (128, 2, 32, 8, 24)
+    frames = torch.randn(2, 3, 3, 32, 32)  # [B, T, C, H, W]
+    out = tower(frames)
+    assert out.shape == (2, 3, 24)
+    visual = visual.half().float().eval()  # the reference ran the fp16-stored weights in fp32
+    with torch.no_grad():
+        expected = visual(frames.flatten(0, 1)).view(2, 3, 24)
+    assert torch.allclose(out, expected, atol=1e-4), (out - expected).abs().max()
+
+
+def test_conversion_is_strict(tmp_path):
+    torch.manual_seed(1)
+    path, sd = _original_file(tmp_path, _OpenAIVisual())
+    torch.save({k: v for k, v in sd.items() if k != "visual.ln_post.bias"}, tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError, match="post_layernorm.bias"):
+        LongCLIPImageTower.from_original(tmp_path / "missing.pt")
+    torch.save({**sd, "visual.extra.weight": torch.zeros(1)}, tmp_path / "extra.pt")
+    with pytest.raises(CheckpointError, match="visual.extra.weight"):
+        LongCLIPImageTower.from_original(tmp_path / "extra.pt")
+    with pytest.raises(ValueError, match=r"\[B, T, C, H, W\]"):
+        LongCLIPImageTower.from_original(path)(torch.randn(2, 3, 32, 32))
