@@ -60,7 +60,7 @@ def train_clipvip(config: AlignmentConfig, inputs: dict[str, str]) -> tuple[
                   "best_model": str(result.best_model)})
     training_run = {"run_dir": str(result.run_dir), "tokenizer_dir": str(result.tokenizer_dir),
                     "best_model": str(result.best_model), "final_model": str(result.final_model),
-                    "best_step": str(result.fit.best_checkpoint.name if result.fit.best_checkpoint else ""),
+                    "best_checkpoint": str(result.fit.best_checkpoint or ""),
                     "mlflow_run_id": mlflow.active_run().info.run_id}
     return (result.best_model, {**result.retrieval, **{f"random_init/{k}": v for k, v in result.baseline.items()}},
             training_run)

@@ -29,7 +29,7 @@ from hilight.env import resolve_path
 from hilight.eval.attention import frame_attention
 from hilight.eval.caption_scores import EvalSuite, build_suite, caption_metrics, probe_metrics
 from hilight.eval.retrieval import retrieval_metrics
-from hilight.models.checkpoints import CheckpointError, load_clipvip_weights, load_saved_clipvip
+from hilight.models.checkpoints import CheckpointError, load_clipvip_weights, load_saved_clipvip, weights_digest
 from hilight.models.clipvip import CLIPViPModel, build_clipvip, load_preset
 from hilight.models.tokenizers import load_clip_tokenizer
 from hilight.train.alignment import AlignmentConfig
@@ -227,8 +227,7 @@ def eval_fingerprints(config: AblationConfig) -> dict[str, str]:
         for dataset, path in files.items():
             out[f"{kind}:{dataset}"] = sha256_file(resolve_path(path))
     for label, ref in config.eval.references.items():
-        path = resolve_path(ref.path)
-        out[f"reference:{label}"] = sha256_file(path / "model.safetensors" if path.is_dir() else path)
+        out[f"reference:{label}"] = weights_digest(resolve_path(ref.path))
     return out
 
 

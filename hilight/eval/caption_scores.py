@@ -145,7 +145,8 @@ def derive_probes(gts: dict[str, list[str]], negatives: pd.DataFrame) -> pd.Data
 
 def per_video(scores: pd.DataFrame) -> pd.DataFrame:
     """One row per video: its best ground truth's rank among the negatives, the margin of the best ground truth
-    over the best negative, and whether a ground truth is the top candidate (``top1``)."""
+    over the best negative, whether a ground truth is the top candidate (``top1``), and every ground truth's rank
+    (``gt_ranks``)."""
     rows = []
     for video_id, g in scores.groupby("video_id", sort=False):
         gt = g.loc[g["category"] == "gt", "score"].to_numpy()
@@ -155,7 +156,8 @@ def per_video(scores: pd.DataFrame) -> pd.DataFrame:
         ranks = 1 + (neg[None, :] >= gt[:, None]).sum(1)  # per ground truth: negatives at or above it, + 1
         margin = float(gt.max() - neg.max()) if len(neg) else float("inf")
         rows.append({"video_id": video_id, "best_gt_rank": int(ranks.min()), "mean_gt_rank": float(ranks.mean()),
-                     "margin": margin, "top1": margin > 0, "num_gt": len(gt), "num_negatives": len(neg)})
+                     "margin": margin, "top1": margin > 0, "num_gt": len(gt), "num_negatives": len(neg),
+                     "gt_ranks": ranks.tolist()})
     return pd.DataFrame(rows)
 
 
@@ -168,11 +170,7 @@ def caption_metrics(scores: pd.DataFrame) -> dict[str, float]:
     ``hard_negative_accuracy[/<fact>]`` (a caption outscores its own one-fact-changed negative).
     """
     videos = per_video(scores)
-    ranks = []
-    for _, g in scores.groupby("video_id", sort=False):
-        gt = g.loc[g["category"] == "gt", "score"].to_numpy()
-        neg = g.loc[g["category"] != "gt", "score"].to_numpy()
-        ranks += (1 + (neg[None, :] >= gt[:, None]).sum(1)).tolist()
+    ranks = [r for video_ranks in videos["gt_ranks"] for r in video_ranks]
     out = {
         "top1_accuracy": float(videos["top1"].mean()),
         "margin": float(videos["margin"].replace(np.inf, np.nan).mean()),

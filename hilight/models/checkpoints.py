@@ -30,6 +30,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from hilight.data.probe import sha256_file
+from hilight.models.clipvip import CLIPViPConfig, CLIPViPModel, build_clipvip
+
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
@@ -157,11 +160,15 @@ def read_model_config(model_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def load_saved_clipvip(model_dir: str | Path):
+def weights_digest(path: str | Path) -> str:
+    """Content hash of a weights file, or of a saved model directory's ``model.safetensors``."""
+    path = Path(path)
+    return sha256_file(path / MODEL_FILE if path.is_dir() else path)
+
+
+def load_saved_clipvip(model_dir: str | Path) -> CLIPViPModel:
     """A ``CLIPViPModel`` from a saved model directory or a training checkpoint (``model.safetensors`` plus a
     ``config.json`` whose ``model`` entry is the architecture), loaded strictly."""
-    from hilight.models.clipvip import CLIPViPConfig, build_clipvip
-
     config = read_model_config(model_dir)
     if "model" not in config:
         raise CheckpointError(f"{Path(model_dir) / CONFIG_FILE} has no 'model' entry; it is not a CLIP-ViP export")

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
+from hilight.models.checkpoints import CheckpointError, load_strict, read_state_dict
+
 log = logging.getLogger(__name__)
 
 TEXT_KEYS = re.compile(r"^(token_embedding\.|positional_embedding(_res)?$|transformer\.|ln_final\.|text_projection$"
@@ -39,8 +41,6 @@ def longclip_config(sd: dict[str, torch.Tensor]) -> CLIPVisionConfig:
 
 def convert_longclip_visual(sd: dict[str, torch.Tensor], source: str = "longclip") -> dict[str, torch.Tensor]:
     """Original ``visual.*`` keys → ``CLIPVisionModelWithProjection`` keys (float32)."""
-    from hilight.models.checkpoints import CheckpointError
-
     out: dict[str, torch.Tensor] = {}
     unknown = []
     fixed = {"visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
@@ -84,8 +84,6 @@ class LongCLIPImageTower(nn.Module):
     @classmethod
     def from_original(cls, path) -> LongCLIPImageTower:
         """Build from an original-layout file (``longclip-B.pt``), loading the vision half strictly."""
-        from hilight.models.checkpoints import load_strict, read_state_dict
-
         sd = read_state_dict(path)
         tower = cls(longclip_config(sd))
         load_strict(tower.model, convert_longclip_visual(sd, str(path)), str(path))

@@ -27,6 +27,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from hilight.models.checkpoints import CheckpointError, load_strict, read_state_dict
+
 Depth = Literal["attn_linear", "attn_mlp", "reference"]
 PREFIXES = ("model.token_mining.", "token_mining.")
 
@@ -109,8 +111,6 @@ def token_mining_state_dict(sd: dict[str, torch.Tensor], source: str) -> dict[st
         if any(k.startswith(prefix) for k in sd):
             other = [k for k in sd if not k.startswith(prefix)]
             if other:
-                from hilight.models.checkpoints import CheckpointError
-
                 raise CheckpointError(f"{source} mixes {prefix!r} keys with unprefixed keys ({other[:3]}); "
                                       "it is not a TokenMining file")
             return {k[len(prefix):]: v for k, v in sd.items()}
@@ -127,8 +127,6 @@ def detect_depth(sd: dict[str, torch.Tensor]) -> Depth:
 def load_token_mining(model: TokenMining, path) -> None:
     """Load a reference ``.bin`` / ``.pt`` or one of our safetensors files strictly into ``model`` (a missing,
     unexpected or mis-shaped key fails and is named; fp16 files are cast to the model's dtype)."""
-    from hilight.models.checkpoints import CheckpointError, load_strict, read_state_dict
-
     sd = token_mining_state_dict(read_state_dict(path), str(path))
     found = detect_depth(sd)
     if found != model.config.depth:

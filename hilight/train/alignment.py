@@ -19,13 +19,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from hilight.data.captions import CaptionManifest, CaptionVideoDataset, read_caption_manifest
-from hilight.data.probe import sha256_file
 from hilight.data.samplers import CaptionBatchSampler
 from hilight.env import resolve_path
 from hilight.eval.retrieval import retrieval_metrics
 from hilight.losses import ClipGlobalLoss, SimilarityPenalty, SparcLocalLoss
 from hilight.losses.sparc_local import Placement, language_mask, parse_keep, placement_depths
-from hilight.models.checkpoints import load_clipvip_weights, save_model
+from hilight.models.checkpoints import load_clipvip_weights, save_model, weights_digest
 from hilight.models.clipvip import CLIPViPModel, build_clipvip, load_preset
 from hilight.models.tokenizers import build_clip_tokenizer, load_clip_tokenizer
 from hilight.tracking import ResilientTracker
@@ -222,8 +221,7 @@ def run_key(config: AlignmentConfig, data_fingerprint: str, init_digest: str) ->
 def init_digest(spec: ModelSpec) -> str:
     if spec.init is None:
         return f"random:{spec.init_seed}"
-    path = resolve_path(spec.init)
-    return sha256_file(path / "model.safetensors" if path.is_dir() else path)
+    return weights_digest(resolve_path(spec.init))
 
 
 def build_model(spec: ModelSpec, tokenizer) -> CLIPViPModel:
