@@ -19,6 +19,7 @@ CLIP-ViP key mapping (``pretrain_clipvip_base_16.pt`` from microsoft/XPretrain a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import pickle
@@ -164,6 +165,18 @@ def weights_digest(path: str | Path) -> str:
     """Content hash of a weights file, or of a saved model directory's ``model.safetensors``."""
     path = Path(path)
     return sha256_file(path / MODEL_FILE if path.is_dir() else path)
+
+
+def module_digest(state: nn.Module | dict[str, torch.Tensor]) -> str:
+    """Content hash of loaded weights (names, dtypes, shapes, bytes): identifies what a model computes however
+    its weights were obtained (file, export, random init)."""
+    sd = state.state_dict() if isinstance(state, nn.Module) else state
+    h = hashlib.sha256()
+    for name in sorted(sd):
+        t = sd[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def load_saved_clipvip(model_dir: str | Path) -> CLIPViPModel:

@@ -10,8 +10,10 @@ is not consumed fails the conversion, naming it.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,6 +25,7 @@ log = logging.getLogger(__name__)
 
 TEXT_KEYS = re.compile(r"^(token_embedding\.|positional_embedding(_res)?$|transformer\.|ln_final\.|text_projection$"
                        r"|logit_scale$|input_resolution$|context_length$|vocab_size$)")
+PRESET_DIR = Path(__file__).parent / "presets" / "longclip"
 LAYER_RENAMES = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
                  "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
 
@@ -72,6 +75,14 @@ def convert_longclip_visual(sd: dict[str, torch.Tensor], source: str = "longclip
     if unknown:
         raise CheckpointError(f"{source}: {len(unknown)} keys are not part of the Long-CLIP layout: {unknown[:10]}")
     return out
+
+
+def longclip_preset(name: str) -> CLIPVisionConfig:
+    """A vision config from ``presets/longclip/<name>.json`` (random-init towers for tests and the demo)."""
+    path = PRESET_DIR / f"{name}.json"
+    if not path.is_file():
+        raise ValueError(f"unknown Long-CLIP preset {name!r}; choose one of {sorted(p.stem for p in PRESET_DIR.glob('*.json'))}")
+    return CLIPVisionConfig(**{k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")})
 
 
 class LongCLIPImageTower(nn.Module):

@@ -21,16 +21,18 @@ and the output stack ends in ReLU, exactly as in the reference.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from hilight.models.checkpoints import CheckpointError, load_strict, read_state_dict
+from hilight.models.checkpoints import MODEL_FILE, CheckpointError, load_strict, read_model_config, read_state_dict, save_model
 
 Depth = Literal["attn_linear", "attn_mlp", "reference"]
 PREFIXES = ("model.token_mining.", "token_mining.")
+REFERENCE_FILE = "token_mining.bin"
 
 
 class TokenMiningConfig(BaseModel):
@@ -127,9 +129,34 @@ def detect_depth(sd: dict[str, torch.Tensor]) -> Depth:
 def load_token_mining(model: TokenMining, path) -> None:
     """Load a reference ``.bin`` / ``.pt`` or one of our safetensors files strictly into ``model`` (a missing,
     unexpected or mis-shaped key fails and is named; fp16 files are cast to the model's dtype)."""
+    path = Path(path)
+    if path.is_dir():  # a directory written by save_token_mining
+        path = path / MODEL_FILE
     sd = token_mining_state_dict(read_state_dict(path), str(path))
     found = detect_depth(sd)
     if found != model.config.depth:
         raise CheckpointError(f"{path} holds a TokenMining of depth {found!r} but the model is {model.config.depth!r}; "
                               f"set token_mining.depth: {found}")
     load_strict(model, sd, str(path))
+
+
+def save_token_mining(model: TokenMining, out_dir, meta: dict) -> Path:
+    """A standalone TokenMining directory: ``model.safetensors`` + ``config.json`` (architecture + provenance) +
+    ``token_mining.bin``, the reference's layout (``model.token_mining.`` keys, ``torch.save``) for its scripts."""
+    out_dir = Path(out_dir)
+    save_model(model, out_dir, {"family": "token_mining", "token_mining": model.config.model_dump(), **meta})
+    ref = {f"{PREFIXES[0]}{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = out_dir / ".token_mining.bin.tmp"
+    torch.save(ref, tmp)
+    tmp.replace(out_dir / REFERENCE_FILE)
+    return out_dir
+
+
+def load_saved_token_mining(model_dir) -> TokenMining:
+    """A ``TokenMining`` from a directory written by ``save_token_mining``."""
+    config = read_model_config(model_dir)
+    if config.get("family") != "token_mining":
+        raise CheckpointError(f"{model_dir} is not a TokenMining export (family {config.get('family')!r})")
+    model = TokenMining(TokenMiningConfig.model_validate(config["token_mining"]))
+    load_token_mining(model, model_dir)
+    return model

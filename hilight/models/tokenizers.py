@@ -1,9 +1,14 @@
-"""CLIP BPE tokenizers: read from a local directory for real runs, or trained offline from a corpus for the demo.
+"""Tokenizers, read from a local directory for real runs or trained offline from a corpus for the demo.
 
-The trained tokenizer is a real ``transformers.CLIPTokenizer`` (same normaliser, pre-tokeniser, ``</w>``
+CLIP (the CLIP-ViP text tower): the trained tokenizer is a real ``transformers.CLIPTokenizer`` (same normaliser, pre-tokeniser, ``</w>``
 end-of-word BPE and special tokens), only with a vocabulary learned from the synthetic captions, so the same code
 path serves both. Special tokens come first: ``<|startoftext|>`` = 0, ``<|endoftext|>`` = 1 (the tiny preset's
 bos/eos ids). As in CLIP, padding uses the EOS token, so masks must come from ``attention_mask``.
+
+Gemma (the LLM): a real ``transformers.GemmaTokenizer`` (byte-fallback BPE, spaces as ``▁``, no prefix space) with
+Gemma's special-token ids (pad 0, eos 1, bos 2, unk 3) and the turn markers ``<start_of_turn>``/``<end_of_turn>``
+as special tokens, again with a vocabulary learned from the synthetic corpus. Real runs read Gemma's tokenizer
+directory.
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import CLIPTokenizer
+from transformers import AutoTokenizer, CLIPTokenizer, GemmaTokenizer, PreTrainedTokenizerBase
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+TURN_TOKENS = ("<start_of_turn>", "<end_of_turn>")
+GEMMA_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", *TURN_TOKENS)  # ids 0..6 (pad 0, eos 1, bos 2)
 
 
 class TokenizerError(ValueError):
@@ -72,3 +79,51 @@ def build_clip_tokenizer(texts: Iterable[str], out_dir: str | Path, *, vocab_siz
     out_dir.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(str(out_dir))
     return load_clip_tokenizer(out_dir, max_length)
+
+
+def load_llm_tokenizer(directory: str | Path) -> PreTrainedTokenizerBase:
+    """The LLM's tokenizer from a local directory (Gemma's, or one built by ``build_gemma_tokenizer``). It must
+    know the chat template's turn markers as single tokens and have bos/eos/pad ids. Never downloads."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise TokenizerError(f"tokenizer directory {directory} does not exist; point llm.dir (or llm.tokenizer_dir) "
+                             "at a local Gemma tokenizer (tokenizer.json + tokenizer_config.json)")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        raise TokenizerError(f"cannot read a tokenizer from {directory}: {exc}") from exc
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(tok, name) is None:
+            raise TokenizerError(f"the tokenizer in {directory} has no {name[:-3]}; Gemma's has <bos>/<eos>/<pad>")
+    for marker in TURN_TOKENS:
+        ids = tok(marker, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise TokenizerError(f"the tokenizer in {directory} splits {marker} into {len(ids)} tokens; the Gemma chat "
+                                 "template needs it as one token (use Gemma's tokenizer)")
+    return tok
+
+
+def build_gemma_tokenizer(texts: Iterable[str], out_dir: str | Path, *, vocab_size: int = 512) -> PreTrainedTokenizerBase:
+    """Train a Gemma-style tokenizer on ``texts`` and save it to ``out_dir`` (deterministic for the same texts)."""
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]  # byte fallback: no character is ever unknown
+    base = len(GEMMA_SPECIALS) + len(byte_tokens)
+    if vocab_size <= base:
+        raise ValueError(f"vocab_size {vocab_size} leaves no room for merges (specials + bytes take {base})")
+    backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    # sentencepiece-style pieces ("▁word") with line breaks on their own: no merge spans a word or a line break, so
+    # GemmaTokenizer (which runs BPE on the whole normalised string) splits text exactly as the trainer did, and
+    # the chat template's segments ("...model\n" | answer) tokenise the same alone as joined
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split("\n", behavior="isolated"),
+        pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never", split=True)])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[*GEMMA_SPECIALS, *byte_tokens],
+                                  show_progress=False)
+    backend.train_from_iterator(sorted(set(texts)), trainer=trainer)
+    model = json.loads(backend.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    tok = GemmaTokenizer(vocab=model["vocab"], merges=merges, add_bos_token=True,
+                         additional_special_tokens=list(TURN_TOKENS))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(str(out_dir))
+    return load_llm_tokenizer(out_dir)

@@ -7,8 +7,6 @@ model (the proof that it learned). The research notes' final recipe (§3) is ``c
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -29,7 +27,7 @@ from hilight.models.clipvip import CLIPViPModel, build_clipvip, load_preset
 from hilight.models.tokenizers import build_clip_tokenizer, load_clip_tokenizer
 from hilight.tracking import ResilientTracker
 from hilight.train.checkpoint import load_checkpoint
-from hilight.train.loop import FitResult, TrainSettings, fit
+from hilight.train.loop import FitResult, TrainSettings, fit, run_key
 
 log = logging.getLogger(__name__)
 
@@ -209,15 +207,6 @@ def retrieval_eval(model: CLIPViPModel, dataset: CaptionVideoDataset, batch_size
 # ------------------------------------------------------------------------------------------------ the job
 
 
-def run_key(config: AlignmentConfig, data_fingerprint: str, init_digest: str) -> str:
-    """Identifies a training run: the same key resumes, anything that changes the result starts fresh."""
-    relevant = config.model_dump(mode="json", exclude={"enable_cache", "experiment_name"})
-    relevant["train"] = {k: v for k, v in relevant["train"].items() if k not in ("progress", "resume", "num_workers",
-                                                                                  "log_checkpoints")}
-    blob = json.dumps({"config": relevant, "data": data_fingerprint, "init": init_digest}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
 def init_digest(spec: ModelSpec) -> str:
     if spec.init is None:
         return f"random:{spec.init_seed}"
@@ -255,7 +244,7 @@ def prepare_tokenizer(config: AlignmentConfig, manifest: CaptionManifest, out_di
 def run_alignment(config: AlignmentConfig, *, tracker: ResilientTracker | None = None) -> AlignmentResult:
     tracker = tracker or ResilientTracker(None)
     manifest = read_caption_manifest(config.data.manifest_dir)
-    key = run_key(config, manifest.fingerprint, init_digest(config.model))
+    key = run_key(config, data=manifest.fingerprint, init=init_digest(config.model))
     out_dir = resolve_path(config.output_dir)
     run_dir = out_dir / "runs" / key  # the same key resumes; new data, config or init weights start fresh
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -79,6 +79,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU tensors safetensors can write: tied weights (e.g. Gemma's lm_head = embed_tokens) share storage, which
+    safetensors refuses, so every repeat is cloned; loading writes the same values to both names."""
+    seen, out = set(), {}
+    for k, v in state.items():
+        t = v.detach().cpu()
+        if t.untyped_storage().data_ptr() in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[k] = t.contiguous()
+    return out
+
+
 def save_checkpoint(root: Path, step: int, *, model_state: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                     trainer_state: dict[str, Any], config: dict[str, Any]) -> Path:
     """Write checkpoint ``step`` atomically; returns its directory."""
@@ -87,7 +100,7 @@ def save_checkpoint(root: Path, step: int, *, model_state: dict[str, torch.Tenso
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / "model.safetensors")
+    save_file(unshared(model_state), tmp / "model.safetensors")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     rng_tensors, rng_plain = rng_state()
     save_file(rng_tensors, tmp / "rng.safetensors")

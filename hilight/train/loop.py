@@ -11,6 +11,8 @@ optimizer, scheduler and RNG states are restored, so a killed and re-run job end
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import time
@@ -66,6 +68,20 @@ class TrainSettings(BaseModel):
         if self.warmup_steps >= self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
         return self
+
+
+# settings that do not change what a run computes; a run key ignores them so changing them resumes the same run
+NON_SEMANTIC_TRAIN_KEYS = ("progress", "resume", "num_workers", "log_checkpoints")
+
+
+def run_key(config: BaseModel, **inputs: str) -> str:
+    """Identifies a training run: the same config and inputs (data fingerprint, weight digests) resume the same run
+    directory; anything that changes the result starts fresh. ``enable_cache``/``experiment_name`` and the
+    non-semantic train settings do not count."""
+    relevant = config.model_dump(mode="json", exclude={"enable_cache", "experiment_name"})
+    relevant["train"] = {k: v for k, v in relevant["train"].items() if k not in NON_SEMANTIC_TRAIN_KEYS}
+    blob = json.dumps({"config": relevant, **inputs}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 class NonFiniteLossError(RuntimeError):
