@@ -28,6 +28,8 @@ DEMO_CONFIG = Path("configs/data_validation_demo.yaml")
 DEMO_TRAINING = [("general pretraining", Path("configs/pretrain_general_demo.yaml")),
                  ("billiards alignment", Path("configs/alignment_demo.yaml"))]
 DEMO_ABLATION = Path("configs/ablation_demo.yaml")
+DEMO_LLM = Path("configs/llm_pretrain_demo.yaml")
+DEMO_STAGE1 = Path("configs/tokenmining_demo.yaml")
 
 
 @app.callback()
@@ -125,7 +127,8 @@ def demo(
     workers: int = typer.Option(min(4, os.cpu_count() or 1), help="Worker processes for synthesis."),
 ) -> None:
     """Synthetic billiards + general data → validation → general pretraining ("original") → billiards alignment
-    ("table1k") → ablation of the four local-loss placements, each a tracked ZenML pipeline run."""
+    ("table1k") → ablation of the four local-loss placements → the demo LLM → stage 1 (TokenMining pretraining), each a tracked
+    ZenML pipeline run."""
     from hilight.data.synth import GENERATOR_VERSION, generate_dataset
 
     root = project_root()
@@ -150,6 +153,10 @@ def demo(
         ablation = run_pipeline("alignment_ablation", root / DEMO_ABLATION)
         comparison = step_output(ablation, "compare_variants", "ablation_comparison")
         selection = step_output(ablation, "compare_variants", "ablation_selection")
+        llm_run = run_pipeline("llm_pretrain", root / DEMO_LLM)
+        llm_loss = step_output(llm_run, "pretrain_llm", "llm_heldout_loss")
+        stage1 = run_pipeline("tokenmining_pretrain", root / DEMO_STAGE1)
+        stage1_loss = step_output(stage1, "train_token_mining", "stage1_heldout")
     except PipelineFailedError as exc:
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(1) from None
@@ -175,9 +182,15 @@ def demo(
     rule = selection["rule"]
     typer.echo(f"selected variant      {selection['winner']['variant']} at {selection['winner']['checkpoint']} "
                f"({rule['mode']} {rule['metric']}); report {root / 'outputs/ablation/report'}")
+    typer.echo(f"demo LLM              run {llm_run.name}: held-out text loss {llm_loss['lm_loss']:.3f} "
+               f"(untrained {llm_loss['lm_loss_untrained']:.3f}); {root / 'outputs/llm_pretrain/model'}")
+    typer.echo(f"stage 1 TokenMining   run {stage1.name}: held-out answer loss {stage1_loss['lm_loss']:.3f} "
+               f"(before training {stage1_loss['lm_loss_initial']:.3f}; video tokens zeroed "
+               f"{stage1_loss['lm_loss_zero_video']:.3f}; no video {stage1_loss['lm_loss_no_video']:.3f})")
+    typer.echo(f"                      weights {root / 'outputs/tokenmining/best'} (safetensors + reference token_mining.bin)")
     typer.echo(f"MLflow store          {mlflow_tracking_uri()}")
     typer.echo("MLflow UI             hilight ui   (then open http://127.0.0.1:5000, experiments 'data_validation', "
-               "'clipvip_alignment' and 'alignment_ablation')")
+               "'clipvip_alignment', 'alignment_ablation', 'llm_pretrain', 'tokenmining_pretrain')")
 
 
 @app.command("ui")

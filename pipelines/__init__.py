@@ -4,4 +4,6 @@ PIPELINES = {
     "data_validation": ("pipelines.data_validation", "hilight.data.ingest:DataValidationConfig"),
     "clipvip_alignment": ("pipelines.clipvip_alignment", "hilight.train.alignment:AlignmentConfig"),
     "alignment_ablation": ("pipelines.alignment_ablation", "hilight.eval.ablation:AblationConfig"),
+    "llm_pretrain": ("pipelines.llm_pretrain", "hilight.train.text_lm:LLMPretrainConfig"),
+    "tokenmining_pretrain": ("pipelines.tokenmining_pretrain", "hilight.train.tokenmining:TokenMiningPretrainConfig"),
 }

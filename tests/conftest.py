@@ -102,3 +102,38 @@ def alignment_config(manifest: Path, output_dir: Path, **train) -> dict:
         "train": {"max_steps": 6, "batch_size": 8, "lr": 1e-3, "val_every": 3, "ckpt_every": 2, "warmup_steps": 1,
                   "progress": False, **train},
     }
+
+
+def llm_pretrain_config(manifest: Path, output_dir: Path, **train) -> dict:
+    """A tiny llm_pretrain config as a dict."""
+    return {"pipeline": "llm_pretrain", "name": "test", "output_dir": str(output_dir),
+            "data": {"manifest_dir": str(manifest)}, "vocab_size": 400, "max_length": 64,
+            "train": {"max_steps": 80, "batch_size": 16, "lr": 5e-3, "warmup_steps": 2, "weight_decay": 0.0,
+                      "val_every": 40, "ckpt_every": 40, "select_metric": "val/lm_loss", "select_mode": "min",
+                      "progress": False, **train}}
+
+
+def tokenmining_config(manifest: Path, output_dir: Path, clipvip: Path, llm: Path, **train) -> dict:
+    """A tiny tokenmining_pretrain config as a dict (features cached under output_dir)."""
+    return {"pipeline": "tokenmining_pretrain", "name": "test", "output_dir": str(output_dir),
+            "data": {"manifest_dir": str(manifest), "max_length": 96, "max_val_samples": 8},
+            "vision": {"clipvip": str(clipvip), "longclip_random_init": "tiny"},
+            "llm": {"dir": str(llm)}, "token_mining": {"expand": 2},
+            "features": {"dir": str(output_dir / "features")}, "eval_batch_size": 8,
+            "train": {"max_steps": 6, "batch_size": 4, "lr": 3e-3, "warmup_steps": 1, "weight_decay": 0.0,
+                      "val_every": 3, "ckpt_every": 3, "select_metric": "val/lm_loss", "select_mode": "min",
+                      "progress": False, **train}}
+
+
+@pytest.fixture(scope="session")
+def vlm_weights(tmp_path_factory, caption_manifest) -> dict[str, Path]:
+    """A saved tiny CLIP-ViP (96 px, like the Long-CLIP preset) and a tiny text-pretrained Gemma directory."""
+    from hilight.models.checkpoints import save_model
+    from hilight.models.clipvip import build_clipvip, load_preset
+    from hilight.train.text_lm import LLMPretrainConfig, run_llm_pretrain
+
+    root = tmp_path_factory.mktemp("vlm_weights")
+    cfg = load_preset("tiny", {"vision": {"image_size": 96, "patch_size": 16}})
+    save_model(build_clipvip(cfg, seed=0), root / "clipvip", {"family": "clipvip", "model": cfg.model_dump(mode="json")})
+    llm = run_llm_pretrain(LLMPretrainConfig.model_validate(llm_pretrain_config(caption_manifest, root / "llm")))
+    return {"clipvip": root / "clipvip", "llm": llm.model_dir, "llm_result": llm}

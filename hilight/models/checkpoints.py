@@ -167,6 +167,17 @@ def weights_digest(path: str | Path) -> str:
     return sha256_file(path / MODEL_FILE if path.is_dir() else path)
 
 
+def directory_digest(path: str | Path) -> str:
+    """Content hash of every file under a directory (e.g. a transformers model dir: config, shards, tokenizer)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory")
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        h.update(f"{f.relative_to(path)}|{sha256_file(f)}|".encode())
+    return h.hexdigest()
+
+
 def module_digest(state: nn.Module | dict[str, torch.Tensor]) -> str:
     """Content hash of loaded weights (names, dtypes, shapes, bytes): identifies what a model computes however
     its weights were obtained (file, export, random init)."""

@@ -126,7 +126,8 @@ def with_context(turns: list[Turn], context: str) -> list[Turn]:
 def encode_corpus(tokenizer, captions: list[str], conversations: list[list], max_length: int) -> list[list[int]]:
     seqs = [tokenizer(c, truncation=True, max_length=max_length - 1)["input_ids"] + [tokenizer.eos_token_id]
             for c in captions]
-    seqs += [encode(turns, tokenizer, video_tokens=1, max_length=max_length).input_ids for turns in conversations]
+    # plain LM pretraining: a long sequence is simply cut (no answer to protect, unlike the QA stages)
+    seqs += [encode(turns, tokenizer, video_tokens=1).input_ids[:max_length] for turns in conversations]
     return seqs
 
 

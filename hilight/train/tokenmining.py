@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -139,6 +140,7 @@ class Stage1Result:
     fit: FitResult
     metrics: dict[str, float]  # held-out losses: initial, best model, zero-video and no-video baselines
     samples: dict[str, int]  # kept / rejected / truncated counts
+    rejected: pd.DataFrame  # dataset, id, reason of every rejected sample
 
 
 # ------------------------------------------------------------------------------------------------ building
@@ -275,6 +277,11 @@ def run_tokenmining_pretrain(config: TokenMiningPretrainConfig, *,
     enc = lambda rows, text_only=False: encode_samples(  # noqa: E731
         rows, tokenizer, video_tokens=n_tokens, max_length=config.data.max_length, text_only=text_only)
     train_enc, val_enc, val_text = enc(train_rows), enc(val_rows), enc(val_rows, True)
+    for name, encoded, total in (("training", train_enc, len(train_rows)), ("held-out", val_enc, len(val_rows))):
+        if not encoded.samples:
+            raise ValueError(f"all {total} {name} QA samples were rejected, e.g. {encoded.rejected['reason'].iat[0]!r}; "
+                             f"fix the data or raise data.max_length (now {config.data.max_length})")
+    rejected = pd.concat([train_enc.rejected, val_enc.rejected], ignore_index=True)
 
     cache = None
     if config.features.enabled:
@@ -291,7 +298,7 @@ def run_tokenmining_pretrain(config: TokenMiningPretrainConfig, *,
                               image_size=parts.image_size, with_video=with_video)
 
     train_set, val_set, val_text_set = dataset(train_enc), dataset(val_enc), dataset(val_text, with_video=False)
-    samples = {"train": len(train_set), "val": len(val_set), "rejected": len(train_enc.rejected) + len(val_enc.rejected),
+    samples = {"train": len(train_set), "val": len(val_set), "rejected": len(rejected),
                "truncated": train_enc.truncated + val_enc.truncated}
     log.info("stage 1: %d training and %d held-out samples (%d rejected, %d truncated); %d video tokens per clip",
              samples["train"], samples["val"], samples["rejected"], samples["truncated"], n_tokens)
@@ -329,4 +336,4 @@ def run_tokenmining_pretrain(config: TokenMiningPretrainConfig, *,
     best = heldout_loss(objective, token_mining, val_set, bs)
     metrics = {"lm_loss_initial": initial, "lm_loss": best, "lm_loss_zero_video": baselines["val/lm_loss_zero_video"],
                "lm_loss_no_video": baselines["val/lm_loss_no_video"]}
-    return Stage1Result(run_dir, best_dir, final_dir, result, metrics, samples)
+    return Stage1Result(run_dir, best_dir, final_dir, result, metrics, samples, rejected)

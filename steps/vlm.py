@@ -1,0 +1,102 @@
+"""Steps of the VLM stages: the demo's text-LM stand-in for Gemma (``llm_pretrain``) and stage 1
+(``tokenmining_pretrain``). Each locate step is never cached: its fingerprints key the training step's cache, so new
+data or new weights retrain and nothing else does."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import mlflow
+import pandas as pd
+from zenml import get_step_context, log_metadata, step
+
+from hilight.data.captions import read_caption_manifest
+from hilight.env import resolve_path
+from hilight.models.checkpoints import directory_digest, weights_digest
+from hilight.tracking import ResilientTracker, log_lineage
+from hilight.train.text_lm import LLMPretrainConfig, run_llm_pretrain
+from hilight.train.tokenmining import TokenMiningPretrainConfig, run_tokenmining_pretrain
+from steps import EXPERIMENT_TRACKER
+
+log = logging.getLogger(__name__)
+
+
+def _lineage(config, fingerprint: str, stage: str) -> None:
+    run = get_step_context().pipeline_run
+    log_lineage(config, fingerprint=fingerprint, zenml_run_id=str(run.id), pipeline=run.pipeline.name)
+    mlflow.set_tag("hilight.stage", stage)
+
+
+@step(enable_cache=False)
+def locate_text_corpus(config: LLMPretrainConfig) -> Annotated[dict[str, str], "corpus_inputs"]:
+    return {"data_fingerprint": read_caption_manifest(config.data.manifest_dir).fingerprint}
+
+
+@step(experiment_tracker=EXPERIMENT_TRACKER)
+def pretrain_llm(config: LLMPretrainConfig, inputs: dict[str, str]) -> tuple[
+    Annotated[Path, "llm_dir"],
+    Annotated[dict[str, float], "llm_heldout_loss"],
+]:
+    """Train the demo's tiny Gemma as a text LM (resuming the same run) and export a transformers directory."""
+    _lineage(config, inputs["data_fingerprint"], "llm_pretrain")
+    result = run_llm_pretrain(config, tracker=ResilientTracker.for_active_run())
+    metrics = {"heldout/lm_loss": result.val_loss, "heldout/lm_loss_untrained": result.val_loss_init}
+    mlflow.log_metrics(metrics, step=result.fit.step)
+    mlflow.log_artifacts(str(result.model_dir), artifact_path="model")
+    mlflow.set_tags({"hilight.run_dir": str(result.run_dir), "hilight.resumed_from": str(result.fit.resumed_from)})
+    log_metadata({"lm_loss": result.val_loss, "lm_loss_untrained": result.val_loss_init, "llm_dir": str(result.model_dir)})
+    return result.model_dir, {"lm_loss": result.val_loss, "lm_loss_untrained": result.val_loss_init}
+
+
+@step(enable_cache=False)
+def locate_vlm_inputs(config: TokenMiningPretrainConfig) -> Annotated[dict[str, str], "vlm_inputs"]:
+    """Fingerprints of the QA data and of every weight the stage reads (CLIP-ViP, Long-CLIP, LLM dir, TokenMining
+    init)."""
+    v = config.vision
+    inputs = {"data_fingerprint": read_caption_manifest(config.data.manifest_dir).fingerprint,
+              "clipvip": weights_digest(resolve_path(v.clipvip)),
+              "longclip": weights_digest(resolve_path(v.longclip)) if v.longclip else f"random:{v.longclip_random_init}:{v.longclip_seed}",
+              "llm": directory_digest(resolve_path(config.llm.dir))}
+    if config.llm.tokenizer_dir:
+        inputs["tokenizer"] = directory_digest(resolve_path(config.llm.tokenizer_dir))
+    if config.token_mining.init:
+        init = resolve_path(config.token_mining.init)
+        inputs["token_mining_init"] = weights_digest(init)
+    return inputs
+
+
+@step(experiment_tracker=EXPERIMENT_TRACKER)
+def train_token_mining(config: TokenMiningPretrainConfig, inputs: dict[str, str]) -> tuple[
+    Annotated[Path, "token_mining_dir"],
+    Annotated[dict[str, float], "stage1_heldout"],
+    Annotated[dict[str, str], "training_run"],
+]:
+    """Stage 1: train TokenMining against the frozen towers and LLM; export the best and final weights
+    (safetensors + the reference's ``.bin``) and log the held-out losses next to the no-video baselines."""
+    _lineage(config, inputs["data_fingerprint"], "tokenmining_pretrain")
+    mlflow.set_tags({f"hilight.weights.{k}": v for k, v in inputs.items() if k != "data_fingerprint"})
+    result = run_tokenmining_pretrain(config, tracker=ResilientTracker.for_active_run())
+    m = result.metrics
+    mlflow.log_metrics({f"heldout/{k}": v for k, v in m.items()}, step=result.fit.step)
+    mlflow.log_metrics({f"samples/{k}": v for k, v in result.samples.items()}, step=result.fit.step)
+    table = pd.DataFrame([{"model": "trained TokenMining (best)", "lm_loss": m["lm_loss"]},
+                          {"model": "untrained TokenMining", "lm_loss": m["lm_loss_initial"]},
+                          {"model": "video tokens zeroed", "lm_loss": m["lm_loss_zero_video"]},
+                          {"model": "no video (text prior)", "lm_loss": m["lm_loss_no_video"]}])
+    mlflow.log_table(table, artifact_file="stage1/heldout_loss.json")
+    if result.fit.history:
+        mlflow.log_table(pd.DataFrame(result.fit.history), artifact_file="stage1/validation_history.json")
+    if not result.rejected.empty:
+        mlflow.log_table(result.rejected, artifact_file="stage1/rejected_samples.json")
+    mlflow.log_artifacts(str(result.best_dir), artifact_path="token_mining/best")
+    mlflow.set_tags({"hilight.run_dir": str(result.run_dir), "hilight.resumed_from": str(result.fit.resumed_from),
+                     "hilight.skipped_steps": str(result.fit.skipped_steps)})
+    log.info("stage 1 held-out answer loss %.4f (untrained %.4f, zeroed video %.4f, no video %.4f)",
+             m["lm_loss"], m["lm_loss_initial"], m["lm_loss_zero_video"], m["lm_loss_no_video"])
+    log_metadata({**m, "token_mining_dir": str(result.best_dir)})
+    training_run = {"run_dir": str(result.run_dir), "best": str(result.best_dir), "final": str(result.final_dir),
+                    "best_checkpoint": str(result.fit.best_checkpoint or ""),
+                    "mlflow_run_id": mlflow.active_run().info.run_id}
+    return result.best_dir, m, training_run

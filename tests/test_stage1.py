@@ -1,0 +1,113 @@
+"""Stage 1 (TokenMining pretraining) as a library job: the trainable set, frozen weights untouched, the feature
+cache changing nothing but speed, exports in both layouts, resume, the text-LM stand-in, and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hilight.models.checkpoints import read_state_dict
+from hilight.models.token_mining import TokenMining, load_saved_token_mining, load_token_mining
+from hilight.train.tokenmining import (
+    Stage1Objective,
+    TokenMiningPretrainConfig,
+    build_stage1_parts,
+    run_tokenmining_pretrain,
+)
+from hilight.models.vlm import freeze_all_but
+from tests.conftest import tokenmining_config
+
+
+def _config(caption_manifest, vlm_weights, out, **train) -> TokenMiningPretrainConfig:
+    return TokenMiningPretrainConfig.model_validate(
+        tokenmining_config(caption_manifest, out, vlm_weights["clipvip"], vlm_weights["llm"], **train))
+
+
+def test_text_lm_stand_in_learned_the_corpus(vlm_weights):
+    result = vlm_weights["llm_result"]
+    assert result.val_loss < 0.4 * result.val_loss_init  # held-out per-token loss, vs the untrained model
+    assert (result.model_dir / "config.json").is_file() and (result.model_dir / "tokenizer.json").is_file()
+
+
+def test_trainable_set_is_exactly_token_mining(caption_manifest, vlm_weights, tmp_path):
+    config = _config(caption_manifest, vlm_weights, tmp_path)
+    parts = build_stage1_parts(config.vision, config.llm, config.token_mining)
+    trainable = freeze_all_but(parts.vlm, ("token_mining.",))
+    assert sorted(trainable) == sorted(f"token_mining.{k}" for k in parts.vlm.token_mining.state_dict())
+    assert len(trainable) == 22
+    frozen = [n for n, p in parts.vlm.named_parameters() if not p.requires_grad]
+    assert any(n.startswith("llm.") for n in frozen) and any(n.startswith("clipvip.") for n in frozen)
+    assert any(n.startswith("longclip.") for n in frozen)
+
+
+def test_stage1_trains_only_token_mining_and_exports_both_layouts(caption_manifest, vlm_weights, tmp_path):
+    config = _config(caption_manifest, vlm_weights, tmp_path / "run")
+    result = run_tokenmining_pretrain(config)
+    assert result.fit.step == 6 and result.samples["train"] > 0 and result.samples["rejected"] == 0
+    m = result.metrics
+    assert m["lm_loss"] < m["lm_loss_initial"]  # held-out answer loss fell
+    assert {"lm_loss_zero_video", "lm_loss_no_video"} <= set(m)
+    assert [h["step"] for h in result.fit.history] == [3, 6]
+
+    # the LLM on disk is the one the stage read: it was frozen (its weights are not in the checkpoints either)
+    ckpt = load_file(result.fit.final_checkpoint / "model.safetensors")
+    assert set(ckpt) == set(TokenMining(load_saved_token_mining(result.final_dir).config).state_dict())
+
+    # exports: our safetensors and the reference's .bin (prefix model.token_mining.) hold the same tensors
+    saved = load_saved_token_mining(result.final_dir)
+    ref = read_state_dict(result.final_dir / "token_mining.bin")
+    assert all(k.startswith("model.token_mining.") for k in ref) and len(ref) == 22
+    again = TokenMining(saved.config)
+    load_token_mining(again, result.final_dir / "token_mining.bin")
+    for k, v in saved.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v)
+        assert torch.equal(ckpt[k], v)
+
+    # same config again: resumes at the end, nothing retrained, same weights
+    rerun = run_tokenmining_pretrain(config)
+    assert rerun.fit.resumed_from == 6 and rerun.run_dir == result.run_dir
+
+
+def test_feature_cache_changes_nothing_but_speed(caption_manifest, vlm_weights, tmp_path):
+    cached = run_tokenmining_pretrain(_config(caption_manifest, vlm_weights, tmp_path / "on", max_steps=2, val_every=2))
+    cfg = _config(caption_manifest, vlm_weights, tmp_path / "off", max_steps=2, val_every=2)
+    cfg.features.enabled = False
+    decoded = run_tokenmining_pretrain(cfg)
+    assert decoded.metrics["lm_loss_initial"] == pytest.approx(cached.metrics["lm_loss_initial"], abs=1e-5)
+    assert decoded.metrics["lm_loss"] == pytest.approx(cached.metrics["lm_loss"], abs=1e-4)
+    assert len(list((tmp_path / "on" / "features").glob("*/shard-*.safetensors"))) >= 1
+    assert not (tmp_path / "off" / "features").exists()
+
+
+def test_objective_gradients_reach_only_token_mining(caption_manifest, vlm_weights, tmp_path):
+    from hilight.data.qa import VideoQADataset, encode_samples, read_qa_manifest
+
+    config = _config(caption_manifest, vlm_weights, tmp_path)
+    parts = build_stage1_parts(config.vision, config.llm, config.token_mining)
+    freeze_all_but(parts.vlm, ("token_mining.",))
+    rows = read_qa_manifest(caption_manifest).select(None, ["train"]).head(3)
+    n = parts.vlm.token_mining.config.num_tokens(parts.num_frames)
+    data = VideoQADataset(encode_samples(rows, parts.tokenizer, video_tokens=n, max_length=96),
+                          pad_token_id=parts.tokenizer.pad_token_id, num_frames=parts.num_frames,
+                          image_size=parts.image_size)
+    batch = data.collate([0, 1, 2])
+    assert batch["pixel_values"].shape[:2] == (3, parts.num_frames)
+    Stage1Objective(parts.vlm)(parts.vlm.token_mining, batch)["loss"].backward()
+    with_grad = {n for n, p in parts.vlm.named_parameters() if p.grad is not None}
+    assert with_grad and all(n.startswith("token_mining.") for n in with_grad)
+
+
+def test_clear_errors(caption_manifest, vlm_weights, tmp_path):
+    from pydantic import ValidationError
+
+    raw = tokenmining_config(caption_manifest, tmp_path, vlm_weights["clipvip"], vlm_weights["llm"])
+    with pytest.raises(ValidationError, match="exactly one of vision.longclip"):
+        TokenMiningPretrainConfig.model_validate({**raw, "vision": {"clipvip": "x"}})
+    from hilight.models.checkpoints import CheckpointError
+    bad = TokenMiningPretrainConfig.model_validate({**raw, "llm": {"dir": str(tmp_path / "no_llm")}})
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        build_stage1_parts(bad.vision, bad.llm, bad.token_mining)
+    small = TokenMiningPretrainConfig.model_validate({**raw, "data": {**raw["data"], "max_length": 20}})
+    with pytest.raises(ValueError, match=r"QA samples were rejected, e.g. .*prompt alone.*raise data.max_length \(now 20\)"):
+        run_tokenmining_pretrain(small)
