@@ -132,8 +132,10 @@ def towers(clips: int) -> None:
                 video = clipvip.encode_video(x).last_hidden_state[0]
                 frames = longclip(x)[0]
         compute_s = (time.perf_counter() - started) / len(files)
-        save_file({f"{i}/video": video.to(torch.bfloat16).clone(), f"{i}/frames": frames.to(torch.bfloat16).clone()
-                   for i in range(len(files))}, str(root / "shard.safetensors"))
+        tensors = {}
+        for i in range(len(files)):  # the last clip's features stand in for each clip's (same sizes)
+            tensors[f"{i}/video"], tensors[f"{i}/frames"] = video.to(torch.bfloat16).clone(), frames.to(torch.bfloat16).clone()
+        save_file(tensors, str(root / "shard.safetensors"))
         started = time.perf_counter()
         with safe_open(str(root / "shard.safetensors"), framework="pt") as h:
             for i in range(len(files)):
