@@ -87,19 +87,46 @@ def validate(
 
 @app.command("train")
 def train(
-    config: Path = typer.Option(..., "--config", "-c", help="A clipvip_alignment config YAML."),
+    config: Path = typer.Option(..., "--config", "-c", help="A clipvip_alignment, llm_pretrain or tokenmining_pretrain config YAML."),
 ) -> None:
-    """Train without ZenML/MLflow (quick local iteration). Re-running the same command resumes from the last
-    checkpoint; `hilight run clipvip_alignment -c ...` is the tracked equivalent."""
-    from hilight.config import load_config
-    from hilight.train.alignment import AlignmentConfig, run_alignment
+    """Train without ZenML/MLflow (quick local iteration, or under `accelerate launch`). Re-running the same command
+    resumes from the last checkpoint; `hilight run <pipeline> -c ...` is the tracked equivalent."""
+    import yaml
 
-    result = run_alignment(load_config(resolve_path(config), AlignmentConfig))
-    resumed = "fresh start" if result.fit.resumed_from is None else f"resumed from step {result.fit.resumed_from}"
-    typer.echo(f"trained {result.fit.step} steps ({resumed}; {result.fit.skipped_steps} skipped) in {result.run_dir}")
-    typer.echo(f"best model      {result.best_model}")
-    typer.echo("held-out text->video R@1: aligned {:.3f}, random init {:.3f}".format(
-        result.retrieval["t2v_r1"], result.baseline["t2v_r1"]))
+    from hilight.config import load_config
+
+    path = resolve_path(config)
+    kind = (yaml.safe_load(path.read_text()) or {}).get("pipeline", "clipvip_alignment")
+    if kind == "clipvip_alignment":
+        from hilight.train.alignment import AlignmentConfig, run_alignment
+
+        result = run_alignment(load_config(path, AlignmentConfig))
+        summary = "held-out text->video R@1: aligned {:.3f}, random init {:.3f}".format(
+            result.retrieval["t2v_r1"], result.baseline["t2v_r1"])
+        best = result.best_model
+    elif kind == "llm_pretrain":
+        from hilight.train.text_lm import LLMPretrainConfig, run_llm_pretrain
+
+        result = run_llm_pretrain(load_config(path, LLMPretrainConfig))
+        summary = f"held-out text loss {result.val_loss:.4f} (untrained {result.val_loss_init:.4f})"
+        best = result.model_dir
+    elif kind == "tokenmining_pretrain":
+        from hilight.train.tokenmining import TokenMiningPretrainConfig, run_tokenmining_pretrain
+
+        result = run_tokenmining_pretrain(load_config(path, TokenMiningPretrainConfig))
+        m = result.metrics
+        summary = (f"held-out answer loss {m['lm_loss']:.4f} (before training {m['lm_loss_initial']:.4f}, video tokens "
+                   f"zeroed {m['lm_loss_zero_video']:.4f}, no video {m['lm_loss_no_video']:.4f})")
+        best = result.best_dir
+    else:
+        typer.secho(f"{config}: `hilight train` runs clipvip_alignment, llm_pretrain and tokenmining_pretrain configs, "
+                    f"not {kind!r}; use `hilight run {kind} -c {config}`", fg="red", err=True)
+        raise typer.Exit(2)
+    fit = result.fit
+    resumed = "fresh start" if fit.resumed_from is None else f"resumed from step {fit.resumed_from}"
+    typer.echo(f"trained {fit.step} steps ({resumed}; {fit.skipped_steps} skipped) in {result.run_dir}")
+    typer.echo(f"best model      {best}")
+    typer.echo(summary)
 
 
 @app.command("run")

@@ -33,7 +33,7 @@ def test_config_errors_are_all_reported(tmp_path):
         assert key in msg
 
 
-@pytest.mark.parametrize("cmd", [[], ["data", "synth"], ["validate"], ["run"], ["demo"], ["ui"], ["stack"]])
+@pytest.mark.parametrize("cmd", [[], ["data", "synth"], ["validate"], ["run"], ["demo"], ["ui"], ["stack"], ["train"]])
 def test_help(cmd):
     result = CliRunner().invoke(app, [*cmd, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output
@@ -45,3 +45,10 @@ def test_cli_synth_writes_dataset(tmp_path):
                                       "--width", "64", "--height", "48", "--workers", "1"])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (out / "videos").iterdir()) == ["gen1_00000.mp4", "gen1_00001.mp4"]
+
+
+def test_train_dispatches_on_the_config_pipeline(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("pipeline: alignment_ablation\n")
+    result = CliRunner().invoke(app, ["train", "-c", str(cfg)])
+    assert result.exit_code == 2 and "use `hilight run alignment_ablation" in result.output
