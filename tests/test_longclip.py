@@ -89,3 +89,54 @@ def test_conversion_is_strict(tmp_path):
         LongCLIPImageTower.from_original(tmp_path / "extra.pt")
     with pytest.raises(ValueError, match=r"\[B, T, C, H, W\]"):
         LongCLIPImageTower.from_original(path)(torch.randn(2, 3, 32, 32))
+
+
+class _OpenAIText(nn.Module):
+    """Long-CLIP's text side: OpenAI's causal transformer with two position tables, pe on positions 0-19 and
+    pe_res on 20+, pooled at the argmax token and projected."""
+
+    def __init__(self, vocab=50, ctx=28, width=64, layers=2, heads=1, out=24):
+        super().__init__()
+        self.token_embedding = nn.Embedding(vocab, width)
+        self.positional_embedding = nn.Parameter(torch.randn(ctx, width) * 0.1)
+        self.positional_embedding_res = nn.Parameter(torch.randn(ctx, width) * 0.1)
+        self.transformer = nn.Module()
+        self.transformer.resblocks = nn.Sequential(*[_Block(width, heads) for _ in range(layers)])
+        self.ln_final = nn.LayerNorm(width)
+        self.text_projection = nn.Parameter(torch.randn(width, out) * 0.1)
+        self.logit_scale = nn.Parameter(torch.tensor(4.6))
+
+    def forward(self, ids):
+        n = ids.shape[1]
+        keep = (torch.arange(n) < 20).float()[:, None]
+        x = self.token_embedding(ids) + self.positional_embedding[:n] * keep + self.positional_embedding_res[:n] * (1 - keep)
+        mask = torch.full((n, n), float("-inf")).triu(1)
+        x = x.transpose(0, 1)
+        for block in self.transformer.resblocks:
+            h = block.ln_1(x)
+            x = x + block.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+            x = x + block.mlp(block.ln_2(x))
+        x = self.ln_final(x.transpose(0, 1))
+        return x[torch.arange(len(ids)), ids.argmax(-1)] @ self.text_projection
+
+
+def test_full_clip_conversion_folds_the_two_position_tables(tmp_path):
+    from hilight.models.longclip import load_longclip_clip
+
+    torch.manual_seed(2)
+    visual, text = _OpenAIVisual(width=64, heads=1), _OpenAIText()
+    sd = {**{f"visual.{k}": v for k, v in visual.state_dict().items()}, **text.state_dict()}
+    torch.save(sd, tmp_path / "longclip.pt")
+    model = load_longclip_clip(tmp_path / "longclip.pt").eval()
+    assert model.config.text_config.max_position_embeddings == 28
+    ids = torch.randint(1, 40, (3, 26))
+    ids[:, 24] = 49  # the end token: the highest id, where the original pools
+    with torch.no_grad():
+        expected = text.eval()(ids)
+        got = model.get_text_features(input_ids=ids)  # no attention mask: causal only, as the original
+    got = got if isinstance(got, torch.Tensor) else got.pooler_output
+    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()  # positions >= 20 use pe_res
+    assert torch.allclose(model.logit_scale, torch.tensor(4.6))
+    torch.save({k: v for k, v in sd.items() if k != "positional_embedding_res"}, tmp_path / "old.pt")
+    with pytest.raises(CheckpointError, match="positional_embedding_res"):
+        load_longclip_clip(tmp_path / "old.pt")

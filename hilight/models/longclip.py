@@ -3,9 +3,14 @@ projected vector per frame, ``[B, T, projection_dim]`` (not L2-normalised, as in
 
 ``convert_longclip_visual`` maps the original OpenAI-style ``longclip-B.pt`` (plain state dict) onto transformers'
 names: the rename table of ``docs/reference/clipvip-sparc-longclip.md`` §3.4, with packed ``in_proj`` split into
-q/k/v and ``visual.proj`` transposed. Only the vision half is used; the text tower's keys (including the 248-row
-``positional_embedding`` / ``positional_embedding_res`` tables) are recognised and set aside. Any other key that
-is not consumed fails the conversion, naming it.
+q/k/v and ``visual.proj`` transposed. The VLM uses only this vision half; the text tower's keys are recognised and
+set aside. Any other key that is not consumed fails the conversion, naming it.
+
+``convert_longclip_text`` maps the text half for a full ``CLIPModel`` (``load_longclip_clip``): Long-CLIP's two
+248-row position tables are folded into one, ``cat(positional_embedding[:20], positional_embedding_res[20:])``,
+which is exact at inference because the original adds ``pe`` on positions 0-19 and ``pe_res`` on 20-247. Pooling
+at the argmax token (the original) is transformers' legacy ``eos_token_id=2`` path; call it without an attention
+mask, as the original uses only the causal mask.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from hilight.models.checkpoints import CheckpointError, load_strict, read_state_dict
 
@@ -28,6 +33,24 @@ TEXT_KEYS = re.compile(r"^(token_embedding\.|positional_embedding(_res)?$|transf
 PRESET_DIR = Path(__file__).parent / "presets" / "longclip"
 LAYER_RENAMES = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
                  "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+
+
+KEEP_POSITIONS = 20  # Long-CLIP keeps CLIP's first 20 positions (positional_embedding); 20..247 are stretched
+
+
+def _rename_block(key: str, value: torch.Tensor, src: str, dst: str, out: dict) -> bool:
+    """One ``{src}transformer.resblocks.{i}.*`` tensor → transformers' encoder layer names; False if not a block key."""
+    if m := re.match(rf"^{re.escape(src)}transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", key):
+        i, kind = m.groups()
+        for part, chunk in zip("qkv", value.chunk(3, dim=0), strict=True):  # packed [3W, W] -> q, k, v
+            out[f"{dst}encoder.layers.{i}.self_attn.{part}_proj.{kind}"] = chunk.contiguous()
+        return True
+    if m := re.match(rf"^{re.escape(src)}transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)$", key):
+        i, name, kind = m.groups()
+        if name in LAYER_RENAMES:
+            out[f"{dst}encoder.layers.{i}.{LAYER_RENAMES[name]}.{kind}"] = value
+            return True
+    return False
 
 
 def longclip_config(sd: dict[str, torch.Tensor]) -> CLIPVisionConfig:
@@ -52,24 +75,16 @@ def convert_longclip_visual(sd: dict[str, torch.Tensor], source: str = "longclip
              "visual.ln_pre.weight": "vision_model.pre_layrnorm.weight", "visual.ln_pre.bias": "vision_model.pre_layrnorm.bias",
              "visual.ln_post.weight": "vision_model.post_layernorm.weight",
              "visual.ln_post.bias": "vision_model.post_layernorm.bias"}
-    layer = re.compile(r"^visual\.transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)$")
     for key, value in sd.items():
         value = value.float()
         if key in fixed:
             out[fixed[key]] = value
         elif key == "visual.proj":
             out["visual_projection.weight"] = value.t().contiguous()  # x @ proj  ==  Linear(weight=proj.T)
-        elif m := layer.match(key):
-            i, name, kind = m.groups()
-            prefix = f"vision_model.encoder.layers.{i}"
-            if name in LAYER_RENAMES:
-                out[f"{prefix}.{LAYER_RENAMES[name]}.{kind}"] = value
-            else:
-                unknown.append(key)
-        elif m := re.match(r"^visual\.transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", key):
-            i, kind = m.groups()
-            for part, chunk in zip("qkv", value.chunk(3, dim=0), strict=True):  # packed [3W, W] -> q, k, v
-                out[f"vision_model.encoder.layers.{i}.self_attn.{part}_proj.{kind}"] = chunk.contiguous()
+        elif _rename_block(key, value, "visual.", "vision_model.", out):
+            pass
+        elif key.startswith("visual."):
+            unknown.append(key)
         elif not TEXT_KEYS.match(key):
             unknown.append(key)
     if unknown:
@@ -83,6 +98,57 @@ def longclip_preset(name: str) -> CLIPVisionConfig:
     if not path.is_file():
         raise ValueError(f"unknown Long-CLIP preset {name!r}; choose one of {sorted(p.stem for p in PRESET_DIR.glob('*.json'))}")
     return CLIPVisionConfig(**{k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")})
+
+
+def convert_longclip_text(sd: dict[str, torch.Tensor], source: str = "longclip") -> dict[str, torch.Tensor]:
+    """Original text keys → ``CLIPTextModelWithProjection`` keys (float32), the two position tables folded."""
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, value in sd.items():
+        value = value.float()
+        if key.startswith("visual.") or key in ("positional_embedding", "positional_embedding_res", "logit_scale",
+                                                "input_resolution", "context_length", "vocab_size"):
+            continue
+        if key == "token_embedding.weight":
+            out["text_model.embeddings.token_embedding.weight"] = value
+        elif key in ("ln_final.weight", "ln_final.bias"):
+            out[f"text_model.final_layer_norm.{key.rsplit('.', 1)[1]}"] = value
+        elif key == "text_projection":
+            out["text_projection.weight"] = value.t().contiguous()  # x @ P  ==  Linear(weight=P.T)
+        elif not _rename_block(key, value, "", "text_model.", out):
+            unknown.append(key)
+    for table in ("positional_embedding", "positional_embedding_res"):
+        if table not in sd:
+            raise CheckpointError(f"{source} has no {table!r}; a Long-CLIP checkpoint holds both 248-row tables")
+    out["text_model.embeddings.position_embedding.weight"] = torch.cat(
+        [sd["positional_embedding"][:KEEP_POSITIONS].float(), sd["positional_embedding_res"][KEEP_POSITIONS:].float()])
+    if unknown:
+        raise CheckpointError(f"{source}: {len(unknown)} keys are not part of the Long-CLIP layout: {unknown[:10]}")
+    return out
+
+
+def longclip_clip_config(sd: dict[str, torch.Tensor]) -> CLIPConfig:
+    """Full Long-CLIP architecture (vision + text) from an original state dict's shapes."""
+    width = sd["ln_final.weight"].shape[0]
+    layers = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")})
+    text = CLIPTextConfig(vocab_size=sd["token_embedding.weight"].shape[0], hidden_size=width,
+                          intermediate_size=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                          num_hidden_layers=layers, num_attention_heads=max(width // 64, 1),
+                          max_position_embeddings=sd["positional_embedding"].shape[0], hidden_act="quick_gelu",
+                          layer_norm_eps=1e-5, eos_token_id=2)  # 2 = pool at the argmax token, as the original
+    return CLIPConfig(text_config=text.to_dict(), vision_config=longclip_config(sd).to_dict(),
+                      projection_dim=sd["text_projection"].shape[1])
+
+
+def load_longclip_clip(path) -> CLIPModel:
+    """The whole Long-CLIP (both towers, logit scale) as a transformers ``CLIPModel``, loaded strictly."""
+    sd = read_state_dict(path)
+    model = CLIPModel(longclip_clip_config(sd))
+    converted = {**convert_longclip_visual(sd, str(path)), **convert_longclip_text(sd, str(path)),
+                 "logit_scale": sd["logit_scale"].float().reshape(())}
+    load_strict(model, converted, str(path), ignore_prefixes=("text_model.embeddings.position_ids",
+                                                              "vision_model.embeddings.position_ids"))
+    return model
 
 
 class LongCLIPImageTower(nn.Module):
