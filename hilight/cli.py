@@ -115,7 +115,8 @@ def train(
 
         result = run_tokenmining_pretrain(load_config(path, TokenMiningPretrainConfig))
         m = result.metrics
-        summary = (f"held-out answer loss {m['lm_loss']:.4f} (before training {m['lm_loss_initial']:.4f}, video tokens "
+        summary = (f"held-out answer loss {m['lm_loss']:.4f} (before training {m['lm_loss_initial']:.4f}, another clip's "
+                   f"video {m['lm_loss_wrong_video']:.4f}, video tokens "
                    f"zeroed {m['lm_loss_zero_video']:.4f}, no video {m['lm_loss_no_video']:.4f})")
         best = result.best_dir
     else:
@@ -212,7 +213,8 @@ def demo(
     typer.echo(f"demo LLM              run {llm_run.name}: held-out text loss {llm_loss['lm_loss']:.3f} "
                f"(untrained {llm_loss['lm_loss_untrained']:.3f}); {root / 'outputs/llm_pretrain/model'}")
     typer.echo(f"stage 1 TokenMining   run {stage1.name}: held-out answer loss {stage1_loss['lm_loss']:.3f} "
-               f"(before training {stage1_loss['lm_loss_initial']:.3f}; video tokens zeroed "
+               f"(before training {stage1_loss['lm_loss_initial']:.3f}; another clip's video "
+               f"{stage1_loss['lm_loss_wrong_video']:.3f}; video tokens zeroed "
                f"{stage1_loss['lm_loss_zero_video']:.3f}; no video {stage1_loss['lm_loss_no_video']:.3f})")
     typer.echo(f"                      weights {root / 'outputs/tokenmining/best'} (safetensors + reference token_mining.bin)")
     typer.echo(f"MLflow store          {mlflow_tracking_uri()}")

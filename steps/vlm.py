@@ -83,6 +83,7 @@ def train_token_mining(config: TokenMiningPretrainConfig, inputs: dict[str, str]
     mlflow.log_metrics({f"samples/{k}": v for k, v in result.samples.items()}, step=result.fit.step)
     table = pd.DataFrame([{"model": "trained TokenMining (best)", "lm_loss": m["lm_loss"]},
                           {"model": "untrained TokenMining", "lm_loss": m["lm_loss_initial"]},
+                          {"model": "trained TokenMining, another clip's video", "lm_loss": m["lm_loss_wrong_video"]},
                           {"model": "video tokens zeroed", "lm_loss": m["lm_loss_zero_video"]},
                           {"model": "no video (text prior)", "lm_loss": m["lm_loss_no_video"]}])
     mlflow.log_table(table, artifact_file="stage1/heldout_loss.json")
@@ -93,8 +94,8 @@ def train_token_mining(config: TokenMiningPretrainConfig, inputs: dict[str, str]
     mlflow.log_artifacts(str(result.best_dir), artifact_path="token_mining/best")
     mlflow.set_tags({"hilight.run_dir": str(result.run_dir), "hilight.resumed_from": str(result.fit.resumed_from),
                      "hilight.skipped_steps": str(result.fit.skipped_steps)})
-    log.info("stage 1 held-out answer loss %.4f (untrained %.4f, zeroed video %.4f, no video %.4f)",
-             m["lm_loss"], m["lm_loss_initial"], m["lm_loss_zero_video"], m["lm_loss_no_video"])
+    log.info("stage 1 held-out answer loss %.4f (untrained %.4f, wrong video %.4f, zeroed video %.4f, no video %.4f)",
+             m["lm_loss"], m["lm_loss_initial"], m["lm_loss_wrong_video"], m["lm_loss_zero_video"], m["lm_loss_no_video"])
     log_metadata({**m, "token_mining_dir": str(result.best_dir)})
     training_run = {"run_dir": str(result.run_dir), "best": str(result.best_dir), "final": str(result.final_dir),
                     "best_checkpoint": str(result.fit.best_checkpoint or ""),

@@ -4,7 +4,7 @@ HiLight starts stage 1 from a pretrained, instruction-tuned Gemma-2B: it already
 domain's language; only the video is new. Offline and on CPU there is no such model, so the demo builds one:
 a Gemma-style tokenizer trained on the corpus (``build_gemma_tokenizer``) and a tiny Gemma trained on the training
 split's captions and QA conversations rendered in the chat template. Each conversation appears once without
-context and once per caption of its clip with that caption where the ``<video>`` marker stood: the model learns
+context and once with all captions of its clip where the ``<video>`` marker stood: the model learns
 the answer formats, the text-only priors ("Two shapes are moving." is common) and to read facts from a
 description in its context, as an instruction-tuned LLM can. It never sees a video: stage 1 must turn the clip
 into tokens that play the description's part.
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch.nn.utils.rnn import pad_sequence
@@ -29,6 +30,7 @@ from hilight.data.captions import read_caption_manifest
 from hilight.data.conversations import (IGNORE_INDEX, VIDEO_TOKEN, Turn, encode, parse_conversation, render,
                                         strip_video)
 from hilight.data.qa import read_qa_manifest
+from hilight.data.synth import general
 from hilight.data.samplers import CaptionBatchSampler
 from hilight.env import resolve_path
 from hilight.models.tokenizers import build_gemma_tokenizer
@@ -49,7 +51,11 @@ class TextCorpusSpec(BaseModel):
     val_splits: list[str] = ["val", "test"]
     captions: bool = True
     qa: bool = True
-    qa_context: bool = True  # also each QA conversation with a caption of its clip in place of the video
+    qa_context: bool = True  # also each QA conversation with its clip's captions in place of the video
+    # extra text-only scenes of the general generator (captions as context + their QA), never rendered: enough
+    # reading practice for a tiny LM to learn to take facts from its context; 0 disables
+    reading_scenes: int = Field(0, ge=0)
+    reading_seed: int = 12345
 
 
 class LLMPretrainConfig(BaseModel):
@@ -113,14 +119,27 @@ def corpus_texts(config: LLMPretrainConfig, splits: list[str]) -> tuple[list[str
         for video_file, conv in zip(rows["video_file"], rows["conversations"], strict=True):
             turns = parse_conversation(conv, add_video=True)
             conversations.append(strip_video(turns))
-            if config.data.qa_context:
-                conversations += [with_context(turns, c) for c in by_video.get(video_file, [])]
+            if config.data.qa_context and video_file in by_video:
+                conversations.append(with_context(turns, " ".join(c.rstrip(".") + "." for c in by_video[video_file])))
     return captions, conversations
+
+
+def reading_corpus(n: int, seed: int) -> list[list[Turn]]:
+    """``n`` text-only scenes: every caption of the scene as context, then its questions (a fresh generator stream,
+    so no rendered clip's text is reproduced on purpose)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        captions, qa = general.text_scene(rng)
+        context = " ".join(c.text.rstrip(".") + "." for c in captions)
+        turns = [Turn(q.question, q.answer) for q in qa]
+        out.append([Turn(f"{context}\n{turns[0].question}", turns[0].answer), *turns[1:]])
+    return out
 
 
 def with_context(turns: list[Turn], context: str) -> list[Turn]:
     """The conversation with ``context`` text where its ``<video>`` marker stands."""
-    return [Turn(t.question.replace(VIDEO_TOKEN, context.rstrip(".") + "."), t.answer) for t in turns]
+    return [Turn(t.question.replace(VIDEO_TOKEN, context), t.answer) for t in turns]
 
 
 def encode_corpus(tokenizer, captions: list[str], conversations: list[list], max_length: int) -> list[list[int]]:
@@ -152,6 +171,7 @@ def run_llm_pretrain(config: LLMPretrainConfig, *, tracker: ResilientTracker | N
     run_dir.mkdir(parents=True, exist_ok=True)
 
     train_caps, train_convs = corpus_texts(config, config.data.train_splits)
+    train_convs += reading_corpus(config.data.reading_scenes, config.data.reading_seed)
     val_caps, val_convs = corpus_texts(config, config.data.val_splits)
     tok_dir = run_dir / "tokenizer"
     tokenizer = build_gemma_tokenizer(train_caps + [render(t) for t in train_convs], tok_dir, vocab_size=config.vocab_size)

@@ -9,10 +9,11 @@ Only TokenMining goes through ``fit``: the frozen parts live beside it in the ob
 6.9M trained parameters rather than the whole 2.8B model, and under DDP only TokenMining's gradients are
 all-reduced.
 
-Proof of learning: the held-out answer-token loss is reported at step 0 and at every validation, next to two
-baselines that do not depend on TokenMining: the same samples with every video token zeroed
-(``val/lm_loss_zero_video``) and the samples without any video block (``val/lm_loss_no_video``, the LLM's text
-prior). A loss below both means the video tokens carry information about the answers.
+Proof of learning: the held-out answer-token loss is reported at step 0 and at every validation, next to three
+controls: the same samples with every video token zeroed (``val/lm_loss_zero_video``), without any video block
+(``val/lm_loss_no_video``, the LLM's text prior), and with the trained TokenMining fed *another* clip's features
+(``val/lm_loss_wrong_video``). The last one is the decisive one: tokens in the right format but from the wrong
+clip; a loss below it means the tokens carry what this clip shows, not just a format the LLM likes.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Literal
 
 import pandas as pd
 import torch
+from accelerate import PartialState
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hilight.data.feature_cache import FeatureCache, fill_cache
@@ -233,8 +235,9 @@ class Stage1Objective:
 
 @torch.no_grad()
 def heldout_loss(objective: Stage1Objective, token_mining, dataset: VideoQADataset, batch_size: int, *,
-                 zero_video: bool = False) -> float:
-    """Per-token answer loss over ``dataset`` (video tokens zeroed if asked; none for a text-only dataset)."""
+                 zero_video: bool = False, shuffle_video: bool = False) -> float:
+    """Per-token answer loss over ``dataset``; none for a text-only dataset. ``zero_video`` zeroes the video tokens;
+    ``shuffle_video`` gives each sample the tokens of the next sample's clip in its batch (a wrong video)."""
     total, count = 0.0, 0
     device = next(token_mining.parameters()).device
     for start in range(0, len(dataset), batch_size):
@@ -242,6 +245,8 @@ def heldout_loss(objective: Stage1Objective, token_mining, dataset: VideoQADatas
         tokens = objective.video_tokens(token_mining, batch) if dataset.with_video else None
         if zero_video:
             tokens = torch.zeros_like(tokens)
+        if shuffle_video:
+            tokens = tokens.roll(1, dims=0)
         if objective._device is None:
             objective.vlm.to(device)
             objective._device = device
@@ -288,8 +293,11 @@ def run_tokenmining_pretrain(config: TokenMiningPretrainConfig, *,
         cache = open_feature_cache(config.features, parts)
         videos = dict(zip(train_enc.rows["video_sha256"], train_enc.rows["video_file"], strict=True))
         videos.update(zip(val_enc.rows["video_sha256"], val_enc.rows["video_file"], strict=True))
-        stats = fill_cache(cache, videos, tower_encoder(vlm), num_frames=parts.num_frames, image_size=parts.image_size,
-                           batch_size=config.features.batch_size, progress=config.train.progress)
+        with PartialState().main_process_first():  # under DDP one process fills, the others then find it all
+            cache.refresh()
+            stats = fill_cache(cache, videos, tower_encoder(vlm), num_frames=parts.num_frames,
+                               image_size=parts.image_size, batch_size=config.features.batch_size,
+                               progress=config.train.progress)
         tracker.log_metrics({"features/cached": stats["cached"], "features/computed": stats["computed"]}, 0)
         vlm.clipvip = vlm.longclip = None  # not needed once every clip's features are cached
 
@@ -308,14 +316,20 @@ def run_tokenmining_pretrain(config: TokenMiningPretrainConfig, *,
     bs = config.eval_batch_size
     baselines = {"val/lm_loss_zero_video": heldout_loss(objective, token_mining, val_set, bs, zero_video=True),
                  "val/lm_loss_no_video": heldout_loss(objective, token_mining, val_text_set, bs)}
+    # the wrong-video control: every held-out sample with another clip's tokens (clips mixed across batches first)
+    order = val_enc.rows.sample(frac=1.0, random_state=1).index
+    val_shuffled = dataset(EncodedSet(val_enc.rows.loc[order].reset_index(drop=True),
+                                      [val_enc.samples[i] for i in order], val_enc.rejected, 0))
     initial = heldout_loss(objective, token_mining, val_set, bs)
-    tracker.log_metrics({"val/lm_loss": initial, **baselines}, 0)
+    initial_wrong = heldout_loss(objective, token_mining, val_shuffled, bs, shuffle_video=True)
+    tracker.log_metrics({"val/lm_loss": initial, "val/lm_loss_wrong_video": initial_wrong, **baselines}, 0)
     log.info("held-out loss before training %.4f; zeroed video %.4f; no video %.4f", initial,
              baselines["val/lm_loss_zero_video"], baselines["val/lm_loss_no_video"])
 
     def evaluate(tm) -> dict[str, float]:
         loss = heldout_loss(objective, tm, val_set, bs)
-        return {"val/lm_loss": loss, **baselines, "val/video_gain": baselines["val/lm_loss_zero_video"] - loss}
+        wrong = heldout_loss(objective, tm, val_shuffled, bs, shuffle_video=True)
+        return {"val/lm_loss": loss, "val/lm_loss_wrong_video": wrong, **baselines, "val/video_gain": wrong - loss}
 
     settings = config.train
     if settings.gradient_checkpointing:  # recompute the frozen LLM's activations; TokenMining itself is small
@@ -334,6 +348,8 @@ def run_tokenmining_pretrain(config: TokenMiningPretrainConfig, *,
         meta["step"] = int(result.best_checkpoint.name.split("-")[1])
     best_dir = save_token_mining(token_mining, out_dir / "best", meta)
     best = heldout_loss(objective, token_mining, val_set, bs)
-    metrics = {"lm_loss_initial": initial, "lm_loss": best, "lm_loss_zero_video": baselines["val/lm_loss_zero_video"],
+    metrics = {"lm_loss_initial": initial, "lm_loss": best,
+               "lm_loss_wrong_video": heldout_loss(objective, token_mining, val_shuffled, bs, shuffle_video=True),
+               "lm_loss_zero_video": baselines["val/lm_loss_zero_video"],
                "lm_loss_no_video": baselines["val/lm_loss_no_video"]}
     return Stage1Result(run_dir, best_dir, final_dir, result, metrics, samples, rejected)

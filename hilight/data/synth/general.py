@@ -64,6 +64,20 @@ class Clip:
 
 def make_clip(rng: np.random.Generator, *, width: int, height: int, fps: int, duration_s: float) -> Clip:
     n_frames = max(2, round(fps * duration_s))
+    movers, pattern, bg_colour = _scene(rng)
+    frames = _render(movers, pattern, bg_colour, width, height, n_frames)
+    captions = _describe(movers, pattern, bg_colour)
+    qa = _questions(movers)
+    return Clip(frames, "shapes", movers, (pattern, bg_colour), captions, qa)
+
+
+def text_scene(rng: np.random.Generator) -> tuple[list[Caption], list[QAPair]]:
+    """A scene's captions and QA without rendering it: text-only corpora (the demo LLM's reading practice)."""
+    movers, pattern, bg_colour = _scene(rng)
+    return _describe(movers, pattern, bg_colour), _questions(movers)
+
+
+def _scene(rng: np.random.Generator) -> tuple[list[Mover], str, str]:
     k = int(rng.integers(1, 3))
     shapes = list(rng.choice(SHAPES, size=k, replace=False))
     colours = list(rng.choice(list(COLOURS), size=k, replace=False))
@@ -77,10 +91,7 @@ def make_clip(rng: np.random.Generator, *, width: int, height: int, fps: int, du
         movers.append(Mover(str(shapes[i]), str(colours[i]), direction, (float(sx), float(sy)), float(rng.uniform(0.08, 0.12))))
     pattern = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
     bg_colour = list(BG_COLOURS)[int(rng.integers(len(BG_COLOURS)))]
-    frames = _render(movers, pattern, bg_colour, width, height, n_frames)
-    captions = _describe(movers, pattern, bg_colour)
-    qa = _questions(movers)
-    return Clip(frames, "shapes", movers, (pattern, bg_colour), captions, qa)
+    return movers, pattern, bg_colour
 
 
 def _render(movers: list[Mover], pattern: str, bg_colour: str, width: int, height: int, n_frames: int) -> np.ndarray:
