@@ -29,16 +29,21 @@ class CaptionManifest:
     fingerprint: str  # the data_validation fingerprint of the manifest
 
     def select(self, datasets: list[str] | None, splits: list[str]) -> pd.DataFrame:
-        rows = self.rows
-        if datasets:
-            unknown = sorted(set(datasets) - set(rows["dataset"]))
-            if unknown:
-                raise ManifestError(f"datasets {unknown} are not in the manifest (it has {sorted(set(rows['dataset']))})")
-            rows = rows[rows["dataset"].isin(datasets)]
-        rows = rows[rows["split"].isin(splits)]
-        if rows.empty:
-            raise ManifestError(f"no captions for datasets={datasets} splits={splits}")
-        return rows.reset_index(drop=True)
+        return select_rows(self.rows, datasets, splits, "captions")
+
+
+def select_rows(rows: pd.DataFrame, datasets: list[str] | None, splits: list[str], what: str) -> pd.DataFrame:
+    """Rows of the given datasets (None = all) and splits; an unknown dataset or an empty result is an error."""
+    if datasets:
+        unknown = sorted(set(datasets) - set(rows["dataset"]))
+        if unknown:
+            raise ManifestError(f"datasets {unknown} have no {what} in the manifest (datasets with {what}: "
+                                f"{sorted(set(rows['dataset']))})")
+        rows = rows[rows["dataset"].isin(datasets)]
+    rows = rows[rows["split"].isin(splits)]
+    if rows.empty:
+        raise ManifestError(f"no {what} for datasets={datasets} splits={splits}")
+    return rows.reset_index(drop=True)
 
 
 def read_caption_manifest(manifest_dir: str | Path) -> CaptionManifest:

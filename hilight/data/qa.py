@@ -22,7 +22,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
-from hilight.data.captions import ManifestError
+from hilight.data.captions import ManifestError, select_rows
 from hilight.data.conversations import IGNORE_INDEX, ConversationError, Encoded, encode, parse_conversation, strip_video
 from hilight.data.feature_cache import FeatureCache
 from hilight.data.frames import load_clip_frames
@@ -39,17 +39,7 @@ class QAManifest:
     fingerprint: str
 
     def select(self, datasets: list[str] | None, splits: list[str]) -> pd.DataFrame:
-        rows = self.rows
-        if datasets:
-            unknown = sorted(set(datasets) - set(rows["dataset"]))
-            if unknown:
-                raise ManifestError(f"datasets {unknown} have no QA in the manifest (QA datasets: "
-                                    f"{sorted(set(rows['dataset']))})")
-            rows = rows[rows["dataset"].isin(datasets)]
-        rows = rows[rows["split"].isin(splits)]
-        if rows.empty:
-            raise ManifestError(f"no QA samples for datasets={datasets} splits={splits}")
-        return rows.reset_index(drop=True)
+        return select_rows(self.rows, datasets, splits, "QA samples")
 
 
 def read_qa_manifest(manifest_dir) -> QAManifest:

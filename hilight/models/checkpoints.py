@@ -23,7 +23,10 @@ import hashlib
 import json
 import logging
 import pickle
+import shutil
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -141,6 +144,22 @@ def load_clipvip_weights(model: nn.Module, path: str | Path, *, part: Literal["f
         log.info("checkpoint %s: ignoring %d text-tower keys (vision-only load)", path, len(dropped))
     load_strict(model, sd, str(path), ignore_prefixes=ignore)
     log.info("loaded %s into %s (%s, strict)", path, type(model).__name__, part)
+
+
+@contextmanager
+def replace_dir(out_dir: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary sibling of ``out_dir``; when the block succeeds it replaces ``out_dir`` in one
+    rename, so a reader never sees a half-written export (a failed block leaves ``out_dir`` untouched)."""
+    out_dir = Path(out_dir)
+    tmp, old = out_dir.with_name(f".{out_dir.name}.tmp"), out_dir.with_name(f".{out_dir.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_model(model: nn.Module, out_dir: str | Path, config: dict) -> Path:

@@ -81,10 +81,9 @@ def convert_longclip_visual(sd: dict[str, torch.Tensor], source: str = "longclip
             out[fixed[key]] = value
         elif key == "visual.proj":
             out["visual_projection.weight"] = value.t().contiguous()  # x @ proj  ==  Linear(weight=proj.T)
-        elif _rename_block(key, value, "visual.", "vision_model.", out):
-            pass
         elif key.startswith("visual."):
-            unknown.append(key)
+            if not _rename_block(key, value, "visual.", "vision_model.", out):
+                unknown.append(key)
         elif not TEXT_KEYS.match(key):
             unknown.append(key)
     if unknown:

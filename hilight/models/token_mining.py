@@ -28,7 +28,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from hilight.models.checkpoints import MODEL_FILE, CheckpointError, load_strict, read_model_config, read_state_dict, save_model
+from hilight.models.checkpoints import (MODEL_FILE, CheckpointError, load_strict, read_model_config, read_state_dict,
+                                        replace_dir, save_model)
 
 Depth = Literal["attn_linear", "attn_mlp", "reference"]
 PREFIXES = ("model.token_mining.", "token_mining.")
@@ -143,13 +144,11 @@ def load_token_mining(model: TokenMining, path) -> None:
 def save_token_mining(model: TokenMining, out_dir, meta: dict) -> Path:
     """A standalone TokenMining directory: ``model.safetensors`` + ``config.json`` (architecture + provenance) +
     ``token_mining.bin``, the reference's layout (``model.token_mining.`` keys, ``torch.save``) for its scripts."""
-    out_dir = Path(out_dir)
-    save_model(model, out_dir, {"family": "token_mining", "token_mining": model.config.model_dump(), **meta})
-    ref = {f"{PREFIXES[0]}{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = out_dir / ".token_mining.bin.tmp"
-    torch.save(ref, tmp)
-    tmp.replace(out_dir / REFERENCE_FILE)
-    return out_dir
+    with replace_dir(out_dir) as tmp:
+        save_model(model, tmp, {"family": "token_mining", "token_mining": model.config.model_dump(), **meta})
+        torch.save({f"{PREFIXES[0]}{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                   tmp / REFERENCE_FILE)
+    return Path(out_dir)
 
 
 def load_saved_token_mining(model_dir) -> TokenMining:

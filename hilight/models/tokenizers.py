@@ -29,17 +29,22 @@ class TokenizerError(ValueError):
     """A tokenizer directory is missing or unusable; the message names the path and the fix."""
 
 
+def _read_local(cls, directory: str | Path, point_at: str):
+    """``cls.from_pretrained`` of a local directory only, with errors that say what to point where."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise TokenizerError(f"tokenizer directory {directory} does not exist; point {point_at}")
+    try:
+        return cls.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        raise TokenizerError(f"cannot read a tokenizer from {directory}: {exc}") from exc
+
+
 def load_clip_tokenizer(directory: str | Path, max_length: int | None = None) -> CLIPTokenizer:
     """A CLIP tokenizer saved with ``save_pretrained`` (vocab.json + merges.txt or tokenizer.json). Never
     downloads."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise TokenizerError(f"tokenizer directory {directory} does not exist; point tokenizer.dir at a local copy of "
-                             "openai/clip-vit-base-patch16's tokenizer files")
-    try:
-        tok = CLIPTokenizer.from_pretrained(str(directory), local_files_only=True)
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
-        raise TokenizerError(f"cannot read a CLIP tokenizer from {directory}: {exc}") from exc
+    tok = _read_local(CLIPTokenizer, directory, "tokenizer.dir at a local copy of openai/clip-vit-base-patch16's "
+                                                "tokenizer files")
     if max_length is not None:
         tok.model_max_length = max_length
     return tok
@@ -84,14 +89,8 @@ def build_clip_tokenizer(texts: Iterable[str], out_dir: str | Path, *, vocab_siz
 def load_llm_tokenizer(directory: str | Path) -> PreTrainedTokenizerBase:
     """The LLM's tokenizer from a local directory (Gemma's, or one built by ``build_gemma_tokenizer``). It must
     know the chat template's turn markers as single tokens and have bos/eos/pad ids. Never downloads."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise TokenizerError(f"tokenizer directory {directory} does not exist; point llm.dir (or llm.tokenizer_dir) "
-                             "at a local Gemma tokenizer (tokenizer.json + tokenizer_config.json)")
-    try:
-        tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
-        raise TokenizerError(f"cannot read a tokenizer from {directory}: {exc}") from exc
+    tok = _read_local(AutoTokenizer, directory, "llm.dir (or llm.tokenizer_dir) at a local Gemma tokenizer "
+                                                "(tokenizer.json + tokenizer_config.json)")
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if getattr(tok, name) is None:
             raise TokenizerError(f"the tokenizer in {directory} has no {name[:-3]}; Gemma's has <bos>/<eos>/<pad>")

@@ -8,7 +8,6 @@ model (the proof that it learned). The research notes' final recipe (§3) is ``c
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -22,7 +21,7 @@ from hilight.env import resolve_path
 from hilight.eval.retrieval import retrieval_metrics
 from hilight.losses import ClipGlobalLoss, SimilarityPenalty, SparcLocalLoss
 from hilight.losses.sparc_local import Placement, language_mask, parse_keep, placement_depths
-from hilight.models.checkpoints import load_clipvip_weights, save_model, weights_digest
+from hilight.models.checkpoints import load_clipvip_weights, replace_dir, save_model, weights_digest
 from hilight.models.clipvip import CLIPViPModel, build_clipvip, load_preset
 from hilight.models.tokenizers import build_clip_tokenizer, load_clip_tokenizer
 from hilight.tracking import ResilientTracker
@@ -287,14 +286,7 @@ def run_alignment(config: AlignmentConfig, *, tracker: ResilientTracker | None =
 
 def _export(model: CLIPViPModel, out_dir: Path, resolved: dict, tok_dir: Path) -> Path:
     """A standalone model directory (weights, config, tokenizer), swapped into place in one rename."""
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp, {"family": "clipvip", **resolved})
-    load_clip_tokenizer(tok_dir).save_pretrained(str(tmp / "tokenizer"))
-    old = out_dir.with_name(f".{out_dir.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    with replace_dir(out_dir) as tmp:
+        save_model(model, tmp, {"family": "clipvip", **resolved})
+        load_clip_tokenizer(tok_dir).save_pretrained(str(tmp / "tokenizer"))
     return out_dir

@@ -16,7 +16,6 @@ tokenizer files), exactly what real runs point ``llm.dir`` at for Gemma-2B.
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -33,6 +32,7 @@ from hilight.data.qa import read_qa_manifest
 from hilight.data.synth import general
 from hilight.data.samplers import CaptionBatchSampler
 from hilight.env import resolve_path
+from hilight.models.checkpoints import replace_dir
 from hilight.models.tokenizers import build_gemma_tokenizer
 from hilight.models.vlm import build_llm, gemma_config, token_loss
 from hilight.tracking import ResilientTracker
@@ -203,14 +203,8 @@ def run_llm_pretrain(config: LLMPretrainConfig, *, tracker: ResilientTracker | N
 
 def export_hf(model, tokenizer, out_dir: Path) -> Path:
     """``save_pretrained`` of model and tokenizer, swapped into place in one rename."""
-    tmp, old = out_dir.with_name(f".{out_dir.name}.tmp"), out_dir.with_name(f".{out_dir.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    with replace_dir(out_dir) as tmp:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
     return out_dir
 

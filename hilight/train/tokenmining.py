@@ -215,11 +215,14 @@ class Stage1Objective:
         self.vlm = vlm
         self._device = None
 
-    def video_tokens(self, token_mining, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        device = batch["input_ids"].device
+    def follow(self, device: torch.device) -> None:
+        """Move the frozen parts to ``device`` (once)."""
         if self._device != device:
             self.vlm.to(device)
             self._device = device
+
+    def video_tokens(self, token_mining, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.follow(batch["input_ids"].device)
         if "video_features" in batch:
             video, frames = batch["video_features"], batch["frame_features"]
         else:
@@ -240,6 +243,7 @@ def heldout_loss(objective: Stage1Objective, token_mining, dataset: VideoQADatas
     ``shuffle_video`` gives each sample the tokens of the next sample's clip in its batch (a wrong video)."""
     total, count = 0.0, 0
     device = next(token_mining.parameters()).device
+    objective.follow(device)
     for start in range(0, len(dataset), batch_size):
         batch = {k: v.to(device) for k, v in dataset.collate(list(range(start, min(start + batch_size, len(dataset))))).items()}
         tokens = objective.video_tokens(token_mining, batch) if dataset.with_video else None
@@ -247,9 +251,6 @@ def heldout_loss(objective: Stage1Objective, token_mining, dataset: VideoQADatas
             tokens = torch.zeros_like(tokens)
         if shuffle_video:
             tokens = tokens.roll(1, dims=0)
-        if objective._device is None:
-            objective.vlm.to(device)
-            objective._device = device
         s, n = objective.vlm.token_loss(batch["input_ids"], batch["attention_mask"], batch["labels"], tokens)
         total, count = total + s, count + n
     return total / max(count, 1)
