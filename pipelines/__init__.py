@@ -6,4 +6,6 @@ PIPELINES = {
     "alignment_ablation": ("pipelines.alignment_ablation", "hilight.eval.ablation:AblationConfig"),
     "llm_pretrain": ("pipelines.llm_pretrain", "hilight.train.text_lm:LLMPretrainConfig"),
     "tokenmining_pretrain": ("pipelines.tokenmining_pretrain", "hilight.train.tokenmining:TokenMiningPretrainConfig"),
+    "lora_finetune": ("pipelines.lora_finetune", "hilight.train.lora:LoRAFinetuneConfig"),
+    "select_vision_weights": ("pipelines.select_vision_weights", "hilight.eval.selection:SelectionConfig"),
 }

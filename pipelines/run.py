@@ -35,6 +35,11 @@ def run_pipeline(name: str, config_path: Path, *, enable_cache: bool | None = No
     }
     if run_name:
         options["run_name"] = run_name
+    if hasattr(config, "registry"):  # selection runs create a version of the ZenML model the registry model mirrors
+        from zenml import Model
+
+        options["model"] = Model(name=config.registry.model_name,
+                                 description="HiLight VLM; versions come from select_vision_weights runs")
     try:
         return pipeline.with_options(**options)(**kwargs)
     except RuntimeError as exc:

@@ -1,6 +1,7 @@
-"""Steps of the VLM stages: the demo's text-LM stand-in for Gemma (``llm_pretrain``) and stage 1
-(``tokenmining_pretrain``). Each locate step is never cached: its fingerprints key the training step's cache, so new
-data or new weights retrain and nothing else does."""
+"""Steps of the VLM stages: the demo's text-LM stand-in for Gemma (``llm_pretrain``), stage 1
+(``tokenmining_pretrain``), stage 2 (``lora_finetune``), the merge and the caption-score evaluation. Each locate
+step is never cached: its fingerprints key the training step's cache, so new data or new weights retrain and nothing
+else does."""
 
 from __future__ import annotations
 
@@ -16,6 +17,11 @@ from hilight.data.captions import read_caption_manifest
 from hilight.env import resolve_path
 from hilight.models.checkpoints import directory_digest, weights_digest
 from hilight.tracking import ResilientTracker, log_lineage
+from hilight.eval.vlm import VLMEvalSpec, evaluate_vlm
+from hilight.models.export import GenerationSpec, load_vlm_dir
+from hilight.registry import log_vlm_model
+from hilight.train.lora import LoRAFinetuneConfig, run_lora_finetune
+from hilight.train.merge import merge_stage2
 from hilight.train.text_lm import LLMPretrainConfig, run_llm_pretrain
 from hilight.train.tokenmining import TokenMiningPretrainConfig, run_tokenmining_pretrain
 from steps import EXPERIMENT_TRACKER
@@ -51,9 +57,10 @@ def pretrain_llm(config: LLMPretrainConfig, inputs: dict[str, str]) -> tuple[
 
 
 @step(enable_cache=False)
-def locate_vlm_inputs(config: TokenMiningPretrainConfig) -> Annotated[dict[str, str], "vlm_inputs"]:
+def locate_vlm_inputs(config: TokenMiningPretrainConfig | LoRAFinetuneConfig, with_init: bool = True) -> Annotated[
+        dict[str, str], "vlm_inputs"]:
     """Fingerprints of the QA data and of every weight the stage reads (CLIP-ViP, Long-CLIP, LLM dir, TokenMining
-    init)."""
+    init; ``with_init=False`` when the init arrives as an upstream step's output instead)."""
     v = config.vision
     inputs = {"data_fingerprint": read_caption_manifest(config.data.manifest_dir).fingerprint,
               "clipvip": weights_digest(resolve_path(v.clipvip)),
@@ -61,9 +68,8 @@ def locate_vlm_inputs(config: TokenMiningPretrainConfig) -> Annotated[dict[str, 
               "llm": directory_digest(resolve_path(config.llm.dir))}
     if config.llm.tokenizer_dir:
         inputs["tokenizer"] = directory_digest(resolve_path(config.llm.tokenizer_dir))
-    if config.token_mining.init:
-        init = resolve_path(config.token_mining.init)
-        inputs["token_mining_init"] = weights_digest(init)
+    if config.token_mining.init and with_init:
+        inputs["token_mining_init"] = weights_digest(resolve_path(config.token_mining.init))
     return inputs
 
 
@@ -101,3 +107,76 @@ def train_token_mining(config: TokenMiningPretrainConfig, inputs: dict[str, str]
                     "best_checkpoint": str(result.fit.best_checkpoint or ""),
                     "mlflow_run_id": mlflow.active_run().info.run_id}
     return result.best_dir, m, training_run
+
+
+@step(experiment_tracker=EXPERIMENT_TRACKER)
+def train_lora(config: LoRAFinetuneConfig, inputs: dict[str, str], stage1_run: dict[str, str] | None = None) -> tuple[
+    Annotated[dict[str, float], "stage2_heldout"],
+    Annotated[dict[str, str], "stage2_run"],
+]:
+    """Stage 2: LoRA on the LLM (and TokenMining when tuned) from the stage-1 TokenMining (``stage1_run["best"]``
+    when given, else ``token_mining.init``); export adapter + TokenMining; log held-out losses per source."""
+    if stage1_run is not None:
+        config = config.model_copy(update={"token_mining": config.token_mining.model_copy(
+            update={"init": stage1_run["best"]})})
+    _lineage(config, inputs["data_fingerprint"], "lora_finetune")
+    mlflow.set_tags({f"hilight.weights.{k}": v for k, v in inputs.items() if k != "data_fingerprint"})
+    if stage1_run is not None:
+        mlflow.set_tag("hilight.stage1_mlflow_run", stage1_run.get("mlflow_run_id", ""))
+    result = run_lora_finetune(config, tracker=ResilientTracker.for_active_run())
+    mlflow.log_metrics({f"heldout/{k}": v for k, v in result.metrics.items()}, step=result.fit.step)
+    mlflow.log_metrics({f"samples/{k}": v for k, v in result.samples.items()}, step=result.fit.step)
+    if result.fit.history:
+        mlflow.log_table(pd.DataFrame(result.fit.history), artifact_file="stage2/validation_history.json")
+    if not result.rejected.empty:
+        mlflow.log_table(result.rejected, artifact_file="stage2/rejected_samples.json")
+    mlflow.log_artifacts(str(result.best_dir), artifact_path="stage2/best")
+    mlflow.set_tags({"hilight.run_dir": str(result.run_dir), "hilight.resumed_from": str(result.fit.resumed_from),
+                     "hilight.skipped_steps": str(result.fit.skipped_steps)})
+    log.info("stage 2 held-out answer loss %.4f (before %.4f)", result.metrics["lm_loss"],
+             result.metrics["lm_loss_initial"])
+    log_metadata({**result.metrics, "stage2_dir": str(result.best_dir)})
+    return result.metrics, {"run_dir": str(result.run_dir), "best": str(result.best_dir), "final": str(result.final_dir),
+                            "mlflow_run_id": mlflow.active_run().info.run_id}
+
+
+@step(experiment_tracker=EXPERIMENT_TRACKER)
+def merge_model(stage2_run: dict[str, str], out_dir: str, prompt: str, generation: GenerationSpec) -> Annotated[
+        dict[str, str], "merged_model"]:
+    """Merge the adapter into the LLM (logits checked equal), write the standalone model directory and log it to
+    MLflow as a pyfunc model (registrable, loadable by URI)."""
+    run = get_step_context().pipeline_run
+    result = merge_stage2(stage2_run["best"], resolve_path(out_dir), generation=generation, prompt=prompt,
+                          lineage={"zenml_run_id": str(run.id), "stage2_mlflow_run": stage2_run.get("mlflow_run_id", "")})
+    log_lineage({"stage2_dir": stage2_run["best"], "out_dir": out_dir, "prompt": prompt,
+                 "generation": generation.model_dump()}, fingerprint=result.meta["data_fingerprint"],
+                zenml_run_id=str(run.id), pipeline=run.pipeline.name)
+    mlflow.set_tag("hilight.stage", "merge")
+    mlflow.log_metric("merge/max_abs_logit_diff", result.max_abs_logit_diff)
+    info = log_vlm_model(result.out_dir, result.digest)
+    log.info("merged model %s (digest %s), logged as %s", result.out_dir, result.digest[:12], info.model_uri)
+    log_metadata({"merged_dir": str(result.out_dir), "model_uri": info.model_uri, "digest": result.digest,
+                  "max_abs_logit_diff": result.max_abs_logit_diff})
+    return {"dir": str(result.out_dir), "digest": result.digest, "model_uri": info.model_uri,
+            "model_id": info.model_id, "mlflow_run_id": mlflow.active_run().info.run_id,
+            "clipvip": result.meta["vision"]["clipvip"], "data_fingerprint": result.meta["data_fingerprint"]}
+
+
+@step(experiment_tracker=EXPERIMENT_TRACKER)
+def evaluate_model(spec: VLMEvalSpec, candidate: str, model: dict[str, str], eval_inputs: dict[str, str]) -> tuple[
+    Annotated[dict[str, float], "vlm_metrics"],
+    Annotated[pd.DataFrame, "vlm_answers"],
+]:
+    """Generate answers on the held-out sets and score them; the per-answer table and the summary land in MLflow,
+    the summary also on the logged model."""
+    mlflow.set_tags({"hilight.stage": "evaluation", "hilight.candidate": candidate, "hilight.model_uri": model["model_uri"],
+                     "hilight.data_fingerprint": eval_inputs["data_fingerprint"],
+                     "hilight.zenml_run_id": str(get_step_context().pipeline_run.id)})
+    result = evaluate_vlm(load_vlm_dir(model["dir"]), spec)
+    metrics = {k: v for k, v in result.metrics.items() if v == v}  # NaN-free
+    mlflow.log_metrics(metrics)
+    mlflow.log_metrics(metrics, model_id=model["model_id"])
+    mlflow.log_table(result.answers.astype({c: "object" for c in result.answers.columns if c.startswith("fact_")}),
+                     artifact_file="evaluation/answers.json")
+    log_metadata({"candidate": candidate, **metrics})
+    return metrics, result.answers

@@ -25,7 +25,7 @@ class ManifestError(ValueError):
 
 @dataclass(frozen=True)
 class CaptionManifest:
-    rows: pd.DataFrame  # dataset, video_id, video_file (absolute), caption, object, split
+    rows: pd.DataFrame  # dataset, video_id, video_file (absolute), video_sha256, caption, object, split
     fingerprint: str  # the data_validation fingerprint of the manifest
 
     def select(self, datasets: list[str] | None, splits: list[str]) -> pd.DataFrame:
@@ -63,6 +63,7 @@ def read_caption_manifest(manifest_dir: str | Path) -> CaptionManifest:
         "dataset": captions["dataset"].astype(str),
         "video_id": (captions["dataset"] + "/" + captions["video_id"]).astype(str),
         "video_file": video_file,
+        "video_sha256": captions["video_sha256"].astype(str),
         "caption": captions["caption"].astype(str),
         "object": captions["object"].astype(str),
         "split": captions["split"].astype(str),

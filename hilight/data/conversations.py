@@ -146,10 +146,12 @@ def encode(turns: list[Turn], tokenizer, *, video_tokens: int, max_length: int |
 
 
 def encode_prompt(question: str, tokenizer, *, video_tokens: int, history: list[Turn] = ()) -> Encoded:
-    """The generation prompt for ``question`` (after ``history``), exactly as training renders it. A question
-    without ``<video>`` gets it in front when there is no history, as training data always has one video."""
-    if not history and VIDEO_TOKEN not in question:
-        question = VIDEO_TOKEN + "\n" + question.strip()
+    """The generation prompt for ``question`` (after ``history``), exactly as training renders it. The
+    conversation holds one video, as training data always does: if no turn has ``<video>``, it goes in front of the
+    first turn; a marker in the question moves to its front."""
+    turns = [*history, Turn(question, None)]
+    if not any(VIDEO_TOKEN in t.question for t in turns):
+        turns[0] = Turn(VIDEO_TOKEN + "\n" + turns[0].question.strip(), turns[0].answer)
     elif VIDEO_TOKEN in question:
-        question = VIDEO_TOKEN + "\n" + question.replace(VIDEO_TOKEN, "").strip()
-    return encode([*history, Turn(question, None)], tokenizer, video_tokens=video_tokens)
+        turns[-1] = Turn(VIDEO_TOKEN + "\n" + question.replace(VIDEO_TOKEN, "").strip(), None)
+    return encode(turns, tokenizer, video_tokens=video_tokens)

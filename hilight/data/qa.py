@@ -67,6 +67,27 @@ def read_qa_manifest(manifest_dir) -> QAManifest:
     return QAManifest(rows, meta["data_fingerprint"])
 
 
+DESCRIBE_PROMPT = "What's happened in this video?"  # the research notes' evaluation question (§6)
+
+
+def describe_rows(captions: pd.DataFrame, prompt: str = DESCRIBE_PROMPT) -> pd.DataFrame:
+    """One "describe the video" sample per video of a caption table (``CaptionManifest`` rows), in the QA rows'
+    format: the question is ``prompt``, the answer the video's captions as sentences, in table order. This turns
+    caption data (table1k, MSR-VTT) into instruction data, as VideoInstruct's descriptions are."""
+    def sentence(text: str) -> str:
+        text = text.strip()
+        return text if text.endswith((".", "!", "?")) else text + "."
+
+    out = []
+    for (dataset, video_id), group in captions.groupby(["dataset", "video_id"], sort=False):
+        answer = " ".join(sentence(c) for c in group["caption"])
+        conv = [{"from": "human", "value": f"<video>\n{prompt}"}, {"from": "gpt", "value": answer}]
+        first = group.iloc[0]
+        out.append({"dataset": dataset, "id": f"describe:{video_id}", "video_file": first["video_file"],
+                    "video_sha256": first["video_sha256"], "conversations": json.dumps(conv), "split": first["split"]})
+    return pd.DataFrame(out, columns=["dataset", "id", "video_file", "video_sha256", "conversations", "split"])
+
+
 @dataclass
 class EncodedSet:
     rows: pd.DataFrame  # the kept samples

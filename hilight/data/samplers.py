@@ -55,3 +55,56 @@ class CaptionBatchSampler:
     def __len__(self) -> int:
         full, rest = divmod(len(self.groups), self.batch_size)
         return full + (0 if self.drop_last or not rest else 1)
+
+
+class MixtureBatchSampler:
+    """Batches over several sources (datasets) at fixed ratios, resumable mid-epoch like ``CaptionBatchSampler``.
+
+    An epoch takes ``ratio × len(source)`` samples of each source (ratio 1: every sample once; 2: twice; 0.5: a
+    random half, a different half each epoch). ``mix`` shuffles them together (the notes' "Mix101K": VideoInstruct
+    and table QA in one pool); ``sequence`` keeps the sources in the given order, each shuffled within itself, so
+    the run sees all of the first source's share before the second's (the notes' staged tuning, e.g. ratio 3 on
+    VideoInstruct then 1 on the table QA). The order depends only on (seed, epoch).
+    """
+
+    def __init__(self, sources: Sequence[Sequence[int]], ratios: Sequence[float], batch_size: int, *,
+                 mode: Literal["mix", "sequence"] = "mix", seed: int = 0):
+        if len(sources) != len(ratios) or not sources:
+            raise ValueError(f"give one ratio per source: {len(sources)} sources, {len(ratios)} ratios")
+        if mode not in ("mix", "sequence"):
+            raise ValueError(f"mixture mode must be 'mix' or 'sequence', got {mode!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        bad = [r for r in ratios if not r > 0]
+        if bad:
+            raise ValueError(f"ratios must be > 0, got {list(ratios)}")
+        self.sources = [np.asarray(s, dtype=np.int64) for s in sources]
+        empty = [i for i, s in enumerate(self.sources) if not len(s)]
+        if empty:
+            raise ValueError(f"sources {empty} have no samples")
+        self.ratios, self.batch_size, self.mode, self.seed = list(ratios), batch_size, mode, seed
+        self.counts = [max(1, round(r * len(s))) for r, s in zip(self.ratios, self.sources, strict=True)]
+        self.epoch, self.skip = 0, 0
+        if len(self) == 0:
+            raise ValueError(f"{sum(self.counts)} samples per epoch make no full batch of {batch_size}; lower batch_size")
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def order(self) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        parts = []
+        for src, n in zip(self.sources, self.counts, strict=True):
+            whole, rest = divmod(n, len(src))
+            parts.append(np.concatenate([*(rng.permutation(src) for _ in range(whole)), rng.permutation(src)[:rest]]))
+        if self.mode == "sequence":
+            return np.concatenate(parts)
+        return rng.permutation(np.concatenate(parts))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self.order()
+        for b in range(self.skip, len(self)):
+            yield order[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+
+    def __len__(self) -> int:
+        return sum(self.counts) // self.batch_size

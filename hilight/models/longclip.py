@@ -165,6 +165,19 @@ class LongCLIPImageTower(nn.Module):
         load_strict(tower.model, convert_longclip_visual(sd, str(path)), str(path))
         return tower
 
+    @classmethod
+    def from_saved(cls, directory) -> LongCLIPImageTower:
+        """Load a tower written with ``tower.model.save_pretrained(directory)``, strictly."""
+        model, info = CLIPVisionModelWithProjection.from_pretrained(str(directory), local_files_only=True,
+                                                                    output_loading_info=True)
+        problems = {k: info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[k]}
+        if problems:
+            raise CheckpointError(f"{directory} does not match its config: {problems}")
+        tower = cls.__new__(cls)
+        nn.Module.__init__(tower)
+        tower.model = model
+        return tower
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if pixel_values.dim() != 5:
             raise ValueError(f"pixel_values must be [B, T, C, H, W], got shape {tuple(pixel_values.shape)}")

@@ -100,6 +100,20 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)  # validation metrics per evaluation
 
 
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load a ``trainable_state_dict``: its keys must be exactly the model's trainable parameters."""
+    want = set(trainable_state_dict(model))
+    missing, unexpected = sorted(want - set(state)), sorted(set(state) - want)
+    if missing or unexpected:
+        raise RuntimeError(f"{source} does not hold this model's trainable parameters: {len(missing)} missing "
+                           f"{missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}; was the run's config changed?")
+    model.load_state_dict(state, strict=False)
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """CLIP's convention: decay matrices and convolutions, not biases, norms, 1-D tables or scalars."""
     decay, no_decay = [], []
@@ -114,8 +128,12 @@ def fit(model: torch.nn.Module, objective: Callable[[torch.nn.Module, dict], dic
         sampler, settings: TrainSettings, run_dir: Path, *,
         evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
         after_step: Callable[[torch.nn.Module], None] | None = None,
-        tracker: ResilientTracker | None = None, config: dict | None = None) -> FitResult:
-    """Train ``model`` for ``settings.max_steps`` optimizer steps; resumes from ``run_dir/checkpoints``."""
+        tracker: ResilientTracker | None = None, config: dict | None = None,
+        state: Literal["all", "trainable"] = "all") -> FitResult:
+    """Train ``model`` for ``settings.max_steps`` optimizer steps; resumes from ``run_dir/checkpoints``.
+
+    ``state="trainable"`` checkpoints only the parameters that require grad (LoRA adapters next to a frozen
+    multi-GB LLM); resuming then checks that the checkpoint holds exactly those."""
     tracker = tracker or ResilientTracker(None)
     config = config or {}
     ckpt_root = run_dir / "checkpoints"
@@ -133,12 +151,15 @@ def fit(model: torch.nn.Module, objective: Callable[[torch.nn.Module, dict], dic
     existing = list_checkpoints(ckpt_root) if settings.resume else []
     if existing:
         resumed_from, path = existing[-1]
-        model_state, state = load_checkpoint(path, optimizer)
-        model.load_state_dict(model_state, strict=True)
-        scheduler.load_state_dict(state["scheduler"])
-        step, epoch, position = state["step"], state["epoch"], state["position"]
-        skipped, in_row = state["skipped_steps"], state["nonfinite_in_row"]
-        best_step, best_metric, history = state["best_step"], state["best_metric"], state["history"]
+        model_state, trainer = load_checkpoint(path, optimizer)
+        if state == "trainable":
+            load_trainable_state(model, model_state, str(path))
+        else:
+            model.load_state_dict(model_state, strict=True)
+        scheduler.load_state_dict(trainer["scheduler"])
+        step, epoch, position = trainer["step"], trainer["epoch"], trainer["position"]
+        skipped, in_row = trainer["skipped_steps"], trainer["nonfinite_in_row"]
+        best_step, best_metric, history = trainer["best_step"], trainer["best_metric"], trainer["history"]
         log.info("resuming from %s (step %d of %d)", path, step, settings.max_steps)
 
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -162,13 +183,14 @@ def fit(model: torch.nn.Module, objective: Callable[[torch.nn.Module, dict], dic
             epoch, position = epoch + 1, 0
 
     def checkpoint(at: int) -> Path:
-        state = {"epoch": epoch, "position": position, "scheduler": scheduler.state_dict(),
-                 "skipped_steps": skipped, "nonfinite_in_row": in_row, "best_step": best_step,
-                 "best_metric": best_metric, "history": history}
+        trainer = {"epoch": epoch, "position": position, "scheduler": scheduler.state_dict(),
+                   "skipped_steps": skipped, "nonfinite_in_row": in_row, "best_step": best_step,
+                   "best_metric": best_metric, "history": history}
         path = step_dir(ckpt_root, at)
         if accelerator.is_main_process:
-            path = save_checkpoint(ckpt_root, at, model_state=raw_model.state_dict(), optimizer=optimizer,
-                                   trainer_state=state, config=config)
+            weights = trainable_state_dict(raw_model) if state == "trainable" else raw_model.state_dict()
+            path = save_checkpoint(ckpt_root, at, model_state=weights, optimizer=optimizer,
+                                   trainer_state=trainer, config=config)
             prune_checkpoints(ckpt_root, settings.keep_last, protect={best_step} if best_step else set())
             if settings.log_checkpoints == "model":
                 tracker.log_artifacts(path / "model.safetensors", f"checkpoints/step-{at:08d}")

@@ -1,0 +1,204 @@
+"""Caption-score evaluation of a HiLight model (research notes §6–§7, made systematic).
+
+For each held-out video of each evaluated dataset the model is asked the fixed description prompt (the notes'
+"What's happened in this video?") and, with ``questions``, each held-out QA question about that video, one
+question per prompt. Decoding comes from the config (the notes: temperature 0.1, 128 new tokens), seeded, so
+every candidate is asked the same way. Each answer gets:
+
+- text overlap with the reference (the video's captions as sentences, or the QA answer): sentence BLEU and chrF
+  from sacrebleu, ROUGE-L F1 from rouge-score;
+- the aligned CLIP-ViP's cosine similarity between the video and the answer (one fixed judge for every
+  candidate; the reference text's similarity is kept beside it as the ceiling);
+- factual checks against the synthetic event metadata (``hilight.eval.facts``): colour, pocket, action, count,
+  direction.
+
+``evaluate_vlm`` returns the per-answer table and summary metrics named ``<dataset>/fact_accuracy``,
+``<dataset>/fact/<kind>`` and ``<dataset>/<describe|qa>/<bleu|chrf|rougeL|clip_similarity>``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import sacrebleu
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from rouge_score import rouge_scorer
+
+from hilight.data.captions import read_caption_manifest
+from hilight.data.conversations import Turn, parse_conversation, strip_video
+from hilight.data.frames import load_clip_frames
+from hilight.data.qa import DESCRIBE_PROMPT, describe_rows, read_qa_manifest
+from hilight.env import resolve_path
+from hilight.eval.facts import FACT_KINDS, check_answer, read_events
+from hilight.data.probe import sha256_file
+from hilight.models.checkpoints import load_saved_clipvip
+from hilight.models.export import GenerationSpec, VLMBundle
+from hilight.models.tokenizers import load_clip_tokenizer
+
+log = logging.getLogger(__name__)
+
+TEXT_METRICS = ("bleu", "chrf", "rougeL")
+
+
+class VLMEvalSpec(BaseModel):
+    """The ``evaluation:`` block of a selection config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    manifest_dir: str = "outputs/data_validation"
+    datasets: list[str] | None = None  # None = every dataset with captions
+    splits: list[str] = ["val", "test"]
+    prompt: str = DESCRIBE_PROMPT
+    questions: bool = True  # also ask each held-out QA question
+    max_videos: int | None = Field(64, ge=1)  # per dataset (a fixed random subset)
+    events: dict[str, str] = {}  # dataset -> events.json of a synthetic dataset (factual checks)
+    judge: str | None = None  # an aligned CLIP-ViP export dir (with tokenizer/) scoring video-answer similarity
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    batch_size: int = Field(16, ge=1)
+    seed: int = 0
+
+
+@dataclass
+class VLMEvaluation:
+    answers: pd.DataFrame  # one row per (video, question): answer, reference, scores, fact checks
+    metrics: dict[str, float]
+
+
+def eval_items(spec: VLMEvalSpec) -> pd.DataFrame:
+    """dataset, video_id, video_file, video_sha256, kind (describe|qa), question, reference, history (JSON list of
+    the earlier [question, reference answer] turns of a QA conversation)."""
+    captions = read_caption_manifest(spec.manifest_dir).select(spec.datasets, spec.splits)
+    videos = captions.drop_duplicates("video_id")
+    if spec.max_videos:
+        videos = pd.concat([g.sample(min(len(g), spec.max_videos), random_state=spec.seed)
+                            for _, g in videos.groupby("dataset")])
+    captions = captions[captions["video_id"].isin(set(videos["video_id"]))]
+    items = []
+    for row in describe_rows(captions, spec.prompt).itertuples(index=False):
+        turn = parse_conversation(row.conversations)[0]
+        items.append({"dataset": row.dataset, "video_id": row.id.removeprefix("describe:"), "video_file": row.video_file,
+                      "video_sha256": row.video_sha256, "kind": "describe", "question": spec.prompt,
+                      "reference": turn.answer, "history": "[]"})
+    if spec.questions:
+        video_of = dict(zip(zip(videos["dataset"], videos["video_sha256"]), videos["video_id"]))
+        qa = read_qa_manifest(spec.manifest_dir).rows
+        qa = qa.assign(video_id=[video_of.get(k) for k in zip(qa["dataset"], qa["video_sha256"])]).dropna(subset="video_id")
+        for row in qa.itertuples(index=False):
+            turns = strip_video(parse_conversation(row.conversations))
+            for i, turn in enumerate(turns):  # follow-ups are asked after the reference answers of earlier turns
+                items.append({"dataset": row.dataset, "video_id": row.video_id, "video_file": row.video_file,
+                              "video_sha256": row.video_sha256, "kind": "qa", "question": turn.question.strip(),
+                              "reference": turn.answer,
+                              "history": json.dumps([[t.question.strip(), t.answer] for t in turns[:i]])})
+    return pd.DataFrame(items)
+
+
+def eval_fingerprints(spec: VLMEvalSpec) -> dict[str, str]:
+    """Hashes of what evaluation reads besides the model: manifest, event files, judge weights."""
+    out = {"data_fingerprint": read_caption_manifest(spec.manifest_dir).fingerprint}
+    out.update({f"events:{d}": sha256_file(resolve_path(p)) for d, p in spec.events.items()})
+    if spec.judge:
+        out["judge"] = sha256_file(resolve_path(spec.judge) / "model.safetensors")
+    return out
+
+
+def text_scores(answers: list[str], references: list[str]) -> pd.DataFrame:
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    rows = []
+    for hyp, ref in zip(answers, references, strict=True):
+        rows.append({"bleu": sacrebleu.sentence_bleu(hyp, [ref]).score / 100,
+                     "chrf": sacrebleu.sentence_chrf(hyp, [ref]).score / 100,
+                     "rougeL": scorer.score(ref, hyp)["rougeL"].fmeasure})
+    return pd.DataFrame(rows, columns=list(TEXT_METRICS))
+
+
+@torch.no_grad()
+def judge_similarity(judge_dir: str | Path, items: pd.DataFrame, bundle: VLMBundle, batch_size: int) -> pd.DataFrame:
+    """Cosine similarity of each video with its answer and with its reference under the aligned CLIP-ViP."""
+    judge_dir = resolve_path(judge_dir)
+    judge = load_saved_clipvip(judge_dir).eval()
+    tok = load_clip_tokenizer(judge_dir / "tokenizer", judge.config.text.max_position_embeddings)
+    cfg = judge.config
+    files = items.drop_duplicates("video_id")[["video_id", "video_file"]]
+    video = {}
+    for start in range(0, len(files), batch_size):
+        chunk = files.iloc[start:start + batch_size]
+        pix = torch.stack([load_clip_frames(f, cfg.num_frames, cfg.vision.image_size) for f in chunk["video_file"]])
+        emb = judge.video_embeds(judge.encode_video(pix)).float()
+        video.update(zip(chunk["video_id"], emb, strict=True))
+
+    def embed(texts: list[str]) -> torch.Tensor:
+        out = []
+        for start in range(0, len(texts), batch_size):
+            enc = tok([t or " " for t in texts[start:start + batch_size]], padding=True, truncation=True,
+                      return_tensors="pt")
+            out.append(judge.text_embeds(judge.encode_text(enc["input_ids"], enc["attention_mask"])).float())
+        return torch.cat(out)
+
+    v = torch.stack([video[x] for x in items["video_id"]])
+    return pd.DataFrame({"clip_similarity": (v * embed(items["answer"].tolist())).sum(-1).numpy(),
+                         "clip_similarity_reference": (v * embed(items["reference"].tolist())).sum(-1).numpy()})
+
+
+@torch.no_grad()
+def generate_answers(bundle: VLMBundle, items: pd.DataFrame, spec: VLMEvalSpec) -> list[str]:
+    """Answers in ``items`` order; each video's tokens computed once."""
+    vlm = bundle.vlm
+    tokens = {}
+    files = items.drop_duplicates("video_id")[["video_id", "video_file"]]
+    for start in range(0, len(files), spec.batch_size):
+        chunk = files.iloc[start:start + spec.batch_size]
+        pix = torch.stack([bundle.clip(f) for f in chunk["video_file"]])
+        tokens.update(zip(chunk["video_id"], vlm.token_mining(*vlm.tower_features(pix)), strict=True))
+    answers = []
+    for start in range(0, len(items), spec.batch_size):
+        chunk = items.iloc[start:start + spec.batch_size]
+        histories = [[Turn(q, a) for q, a in json.loads(h)] for h in chunk["history"]]
+        answers += bundle.generate(chunk["question"].tolist(), video_tokens=torch.stack([tokens[v] for v in chunk["video_id"]]),
+                                   generation=spec.generation, histories=histories)
+    return answers
+
+
+def summarise(answers: pd.DataFrame) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    for dataset, g in answers.groupby("dataset"):
+        facts = g[[f"fact_{k}" for k in FACT_KINDS]]
+        checked = facts.notna()
+        if checked.to_numpy().any():
+            metrics[f"{dataset}/fact_accuracy"] = float(facts.where(checked).stack().astype(float).mean())
+            for k in FACT_KINDS:
+                col = g[f"fact_{k}"].dropna()
+                if len(col):
+                    metrics[f"{dataset}/fact/{k}"] = float(col.astype(float).mean())
+        for kind, h in g.groupby("kind"):
+            for m in (*TEXT_METRICS, "clip_similarity", "clip_similarity_reference"):
+                if m in h and h[m].notna().any():
+                    metrics[f"{dataset}/{kind}/{m}"] = float(h[m].mean())
+            metrics[f"{dataset}/{kind}/answers"] = float(len(h))
+            metrics[f"{dataset}/{kind}/empty_answers"] = float((h["answer"].str.strip() == "").sum())
+    return metrics
+
+
+def evaluate_vlm(bundle: VLMBundle, spec: VLMEvalSpec) -> VLMEvaluation:
+    items = eval_items(spec)
+    bundle.vlm.eval()
+    log.info("evaluating on %d questions about %d held-out videos", len(items), items["video_id"].nunique())
+    items["answer"] = generate_answers(bundle, items, spec)
+    items = pd.concat([items, text_scores(items["answer"].tolist(), items["reference"].tolist())], axis=1)
+    if spec.judge:
+        items = pd.concat([items, judge_similarity(spec.judge, items, bundle, spec.batch_size)], axis=1)
+    facts = {}
+    for dataset, path in spec.events.items():
+        facts.update(read_events(resolve_path(path), dataset))
+    checks = [check_answer(facts[v], q, a) if v in facts else {}
+              for v, q, a in zip(items["video_id"], items["question"], items["answer"], strict=True)]
+    for k in FACT_KINDS:
+        items[f"fact_{k}"] = pd.array([c.get(k) for c in checks], dtype="boolean")
+    metrics = summarise(items)
+    return VLMEvaluation(items.drop(columns=["video_file"]), metrics)
+

@@ -1,0 +1,308 @@
+"""Stage 2: LoRA tuning of the LLM on video instructions, the stage-1 TokenMining loaded and optionally unfrozen
+(hilight-reference §4.3; research notes §4.2, §7).
+
+``run_lora_finetune(config)`` reads top to bottom: data (QA and "describe the video" samples of each source) →
+the frozen towers, the LLM and the **stage-1** TokenMining (required: the reference's stage-2 script forgot to load
+it and tuned LoRA on a random TokenMining, bug §6.2) → peft LoRA on the LLM (r 64, alpha 32, dropout 0.05 on
+q/k/v/o/gate/up/down, the reference's 126 modules at Gemma-2B shapes) and, with ``lora.tune_token_mining``, a
+trainable TokenMining (the notes' "tune TM+LLM" variant, which the reference code could not train: PEFT froze it)
+→ feature cache → ``fit`` over the sources mixed by ratio or in sequence → exports.
+
+Checkpoints hold only the trainable tensors (adapters, plus TokenMining when tuned), so a Gemma-2B run writes
+~300 MB per checkpoint, not 10 GB. An export (``<output_dir>/best``) is what the merge step reads:
+
+    adapter/          peft adapter (adapter_config.json + adapter_model.safetensors, the reference's stage-2 layout)
+    token_mining/     the TokenMining the adapter was trained with (tuned or the stage-1 weights), so the merge
+                      cannot pair the adapter with another TokenMining (reference bug §6.2)
+    stage2.json       the vision / LLM / TokenMining specs and weight digests needed to rebuild the model
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+import torch
+from accelerate import PartialState
+from peft import LoraConfig, get_peft_model
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from hilight.data.captions import read_caption_manifest
+from hilight.data.feature_cache import fill_cache
+from hilight.data.qa import DESCRIBE_PROMPT, EncodedSet, VideoQADataset, describe_rows, encode_samples, read_qa_manifest
+from hilight.data.samplers import MixtureBatchSampler
+from hilight.env import resolve_path
+from hilight.models.checkpoints import module_digest, replace_dir
+from hilight.models.token_mining import save_token_mining
+from hilight.tracking import ResilientTracker
+from hilight.train.checkpoint import load_checkpoint
+from hilight.train.loop import FitResult, TrainSettings, fit, load_trainable_state, run_key
+from hilight.train.tokenmining import (
+    FeatureCacheSpec,
+    LLMSpec,
+    Stage1Objective,
+    TokenMiningSpec,
+    VisionSpec,
+    build_stage1_parts,
+    heldout_loss,
+    open_feature_cache,
+    tower_encoder,
+)
+
+log = logging.getLogger(__name__)
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+STAGE2_FILE = "stage2.json"
+
+
+class SourceSpec(BaseModel):
+    """One training source: a dataset's QA conversations, or its captions turned into "describe" samples."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str
+    kind: Literal["qa", "describe"] = "qa"
+    ratio: float = Field(1.0, gt=0)  # samples per epoch = ratio x the source's size
+
+    @property
+    def label(self) -> str:
+        return f"{self.dataset}/{self.kind}"
+
+
+class MixtureDataSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    manifest_dir: str = "outputs/data_validation"
+    sources: list[SourceSpec] = Field(min_length=1)
+    mode: Literal["mix", "sequence"] = "mix"  # mix: one shuffled pool ("Mix101K"); sequence: source by source
+    train_splits: list[str] = ["train"]
+    val_splits: list[str] = ["val", "test"]
+    describe_prompt: str = DESCRIBE_PROMPT
+    max_length: int = Field(1024, ge=16)
+    max_val_samples: int | None = Field(256, ge=1)  # per source
+
+    @model_validator(mode="after")
+    def _unique(self) -> MixtureDataSpec:
+        labels = [s.label for s in self.sources]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"data.sources lists a (dataset, kind) twice: {labels}")
+        return self
+
+
+class LoRASpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(64, ge=1)
+    alpha: int = Field(32, ge=1)  # scaling alpha / r = 0.5, as the reference
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
+    tune_token_mining: bool = False  # the notes' "tune TM+LLM" variant
+
+
+class LoRAFinetuneConfig(BaseModel):
+    """Config of the ``lora_finetune`` pipeline (``configs/lora_*.yaml``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pipeline: Literal["lora_finetune"] = "lora_finetune"
+    experiment_name: str = "lora_finetune"
+    name: str = Field("lora", pattern=r"^[A-Za-z0-9_.-]+$")
+    output_dir: str = "outputs/lora"
+    data: MixtureDataSpec
+    vision: VisionSpec
+    llm: LLMSpec
+    token_mining: TokenMiningSpec
+    lora: LoRASpec = Field(default_factory=LoRASpec)
+    features: FeatureCacheSpec = Field(default_factory=FeatureCacheSpec)
+    eval_batch_size: int = Field(16, ge=1)
+    train: TrainSettings
+    enable_cache: bool = True
+
+    @model_validator(mode="after")
+    def _stage1_weights(self) -> LoRAFinetuneConfig:
+        if self.token_mining.init is None:
+            raise ValueError("token_mining.init is required: stage 2 starts from the stage-1 TokenMining (an export "
+                             "dir such as outputs/tokenmining/best, or a token_mining.bin). Tuning LoRA on a random "
+                             "TokenMining is the reference's stage-2 bug")
+        return self
+
+
+@dataclass
+class Stage2Result:
+    run_dir: Path
+    best_dir: Path
+    final_dir: Path
+    fit: FitResult
+    metrics: dict[str, float]  # held-out answer loss before / after, per source
+    samples: dict[str, int]
+    rejected: pd.DataFrame
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def source_rows(spec: MixtureDataSpec, splits: list[str]) -> list[pd.DataFrame]:
+    """Rows (QA-manifest format) of each source, in ``spec.sources`` order."""
+    qa = read_qa_manifest(spec.manifest_dir) if any(s.kind == "qa" for s in spec.sources) else None
+    captions = read_caption_manifest(spec.manifest_dir) if any(s.kind == "describe" for s in spec.sources) else None
+    out = []
+    for s in spec.sources:
+        if s.kind == "qa":
+            out.append(qa.select([s.dataset], splits))
+        else:
+            out.append(describe_rows(captions.select([s.dataset], splits), spec.describe_prompt))
+    return out
+
+
+def concat_encoded(parts: list[EncodedSet]) -> tuple[EncodedSet, list[list[int]]]:
+    """One set from several, plus each part's sample indices in it."""
+    rows = pd.concat([p.rows for p in parts], ignore_index=True)
+    samples = [s for p in parts for s in p.samples]
+    rejected = pd.concat([p.rejected for p in parts], ignore_index=True)
+    bounds, start = [], 0
+    for p in parts:
+        bounds.append(list(range(start, start + len(p.samples))))
+        start += len(p.samples)
+    return EncodedSet(rows, samples, rejected, sum(p.truncated for p in parts)), bounds
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+def apply_lora(vlm, spec: LoRASpec, seed: int) -> list[str]:
+    """Wrap the LLM with peft LoRA; freeze everything else (TokenMining stays trainable when tuned). Returns the
+    trainable names and checks them: LoRA matrices only, plus TokenMining if asked."""
+    torch.manual_seed(seed)  # LoRA A matrices are randomly initialised
+    vlm.requires_grad_(False)
+    vlm.llm = get_peft_model(vlm.llm, LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                                                 target_modules=spec.target_modules, bias="none", task_type="CAUSAL_LM"))
+    if spec.tune_token_mining:
+        vlm.token_mining.requires_grad_(True)
+    trainable = [n for n, p in vlm.named_parameters() if p.requires_grad]
+    wrong = [n for n in trainable if not ("lora_" in n or (spec.tune_token_mining and n.startswith("token_mining.")))]
+    if wrong or not any("lora_" in n for n in trainable):
+        raise RuntimeError(f"stage-2 trainable set is wrong: {wrong[:5] or 'no LoRA parameter'}; check lora.target_modules "
+                           f"({spec.target_modules}) against the LLM's module names")
+    return trainable
+
+
+def export_stage2(vlm, out_dir: Path, meta: dict) -> Path:
+    """``adapter/`` + ``token_mining/`` + ``stage2.json``, atomically."""
+    with replace_dir(out_dir) as tmp:
+        vlm.llm.save_pretrained(str(tmp / "adapter"))
+        save_token_mining(vlm.token_mining, tmp / "token_mining", {"stage2": meta.get("run_key")})
+        (tmp / STAGE2_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
+    return out_dir
+
+
+# ------------------------------------------------------------------------------------------------ the job
+
+
+def run_lora_finetune(config: LoRAFinetuneConfig, *, tracker: ResilientTracker | None = None) -> Stage2Result:
+    tracker = tracker or ResilientTracker(None)
+    spec = config.data
+    fingerprint = read_caption_manifest(spec.manifest_dir).fingerprint
+    parts = build_stage1_parts(config.vision, config.llm, config.token_mining)
+    vlm, tokenizer = parts.vlm, parts.tokenizer
+    digests = {**parts.digests, "token_mining_init": module_digest(vlm.token_mining)}
+    trainable = apply_lora(vlm, config.lora, config.train.seed)
+    n_params = sum(p.numel() for p in vlm.parameters() if p.requires_grad)
+    log.info("stage 2: %d trainable tensors, %d parameters (LoRA r=%d%s)", len(trainable), n_params, config.lora.r,
+             " + TokenMining" if config.lora.tune_token_mining else "")
+    key = run_key(config, data=fingerprint, **digests)
+    out_dir = resolve_path(config.output_dir)
+    run_dir = out_dir / "runs" / key
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log.info("run directory %s", run_dir)
+
+    n_tokens = vlm.token_mining.config.num_tokens(parts.num_frames)
+
+    def encode(rows: pd.DataFrame) -> EncodedSet:
+        return encode_samples(rows, tokenizer, video_tokens=n_tokens, max_length=spec.max_length)
+
+    train_parts = [encode(r) for r in source_rows(spec, spec.train_splits)]
+    val_parts = []
+    for rows in source_rows(spec, spec.val_splits):
+        if spec.max_val_samples and len(rows) > spec.max_val_samples:
+            rows = rows.sample(spec.max_val_samples, random_state=0).reset_index(drop=True)
+        val_parts.append(encode(rows))
+    for s, enc in zip(spec.sources, train_parts, strict=True):
+        if not enc.samples:
+            raise ValueError(f"every training sample of source {s.label} was rejected, e.g. "
+                             f"{enc.rejected['reason'].iat[0]!r}; fix the data or raise data.max_length")
+    train_enc, train_index = concat_encoded(train_parts)
+    val_enc, _ = concat_encoded(val_parts)
+    rejected = pd.concat([train_enc.rejected, val_enc.rejected], ignore_index=True)
+
+    cache = None
+    if config.features.enabled:
+        cache = open_feature_cache(config.features, parts)
+        videos = dict(zip(train_enc.rows["video_sha256"], train_enc.rows["video_file"], strict=True))
+        videos.update(zip(val_enc.rows["video_sha256"], val_enc.rows["video_file"], strict=True))
+        with PartialState().main_process_first():
+            cache.refresh()
+            stats = fill_cache(cache, videos, tower_encoder(vlm), num_frames=parts.num_frames,
+                               image_size=parts.image_size, batch_size=config.features.batch_size,
+                               progress=config.train.progress)
+        tracker.log_metrics({"features/cached": stats["cached"], "features/computed": stats["computed"]}, 0)
+        vlm.clipvip = vlm.longclip = None
+
+    def dataset(encoded: EncodedSet) -> VideoQADataset:
+        return VideoQADataset(encoded, pad_token_id=tokenizer.pad_token_id, cache=cache, num_frames=parts.num_frames,
+                              image_size=parts.image_size)
+
+    train_set = dataset(train_enc)
+    val_sets = {s.label: dataset(EncodedSet(p.rows, p.samples, p.rejected, p.truncated))
+                for s, p in zip(spec.sources, val_parts, strict=True) if p.samples}
+    val_all = dataset(val_enc)
+    samples = {"train": len(train_set), "val": len(val_all), "rejected": len(rejected),
+               "truncated": train_enc.truncated + val_enc.truncated,
+               **{f"train/{s.label}": len(idx) for s, idx in zip(spec.sources, train_index, strict=True)}}
+    log.info("stage 2: %d training samples from %d sources (%s), %d held-out, %d rejected", samples["train"],
+             len(spec.sources), spec.mode, samples["val"], samples["rejected"])
+
+    objective = Stage1Objective(vlm)  # the held-out loss goes through the (LoRA-wrapped) LLM
+    bs = config.eval_batch_size
+
+    def evaluate(model) -> dict[str, float]:
+        out = {"val/lm_loss": heldout_loss(objective, model.token_mining, val_all, bs)}
+        out.update({f"val/lm_loss/{label}": heldout_loss(objective, model.token_mining, ds, bs)
+                    for label, ds in val_sets.items()})
+        return out
+
+    initial = evaluate(vlm)
+    tracker.log_metrics(initial, 0)
+    log.info("held-out answer loss before stage 2: %.4f", initial["val/lm_loss"])
+
+    def train_objective(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        loss = model(**batch).loss
+        return {"loss": loss, "lm_loss": loss.detach()}
+
+    settings = config.train
+    if settings.gradient_checkpointing:
+        vlm.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        settings = settings.model_copy(update={"gradient_checkpointing": False})
+    sampler = MixtureBatchSampler(train_index, [s.ratio for s in spec.sources], settings.batch_size, mode=spec.mode,
+                                  seed=settings.seed)
+    resolved = {"lora_finetune": config.model_dump(mode="json"), "data_fingerprint": fingerprint, "run_key": key,
+                "digests": digests}
+    result = fit(vlm, train_objective, train_set, sampler, settings, run_dir, evaluate=evaluate, tracker=tracker,
+                 config=resolved, state="trainable")
+
+    meta = {"run_key": key, "vision": config.vision.model_dump(mode="json"), "llm": config.llm.model_dump(mode="json"),
+            "token_mining": {**config.token_mining.model_dump(mode="json"), "init": None},
+            "lora": config.lora.model_dump(mode="json"), "digests": digests, "data_fingerprint": fingerprint,
+            "describe_prompt": spec.describe_prompt, "step": result.step}
+    final_dir = export_stage2(vlm, out_dir / "final", meta)
+    if result.best_checkpoint is not None and result.best_checkpoint != result.final_checkpoint:
+        load_trainable_state(vlm, load_checkpoint(result.best_checkpoint, None)[0], str(result.best_checkpoint))
+        meta["step"] = int(result.best_checkpoint.name.split("-")[1])
+    best_dir = export_stage2(vlm, out_dir / "best", meta)
+    best = evaluate(vlm)
+    metrics = {"lm_loss_initial": initial["val/lm_loss"], "lm_loss": best["val/lm_loss"],
+               **{f"lm_loss/{k.split('/', 2)[2]}": v for k, v in best.items() if k.count("/") >= 2}}
+    return Stage2Result(run_dir, best_dir, final_dir, result, metrics, samples, rejected)

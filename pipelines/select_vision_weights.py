@@ -1,0 +1,32 @@
+"""Weight selection: for each CLIP-ViP candidate, stage 1 → stage 2 → merge → evaluation (each cached per
+candidate, each in its own nested MLflow run); then the declared rule picks the champion, which is registered as
+``hilight-vlm@champion`` (the runner-up as ``@challenger``) and linked to this run's ZenML model version."""
+
+from __future__ import annotations
+
+from zenml import pipeline
+
+from hilight.eval.selection import SelectionConfig
+from steps.selection import locate_eval_inputs, select_and_promote
+from steps.vlm import evaluate_model, locate_vlm_inputs, merge_model, train_lora, train_token_mining
+
+
+@pipeline
+def select_vision_weights(config: SelectionConfig):
+    nested = {"experiment_tracker.mlflow": {"experiment_name": config.experiment_name, "nested": True}}
+    eval_inputs = locate_eval_inputs(config.evaluation)
+    models, metrics, answers = [], [], []
+    for name in config.candidates:
+        stage1, stage2 = config.candidate_configs(name)
+        inputs1 = locate_vlm_inputs(stage1, id=f"locate_stage1_{name}")
+        _, _, run1 = train_token_mining.with_options(settings=nested)(stage1, inputs1, id=f"stage1_{name}")
+        inputs2 = locate_vlm_inputs(stage2, with_init=False, id=f"locate_stage2_{name}")
+        _, run2 = train_lora.with_options(settings=nested)(stage2, inputs2, run1, id=f"stage2_{name}")
+        model = merge_model.with_options(settings=nested)(run2, config.merged_dir(name), config.evaluation.prompt,
+                                                          config.generation, id=f"merge_{name}")
+        m, a = evaluate_model.with_options(settings=nested)(config.evaluation, name, model, eval_inputs,
+                                                            id=f"evaluate_{name}")
+        models.append(model)
+        metrics.append(m)
+        answers.append(a)
+    select_and_promote(config, models, metrics, answers)
