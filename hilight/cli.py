@@ -29,7 +29,9 @@ DEMO_TRAINING = [("general pretraining", Path("configs/pretrain_general_demo.yam
                  ("billiards alignment", Path("configs/alignment_demo.yaml"))]
 DEMO_ABLATION = Path("configs/ablation_demo.yaml")
 DEMO_LLM = Path("configs/llm_pretrain_demo.yaml")
-DEMO_STAGE1 = Path("configs/tokenmining_demo.yaml")
+DEMO_SELECTION = Path("configs/select_vision_weights_demo.yaml")
+CHAMPION_URI = "models:/hilight-vlm@champion"
+ASK_CACHE = Path("outputs/models")  # registered models downloaded by `hilight ask`
 
 
 @app.callback()
@@ -87,7 +89,8 @@ def validate(
 
 @app.command("train")
 def train(
-    config: Path = typer.Option(..., "--config", "-c", help="A clipvip_alignment, llm_pretrain or tokenmining_pretrain config YAML."),
+    config: Path = typer.Option(..., "--config", "-c", help="A clipvip_alignment, llm_pretrain, tokenmining_pretrain or "
+                                "lora_finetune config YAML."),
 ) -> None:
     """Train without ZenML/MLflow (quick local iteration, or under `accelerate launch`). Re-running the same command
     resumes from the last checkpoint; `hilight run <pipeline> -c ...` is the tracked equivalent."""
@@ -119,8 +122,16 @@ def train(
                    f"video {m['lm_loss_wrong_video']:.4f}, video tokens "
                    f"zeroed {m['lm_loss_zero_video']:.4f}, no video {m['lm_loss_no_video']:.4f})")
         best = result.best_dir
+    elif kind == "lora_finetune":
+        from hilight.train.lora import LoRAFinetuneConfig, run_lora_finetune
+
+        result = run_lora_finetune(load_config(path, LoRAFinetuneConfig))
+        m = result.metrics
+        summary = f"held-out answer loss {m['lm_loss']:.4f} (before stage 2 {m['lm_loss_initial']:.4f})"
+        best = result.best_dir
     else:
-        typer.secho(f"{config}: `hilight train` runs clipvip_alignment, llm_pretrain and tokenmining_pretrain configs, "
+        typer.secho(f"{config}: `hilight train` runs clipvip_alignment, llm_pretrain, tokenmining_pretrain and "
+                    f"lora_finetune configs, "
                     f"not {kind!r}; use `hilight run {kind} -c {config}`", fg="red", err=True)
         raise typer.Exit(2)
     fit = result.fit
@@ -155,8 +166,8 @@ def demo(
     workers: int = typer.Option(min(4, os.cpu_count() or 1), help="Worker processes for synthesis."),
 ) -> None:
     """Synthetic billiards + general data → validation → general pretraining ("original") → billiards alignment
-    ("table1k") → ablation of the four local-loss placements → the demo LLM → stage 1 (TokenMining pretraining), each a tracked
-    ZenML pipeline run."""
+    ("table1k") → ablation of the four local-loss placements → the demo LLM → weight selection (per candidate: stage 1,
+    stage 2, merge, evaluation; then the champion in the MLflow registry), each a tracked ZenML pipeline run."""
     from hilight.data.synth import GENERATOR_VERSION, generate_dataset
 
     root = project_root()
@@ -183,8 +194,10 @@ def demo(
         selection = step_output(ablation, "compare_variants", "ablation_selection")
         llm_run = run_pipeline("llm_pretrain", root / DEMO_LLM)
         llm_loss = step_output(llm_run, "pretrain_llm", "llm_heldout_loss")
-        stage1 = run_pipeline("tokenmining_pretrain", root / DEMO_STAGE1)
-        stage1_loss = step_output(stage1, "train_token_mining", "stage1_heldout")
+        selection_run = run_pipeline("select_vision_weights", root / DEMO_SELECTION)
+        decision = step_output(selection_run, "select_and_promote", "selection_decision")
+        evidence = step_output(selection_run, "select_and_promote", "selection_evidence")
+        stage1 = {c: step_output(selection_run, f"stage1_{c}", "stage1_heldout") for c in evidence["candidate"]}
     except PipelineFailedError as exc:
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(1) from None
@@ -212,14 +225,97 @@ def demo(
                f"({rule['mode']} {rule['metric']}); report {root / 'outputs/ablation/report'}")
     typer.echo(f"demo LLM              run {llm_run.name}: held-out text loss {llm_loss['lm_loss']:.3f} "
                f"(untrained {llm_loss['lm_loss_untrained']:.3f}); {root / 'outputs/llm_pretrain/model'}")
-    typer.echo(f"stage 1 TokenMining   run {stage1.name}: held-out answer loss {stage1_loss['lm_loss']:.3f} "
-               f"(before training {stage1_loss['lm_loss_initial']:.3f}; another clip's video "
-               f"{stage1_loss['lm_loss_wrong_video']:.3f}; video tokens zeroed "
-               f"{stage1_loss['lm_loss_zero_video']:.3f}; no video {stage1_loss['lm_loss_no_video']:.3f})")
-    typer.echo(f"                      weights {root / 'outputs/tokenmining/best'} (safetensors + reference token_mining.bin)")
+    typer.echo(f"selection run         {selection_run.name} (each candidate: stage 1 -> stage 2 -> merge -> evaluation)")
+    for c, m in stage1.items():
+        typer.echo(f"    stage 1 {c:<10}held-out answer loss {m['lm_loss']:.3f} (before training {m['lm_loss_initial']:.3f}; "
+                   f"another clip's video {m['lm_loss_wrong_video']:.3f}; no video {m['lm_loss_no_video']:.3f})")
+    cols = [c for c in ("billiards/fact_accuracy", "billiards/fact/colour", "billiards/fact/action", "billiards/fact/pocket",
+                        "billiards/describe/rougeL", "billiards/describe/clip_similarity", "general/fact_accuracy",
+                        "general/describe/rougeL") if c in evidence.columns]
+    typer.echo("    " + evidence.set_index("candidate")[["rank", "passed_guards", *cols]].T.round(3).to_string()
+               .replace("\n", "\n    "))
+    diff = decision.get("primary_difference", {})
+    reg = decision["registry"]
+    typer.echo(f"decision              {decision['winner']} wins by the rule: {decision['rule_text']}")
+    if diff:
+        typer.echo(f"                      {decision['winner']} - {decision['runner_up']} on {decision['rule']['primary']['metric']}: "
+                   f"{diff['mean']:+.3f} (95% bootstrap interval {diff['ci95'][0]:+.3f} .. {diff['ci95'][1]:+.3f})")
+    typer.echo(f"champion              {reg['champion_uri']} = version {reg['champion']}"
+               f" ({root / 'outputs/selection' / decision['winner'] / 'merged'}); challenger = version {reg['challenger']}")
     typer.echo(f"MLflow store          {mlflow_tracking_uri()}")
-    typer.echo("MLflow UI             hilight ui   (then open http://127.0.0.1:5000, experiments 'data_validation', "
-               "'clipvip_alignment', 'alignment_ablation', 'llm_pretrain', 'tokenmining_pretrain')")
+    typer.echo("MLflow UI             hilight ui   (then open http://127.0.0.1:5000: experiments 'select_vision_weights', "
+               "'clipvip_alignment', 'alignment_ablation', 'llm_pretrain', 'data_validation'; Models -> hilight-vlm)")
+    example = _held_out_video(root)
+    typer.echo(f"ask the champion      hilight ask {example} \"What's happened in this video?\"")
+
+
+def _held_out_video(root: Path) -> Path:
+    """A held-out billiards clip of the demo data, for the printed `hilight ask` example."""
+    rows = json.loads((root / "data/synth/billiards/captions.json").read_text())
+    clip = next(r for r in rows if r["split"] == "test")
+    return (root / "data/synth/billiards/videos" / clip["video"]).relative_to(root)
+
+
+@app.command("ask")
+def ask(
+    video: Path = typer.Argument(..., help="A video file."),
+    question: str = typer.Argument(..., help="The question, e.g. \"What's happened in this video?\""),
+    model: str = typer.Option(CHAMPION_URI, "--model", "-m",
+                              help="A registered model URI (models:/name@alias, models:/name/N) or a merged model dir."),
+    temperature: Optional[float] = typer.Option(None, help="Sampling temperature (default: the model's, 0.1)."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Answer length limit (default: the model's, 128)."),
+) -> None:
+    """Answer a question about a video with a HiLight model, streaming the tokens as they are generated; the
+    prompt uses the training chat template."""
+    import threading
+
+    from transformers import TextIteratorStreamer
+    from transformers.utils import logging as transformers_logging
+
+    from hilight.models.export import load_vlm_dir
+
+    if not video.is_file():
+        typer.secho(f"video {video} does not exist", fg="red", err=True)
+        raise typer.Exit(2)
+    local = resolve_path(model) if not model.startswith(("models:/", "runs:/")) else None
+    if local is None:
+        import mlflow
+
+        from hilight.registry import local_model_dir
+        from pipelines.stack import configure_zenml, ensure_stack, mlflow_tracking_uri
+
+        configure_zenml()
+        ensure_stack()
+        mlflow.set_tracking_uri(mlflow_tracking_uri())
+        try:
+            local = local_model_dir(model, project_root() / ASK_CACHE)
+        except mlflow.exceptions.MlflowException as exc:
+            typer.secho(f"cannot resolve {model}: {exc.message}\nrun `make demo` (or `hilight run select_vision_weights "
+                        "-c ...`) to register a champion, or pass --model <merged model dir>", fg="red", err=True)
+            raise typer.Exit(1) from None
+    transformers_logging.disable_progress_bar()
+    bundle = load_vlm_dir(local)
+    updates = {k: v for k, v in (("temperature", temperature), ("max_new_tokens", max_new_tokens)) if v is not None}
+    generation = bundle.generation.model_copy(update=updates)
+    streamer = TextIteratorStreamer(bundle.tokenizer, skip_special_tokens=True)
+    clip = bundle.clip(video)[None]
+    failed: list[BaseException] = []
+
+    def generate() -> None:
+        try:
+            bundle.generate([question], pixel_values=clip, generation=generation, streamer=streamer)
+        except BaseException as exc:  # re-raised below; ending the stream keeps the reader from waiting forever
+            failed.append(exc)
+            streamer.end()
+
+    worker = threading.Thread(target=generate)
+    worker.start()
+    for piece in streamer:
+        typer.echo(piece, nl=False)
+    worker.join()
+    if failed:
+        raise failed[0]
+    typer.echo("")
 
 
 @app.command("ui")
