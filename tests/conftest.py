@@ -125,6 +125,33 @@ def tokenmining_config(manifest: Path, output_dir: Path, clipvip: Path, llm: Pat
                       "progress": False, **train}}
 
 
+def lora_config(manifest: Path, output_dir: Path, clipvip: Path, llm: Path, init: Path | str, **train) -> dict:
+    """A tiny lora_finetune config as a dict: QA + describe sources of both domains, TokenMining tuned."""
+    return {"pipeline": "lora_finetune", "name": "test", "output_dir": str(output_dir),
+            "data": {"manifest_dir": str(manifest), "max_length": 128, "max_val_samples": 6,
+                     "sources": [{"dataset": "billiards", "kind": "qa"}, {"dataset": "billiards", "kind": "describe"},
+                                 {"dataset": "general", "kind": "qa", "ratio": 0.5}]},
+            "vision": {"clipvip": str(clipvip), "longclip_random_init": "tiny"},
+            "llm": {"dir": str(llm)}, "token_mining": {"expand": 2, "init": str(init)},
+            "lora": {"r": 4, "alpha": 8, "tune_token_mining": True},
+            "features": {"dir": str(output_dir / "features")}, "eval_batch_size": 8,
+            "train": {"max_steps": 6, "batch_size": 4, "lr": 3e-3, "warmup_steps": 1, "weight_decay": 0.0,
+                      "val_every": 3, "ckpt_every": 3, "select_metric": "val/lm_loss", "select_mode": "min",
+                      "progress": False, **train}}
+
+
+@pytest.fixture(scope="session")
+def stage1_export(tmp_path_factory, caption_manifest, vlm_weights) -> Path:
+    """An (untrained) TokenMining export matching the tiny towers and LLM, as stage 2's init."""
+    from hilight.models.token_mining import save_token_mining
+    from hilight.train.tokenmining import TokenMiningPretrainConfig, build_stage1_parts
+
+    cfg = TokenMiningPretrainConfig.model_validate(
+        tokenmining_config(caption_manifest, tmp_path_factory.mktemp("s1"), vlm_weights["clipvip"], vlm_weights["llm"]))
+    parts = build_stage1_parts(cfg.vision, cfg.llm, cfg.token_mining)
+    return save_token_mining(parts.vlm.token_mining, tmp_path_factory.mktemp("stage1") / "best", {"test": True})
+
+
 @pytest.fixture(scope="session")
 def vlm_weights(tmp_path_factory, caption_manifest) -> dict[str, Path]:
     """A saved tiny CLIP-ViP (96 px, like the Long-CLIP preset) and a tiny text-pretrained Gemma directory."""

@@ -12,8 +12,9 @@ Rules (``answer`` lower-cased, whole-word matches):
   ball is the one the question asks about (first contact, pocketed ball), or for a description the first contact
   (the first pocketed ball on a break);
 - billiards pocket: a pocketed ball → its pocket named and no other pocket; nothing pocketed → no pocket named;
-- billiards action: break → "scatter"/"break"; a pot → "pocketed"/"knocked into"/"went into"; a miss → "miss"/"no
-  ball"; for "was any ball pocketed?" the yes/no;
+- billiards action: the kinds of shot the answer claims (break: "scattered"; pot: "knocked into", "pocketed"; miss:
+  "misses", "no ball") must be the clip's: a break claimed with its pots (or none), a pot or a miss and not the
+  other; for "was any ball pocketed?" the yes/no;
 - counts: the number (word or digit) of pocketed balls / moving shapes;
 - general colour / direction: each shape asked about (or every shape, for a description) with its colour /
   direction named.
@@ -33,8 +34,19 @@ from hilight.data.synth.physics import POCKET_NAMES
 FACT_KINDS = ("colour", "pocket", "action", "count", "direction")
 NUMBER_WORDS = {0: ("no", "zero", "0"), 1: ("one", "a single", "1"), 2: ("two", "2"), 3: ("three", "3"),
                 4: ("four", "4"), 5: ("five", "5"), 6: ("six", "6")}
-ACTION_WORDS = {"break": ("scatter", "scattered", "break"), "pot": ("pocketed", "knocked into", "went into", "is knocked"),
-                "miss": ("miss", "misses", "no ball")}
+
+
+def _shots(answer: str) -> set[str]:
+    """The kinds of shot an answer claims: break, pot (an object ball went in), miss."""
+    claims = set()
+    if any(_has(answer, w) for w in ("scatter", "scattered", "break", "broken")):
+        claims.add("break")
+    no_pot = _has(answer, "no ball") or _has(answer, "no balls")
+    if no_pot or any(_has(answer, w) for w in ("miss", "misses", "missed")):
+        claims.add("miss")
+    if any(_has(answer, w) for w in ("knocked into", "went into", "goes into")) or (_has(answer, "pocketed") and not no_pot):
+        claims.add("pot")
+    return claims
 
 
 def _has(text: str, phrase: str) -> bool:
@@ -104,8 +116,12 @@ def _billiards(facts: ClipFacts, question: str, answer: str) -> dict[str, bool |
         checks["colour"] = _has(answer, key)
     named_pockets = _named(answer, POCKET_NAMES)
     checks["pocket"] = named_pockets == {pots[0][1]} if pots else not named_pockets
-    scenario = "pot" if facts.scenario != "break" and pots else facts.scenario
-    checks["action"] = any(_has(answer, w) for w in ACTION_WORDS.get(scenario, ()))
+    claims = _shots(answer)
+    if facts.scenario == "break":
+        checks["action"] = "break" in claims and ("pot" in claims) == bool(pots)
+    else:
+        kind = "pot" if pots else "miss"
+        checks["action"] = kind in claims and not claims & ({"pot", "miss"} - {kind})
     return checks
 
 

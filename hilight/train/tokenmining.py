@@ -244,6 +244,8 @@ def heldout_loss(objective: Stage1Objective, token_mining, dataset: VideoQADatas
     total, count = 0.0, 0
     device = next(token_mining.parameters()).device
     objective.follow(device)
+    was_training = objective.vlm.training
+    objective.vlm.eval()  # no dropout (LoRA's) in a measurement
     for start in range(0, len(dataset), batch_size):
         batch = {k: v.to(device) for k, v in dataset.collate(list(range(start, min(start + batch_size, len(dataset))))).items()}
         tokens = objective.video_tokens(token_mining, batch) if dataset.with_video else None
@@ -253,6 +255,7 @@ def heldout_loss(objective: Stage1Objective, token_mining, dataset: VideoQADatas
             tokens = tokens.roll(1, dims=0)
         s, n = objective.vlm.token_loss(batch["input_ids"], batch["attention_mask"], batch["labels"], tokens)
         total, count = total + s, count + n
+    objective.vlm.train(was_training)
     return total / max(count, 1)
 
 

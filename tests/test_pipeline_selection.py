@@ -1,0 +1,152 @@
+"""Smoke test of select_vision_weights (two tiny candidates) and lora_finetune, in an isolated ZenML store and MLflow
+DB: the champion alias must point at the model the declared rule prefers, re-running must train nothing, and the
+champion must answer by URI (pyfunc) and through `hilight ask`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.conftest import lora_config, tokenmining_config
+
+pytestmark = pytest.mark.pipeline
+
+STAGES = ("stage1", "stage2", "merge", "evaluate")
+
+
+def _candidate(root, manifest, seed):
+    """A tiny 96-px CLIP-ViP export with its own tokenizer (the judge needs one); ``seed`` varies the weights."""
+    from hilight.models.checkpoints import save_model
+    from hilight.models.clipvip import build_clipvip, load_preset
+    from hilight.models.tokenizers import build_clip_tokenizer
+
+    out = root / f"clipvip_{seed}"
+    cfg = load_preset("tiny", {"vision": {"image_size": 96, "patch_size": 16}})
+    save_model(build_clipvip(cfg, seed=seed), out, {"family": "clipvip", "model": cfg.model_dump(mode="json")})
+    captions = pd.read_parquet(manifest / "captions.parquet")["caption"].tolist()
+    build_clip_tokenizer(captions, out / "tokenizer", vocab_size=1024, max_length=16)
+    return out
+
+
+def test_selection_registers_the_rules_champion_and_reruns_from_cache(zenml_project, caption_manifest, vlm_weights,
+                                                                     billiards_dir, general_dir):
+    import mlflow
+    from typer.testing import CliRunner
+    from zenml.client import Client
+    from zenml.enums import ExecutionStatus
+
+    from hilight.cli import app
+    from hilight.eval.selection import SelectionConfig, decide
+    from pipelines.run import run_pipeline, step_output
+    from pipelines.stack import mlflow_tracking_uri
+
+    root = zenml_project
+    a, b = _candidate(root, caption_manifest, 0), _candidate(root, caption_manifest, 1)
+    s1 = root / "stage1.yaml"
+    s1.write_text("# hilight run tokenmining_pretrain -c stage1.yaml\n" + yaml.safe_dump(
+        tokenmining_config(caption_manifest, root / "unused", a, vlm_weights["llm"], max_steps=3, val_every=3)))
+    s2 = root / "stage2.yaml"
+    s2.write_text("# hilight run lora_finetune -c stage2.yaml\n" + yaml.safe_dump(
+        lora_config(caption_manifest, root / "unused2", a, vlm_weights["llm"], "unused", max_steps=3, val_every=3)))
+    selection = {
+        "pipeline": "select_vision_weights", "name": "test", "output_dir": str(root / "outputs" / "selection"),
+        "candidates": {"original": {"clipvip": str(a)}, "table1k": {"clipvip": str(b)}},
+        "stage1": str(s1), "stage2": str(s2),
+        "evaluation": {"manifest_dir": str(caption_manifest), "max_videos": 3, "judge": str(a), "batch_size": 8,
+                       "events": {"billiards": str(billiards_dir / "events.json"),
+                                  "general": str(general_dir / "events.json")},
+                       "generation": {"temperature": 0.1, "max_new_tokens": 12}},
+        "rule": {"primary": {"metric": "billiards/qa/rougeL"},
+                 "guards": [{"metric": "general/qa/rougeL", "tolerance": 0.5}],
+                 "tie_breakers": [{"metric": "billiards/fact_accuracy"}]},
+    }
+    cfg_path = root / "selection.yaml"
+    cfg_path.write_text("# hilight run select_vision_weights -c selection.yaml\n" + yaml.safe_dump(selection))
+    config = SelectionConfig.model_validate(selection)
+    stage1, stage2 = config.candidate_configs("table1k")
+    assert stage1.vision.clipvip == str(b) and stage2.vision.clipvip == str(b)  # only the candidate weights differ
+    assert stage2.token_mining.init == f"{stage1.output_dir}/best" and stage2.llm == stage1.llm
+
+    run = Client().get_pipeline_run(run_pipeline("select_vision_weights", cfg_path).id)
+    assert run.status == ExecutionStatus.COMPLETED
+    decision = step_output(run, "select_and_promote", "selection_decision")
+    evidence = step_output(run, "select_and_promote", "selection_evidence")
+    expected = decide(evidence[["candidate", *(c for c in evidence.columns if "/" in c)]], config.rule)
+    assert decision["winner"] == expected["winner"] and decision["runner_up"] == expected["runner_up"]
+    assert set(evidence["candidate"]) == {"original", "table1k"} and evidence["rank"].tolist() == [1, 2]
+    answers = step_output(run, "evaluate_original", "vlm_answers")
+    assert {"describe", "qa"} == set(answers["kind"]) and {"billiards", "general"} == set(answers["dataset"])
+    assert {"answer", "reference", "rougeL", "bleu", "chrf", "clip_similarity", "fact_colour"} <= set(answers.columns)
+    assert answers["fact_colour"].notna().any()
+
+    mlflow.set_tracking_uri(mlflow_tracking_uri())
+    client = mlflow.MlflowClient()
+    champion = client.get_model_version_by_alias("hilight-vlm", "champion")
+    challenger = client.get_model_version_by_alias("hilight-vlm", "challenger")
+    assert champion.tags["hilight.candidate"] == decision["winner"]
+    assert challenger.tags["hilight.candidate"] == decision["runner_up"]
+    assert champion.tags["hilight.zenml_model_version"].startswith("hilight-vlm:")
+    assert decision["registry"]["champion"] == str(champion.version)
+    zenml_model = Client().get_model_version("hilight-vlm", "production")
+    assert zenml_model.run_metadata["winner"] == decision["winner"]
+
+    # the evaluation's per-answer table and summary are in MLflow, nested under the pipeline run
+    exp = client.get_experiment_by_name("select_vision_weights")
+    evals = client.search_runs([exp.experiment_id], "tags.`hilight.stage` = 'evaluation'")
+    assert len(evals) == 2 and all("billiards/fact_accuracy" in r.data.metrics for r in evals)
+    assert "evaluation/answers.json" in {f.path for f in client.list_artifacts(evals[0].info.run_id, "evaluation")}
+
+    # the champion loads by URI and answers
+    model = mlflow.pyfunc.load_model("models:/hilight-vlm@champion")
+    video = str(sorted((billiards_dir / "videos").glob("*.mp4"))[0])
+    out = model.predict(pd.DataFrame({"video": [video], "question": ["What's happened in this video?"]}))
+    assert len(out) == 1 and isinstance(out[0], str)
+    asked = CliRunner().invoke(app, ["ask", video, "What's happened in this video?"])
+    assert asked.exit_code == 0, asked.output
+    missing = CliRunner().invoke(app, ["ask", video, "q", "--model", "models:/no-such-model@champion"])
+    assert missing.exit_code == 1 and "register a champion" in missing.output
+
+    # nothing changed: nothing trains, merges or evaluates again; the aliases stay on the same versions
+    rerun = Client().get_pipeline_run(run_pipeline("select_vision_weights", cfg_path).id)
+    for name in config.candidates:
+        for stage in STAGES:
+            assert rerun.steps[f"{stage}_{name}"].status == ExecutionStatus.CACHED, f"{stage}_{name} ran again"
+    assert client.get_model_version_by_alias("hilight-vlm", "champion").version == champion.version
+    assert len(client.search_model_versions("name='hilight-vlm'")) == 2
+
+
+def test_lora_pipeline_trains_merges_and_logs_a_loadable_model(zenml_project, caption_manifest, vlm_weights,
+                                                              stage1_export):
+    import mlflow
+    from zenml.client import Client
+    from zenml.enums import ExecutionStatus
+
+    from hilight.models.export import load_vlm_dir
+    from pipelines.run import run_pipeline, step_output
+    from pipelines.stack import mlflow_tracking_uri
+
+    root = zenml_project
+    cfg = root / "lora.yaml"
+    cfg.write_text("# hilight run lora_finetune -c lora.yaml\n" + yaml.safe_dump(lora_config(
+        caption_manifest, root / "outputs" / "lora", vlm_weights["clipvip"], vlm_weights["llm"], stage1_export)))
+    run = Client().get_pipeline_run(run_pipeline("lora_finetune", cfg).id)
+    assert run.status == ExecutionStatus.COMPLETED
+    heldout = step_output(run, "train_lora", "stage2_heldout")
+    assert heldout["lm_loss"] < heldout["lm_loss_initial"]
+    merged = step_output(run, "merge_model", "merged_model")
+    bundle = load_vlm_dir(merged["dir"])
+    assert bundle.video_tokens == 12
+
+    client = mlflow.MlflowClient(mlflow_tracking_uri())
+    exp = client.get_experiment_by_name("lora_finetune")
+    (mrun,) = client.search_runs([exp.experiment_id])
+    assert mrun.data.tags["hilight.stage"] == "merge"  # the last step to tag the pipeline's shared run
+    assert mrun.data.metrics["merge/max_abs_logit_diff"] < 1e-4
+    assert [m.step for m in client.get_metric_history(mrun.info.run_id, "val/lm_loss")] == [0, 3, 6]
+    mlflow.set_tracking_uri(mlflow_tracking_uri())
+    version = mlflow.register_model(merged["model_uri"], "hilight-vlm-test")
+    local = mlflow.artifacts.download_artifacts(f"models:/hilight-vlm-test/{version.version}")
+    assert list(Path(local).rglob("hilight.json"))

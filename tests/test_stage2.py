@@ -1,0 +1,180 @@
+"""Stage 2 (LoRA), the merge and the standalone model directory, on tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hilight.data.samplers import MixtureBatchSampler
+from tests.conftest import lora_config
+
+
+def test_lora_at_gemma_2b_shapes_has_the_reference_trainable_count():
+    """126 target modules and 78,446,592 LoRA parameters, the count train_GPUs_lora.py printed (reference §4.3)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GemmaForCausalLM
+
+    from hilight.models.vlm import gemma_config
+    from hilight.train.lora import LORA_TARGETS, LoRASpec
+
+    spec = LoRASpec()
+    assert (spec.r, spec.alpha, spec.dropout, spec.target_modules) == (64, 32, 0.05, LORA_TARGETS)
+    with torch.device("meta"):
+        llm = GemmaForCausalLM(gemma_config("gemma-2b"))
+    peft = get_peft_model(llm, LoraConfig(r=spec.r, lora_alpha=spec.alpha, target_modules=spec.target_modules,
+                                          task_type="CAUSAL_LM"))
+    assert sum(p.numel() for p in peft.parameters() if p.requires_grad) == 78_446_592
+    assert sum(1 for n, _ in peft.named_modules() if n.endswith(tuple(LORA_TARGETS))) == 126
+
+
+def test_mixture_sampler_ratios_sequence_and_resume():
+    a, b = list(range(0, 10)), list(range(10, 14))
+    mix = MixtureBatchSampler([a, b], [1.0, 2.0], batch_size=3, mode="mix", seed=1)
+    order = mix.order()
+    assert sorted(order[order < 10].tolist()) == a and np.bincount(order[order >= 10] - 10).tolist() == [2, 2, 2, 2]
+    assert len(mix) == 18 // 3
+    half = MixtureBatchSampler([a, b], [0.5, 1.0], batch_size=1, seed=1)
+    assert len(set(half.order()[:0].tolist())) == 0 and (half.order() < 10).sum() == 5
+    seq = MixtureBatchSampler([a, b], [1.0, 1.0], batch_size=2, mode="sequence", seed=1)
+    assert set(seq.order()[:10].tolist()) == set(a) and set(seq.order()[10:].tolist()) == set(b)
+    full = list(mix)
+    mix.set_epoch(0, skip=2)
+    assert list(mix) == full[2:]
+    mix.set_epoch(1)
+    assert list(mix) != full  # a new shuffle each epoch, reproducible from (seed, epoch)
+    with pytest.raises(ValueError, match="ratios must be > 0"):
+        MixtureBatchSampler([a], [0.0], batch_size=1)
+    with pytest.raises(ValueError, match="one ratio per source"):
+        MixtureBatchSampler([a, b], [1.0], batch_size=1)
+
+
+def test_stage2_requires_the_stage1_token_mining(caption_manifest, vlm_weights, tmp_path):
+    from pydantic import ValidationError
+
+    from hilight.train.lora import LoRAFinetuneConfig
+
+    raw = lora_config(caption_manifest, tmp_path, vlm_weights["clipvip"], vlm_weights["llm"], "x")
+    raw["token_mining"].pop("init")
+    with pytest.raises(ValidationError, match="token_mining.init is required"):
+        LoRAFinetuneConfig.model_validate(raw)
+
+
+@pytest.fixture(scope="module")
+def stage2(tmp_path_factory, caption_manifest, vlm_weights, stage1_export):
+    from hilight.train.lora import LoRAFinetuneConfig, run_lora_finetune
+
+    out = tmp_path_factory.mktemp("stage2")
+    cfg = LoRAFinetuneConfig.model_validate(
+        lora_config(caption_manifest, out, vlm_weights["clipvip"], vlm_weights["llm"], stage1_export))
+    return cfg, run_lora_finetune(cfg)
+
+
+def test_stage2_trains_adapters_and_token_mining_only(stage2, stage1_export):
+    cfg, result = stage2
+    m = result.metrics
+    assert m["lm_loss"] < m["lm_loss_initial"]
+    assert {"lm_loss/billiards/qa", "lm_loss/billiards/describe", "lm_loss/general/qa"} <= set(m)
+    assert result.samples["train/general/qa"] > 0 and result.samples["train/billiards/describe"] > 0
+    # checkpoints hold the trainable tensors only: LoRA matrices + TokenMining (tuned), never the base LLM
+    keys = set(load_file(result.fit.final_checkpoint / "model.safetensors"))
+    assert keys and all("lora_" in k or k.startswith("token_mining.") for k in keys)
+    assert any(k.startswith("token_mining.") for k in keys) and any("lora_A" in k for k in keys)
+    # the export: peft adapter + the TokenMining it was trained with + the specs to rebuild the model
+    best = result.best_dir
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (best / "adapter").iterdir()}
+    meta = json.loads((best / "stage2.json").read_text())
+    assert meta["lora"]["r"] == 4 and meta["digests"]["token_mining_init"]
+    tuned = load_file(best / "token_mining" / "model.safetensors")
+    init = load_file(stage1_export / "model.safetensors")
+    assert any(not torch.equal(tuned[k], init[k]) for k in init)  # TokenMining was tuned
+
+
+def test_stage2_resumes_instead_of_retraining(stage2):
+    from hilight.train.lora import run_lora_finetune
+
+    cfg, first = stage2
+    again = run_lora_finetune(cfg)
+    assert again.run_dir == first.run_dir and again.fit.resumed_from == cfg.train.max_steps
+    assert again.metrics["lm_loss"] == pytest.approx(first.metrics["lm_loss"], abs=1e-6)
+
+
+def test_frozen_token_mining_is_exported_unchanged(tmp_path, caption_manifest, vlm_weights, stage1_export):
+    from hilight.train.lora import LoRAFinetuneConfig, run_lora_finetune
+
+    raw = lora_config(caption_manifest, tmp_path, vlm_weights["clipvip"], vlm_weights["llm"], stage1_export, max_steps=2,
+                      val_every=2, ckpt_every=2)
+    raw["lora"]["tune_token_mining"] = False
+    result = run_lora_finetune(LoRAFinetuneConfig.model_validate(raw))
+    keys = set(load_file(result.fit.final_checkpoint / "model.safetensors"))
+    assert keys and all("lora_" in k for k in keys)
+    exported = load_file(result.best_dir / "token_mining" / "model.safetensors")
+    init = load_file(stage1_export / "model.safetensors")
+    assert all(torch.equal(exported[k], init[k]) for k in init)
+
+
+def test_merge_keeps_logits_and_the_directory_loads_back(stage2, tmp_path):
+    from peft import PeftModel
+
+    from hilight.models.checkpoints import CheckpointError
+    from hilight.models.export import GenerationSpec, load_vlm_dir
+    from hilight.train.merge import merge_stage2, probe_logits
+    from hilight.train.tokenmining import LLMSpec, TokenMiningSpec, VisionSpec, build_stage1_parts
+
+    _, result = stage2
+    merged = merge_stage2(result.best_dir, tmp_path / "merged", generation=GenerationSpec(max_new_tokens=8),
+                          prompt="What's happened in this video?")
+    assert merged.max_abs_logit_diff < 1e-4
+    # independently: the adapter model (peft, unmerged) and the saved merged directory give the same logits
+    meta = json.loads((result.best_dir / "stage2.json").read_text())
+    parts = build_stage1_parts(VisionSpec(**meta["vision"]), LLMSpec(**meta["llm"]),
+                               TokenMiningSpec(**{**meta["token_mining"], "init": str(result.best_dir / "token_mining")}))
+    vlm = parts.vlm.eval()
+    vocab, n_tok = vlm.llm.config.vocab_size, vlm.token_mining.config.num_tokens(parts.num_frames)
+    base_logits = probe_logits(vlm, vocab, n_tok)
+    vlm.llm = PeftModel.from_pretrained(vlm.llm, str(result.best_dir / "adapter")).eval()
+    unmerged = probe_logits(vlm, vocab, n_tok)
+    bundle = load_vlm_dir(merged.out_dir)
+    reloaded = probe_logits(bundle.vlm, vocab, n_tok)
+    assert torch.allclose(unmerged, reloaded, atol=1e-4)
+    assert not torch.allclose(base_logits, unmerged, atol=1e-4)  # the adapter does change the model
+    files = {str(p.relative_to(merged.out_dir)) for p in merged.out_dir.rglob("*") if p.is_file()}
+    assert {"hilight.json", "llm/config.json", "llm/model.safetensors", "llm/tokenizer.json",
+            "token_mining/model.safetensors", "vision/clipvip/model.safetensors",
+            "vision/longclip/model.safetensors"} <= files
+    assert bundle.meta["generation"]["max_new_tokens"] == 8 and bundle.meta["video_tokens"] == n_tok
+    # same prompt, same settings, same answer (sampling is seeded)
+    clip = torch.randn(1, bundle.num_frames, 3, bundle.image_size, bundle.image_size)
+    first = bundle.generate(["What's happened in this video?"], pixel_values=clip)
+    assert first == bundle.generate(["What's happened in this video?"], pixel_values=clip)
+    # a modified part is caught by its digest
+    tm = merged.out_dir / "token_mining" / "model.safetensors"
+    sd = load_file(tm)
+    from safetensors.torch import save_file
+
+    key = next(iter(sd))
+    sd[key] = sd[key] + 1
+    save_file(sd, tm)
+    with pytest.raises(CheckpointError, match="token_mining"):
+        load_vlm_dir(merged.out_dir)
+
+
+def test_merge_refuses_changed_base_weights(stage2, tmp_path):
+    import shutil
+
+    from hilight.models.checkpoints import CheckpointError
+    from hilight.models.export import GenerationSpec
+    from hilight.train.merge import merge_stage2
+
+    _, result = stage2
+    copy = tmp_path / "stage2"
+    shutil.copytree(result.best_dir, copy)
+    meta = json.loads((copy / "stage2.json").read_text())
+    meta["digests"]["clipvip"] = "0" * 64
+    (copy / "stage2.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="clipvip"):
+        merge_stage2(copy, tmp_path / "merged", generation=GenerationSpec(), prompt="q")
+    assert not (tmp_path / "merged").exists()
