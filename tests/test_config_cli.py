@@ -33,7 +33,7 @@ def test_config_errors_are_all_reported(tmp_path):
         assert key in msg
 
 
-@pytest.mark.parametrize("cmd", [[], ["data", "synth"], ["validate"], ["run"], ["demo"], ["ui"], ["stack"], ["train"]])
+@pytest.mark.parametrize("cmd", [[], ["data", "synth"], ["validate"], ["run"], ["demo"], ["ui"], ["stack"], ["train"], ["ask"]])
 def test_help(cmd):
     result = CliRunner().invoke(app, [*cmd, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output
