@@ -232,7 +232,8 @@ def demo(
     cols = [c for c in ("billiards/fact_accuracy", "billiards/fact/colour", "billiards/fact/action", "billiards/fact/pocket",
                         "billiards/describe/rougeL", "billiards/describe/clip_similarity", "general/fact_accuracy",
                         "general/describe/rougeL") if c in evidence.columns]
-    typer.echo("    " + evidence.set_index("candidate")[["rank", "passed_guards", *cols]].T.round(3).to_string()
+    shown = evidence.set_index("candidate")[["rank", "passed_guards", *cols]].T
+    typer.echo("    " + shown.map(lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)).to_string()
                .replace("\n", "\n    "))
     diff = decision.get("primary_difference", {})
     reg = decision["registry"]
@@ -246,7 +247,9 @@ def demo(
     typer.echo("MLflow UI             hilight ui   (then open http://127.0.0.1:5000: experiments 'select_vision_weights', "
                "'clipvip_alignment', 'alignment_ablation', 'llm_pretrain', 'data_validation'; Models -> hilight-vlm)")
     example = _held_out_video(root)
-    typer.echo(f"ask the champion      hilight ask {example} \"What's happened in this video?\"")
+    exe = Path(sys.argv[0]).resolve()
+    command = exe.relative_to(root) if exe.is_relative_to(root) else "hilight"
+    typer.echo(f"ask the champion      {command} ask {example} \"What's happened in this video?\"")
 
 
 def _held_out_video(root: Path) -> Path:
@@ -277,6 +280,7 @@ def ask(
     if not video.is_file():
         typer.secho(f"video {video} does not exist", fg="red", err=True)
         raise typer.Exit(2)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     local = resolve_path(model) if not model.startswith(("models:/", "runs:/")) else None
     if local is None:
         import mlflow
