@@ -259,6 +259,39 @@ def _held_out_video(root: Path) -> Path:
     return (root / "data/synth/billiards/videos" / clip["video"]).relative_to(root)
 
 
+@app.command("retrain")
+def retrain(
+    config: Path = typer.Option(Path("configs/retrain_demo.yaml"), "--config", "-c", help="A retrain config YAML."),
+    if_new_data: bool = typer.Option(False, "--if-new-data", help="Only retrain when a watched dataset changed."),
+    schedule: bool = typer.Option(False, "--schedule", help="Register the selection pipeline with the config's cron "
+                                  "schedule on the active stack (orchestrators that run schedules only)."),
+) -> None:
+    """Retrain when new data arrives: fingerprint the watched datasets, compare with the champion's, and run
+    validation → training → selection when they differ. Exit 0: done or nothing to do; 1: a run failed;
+    75: another retrain holds the lock."""
+    from pipelines.run import PipelineFailedError, RetrainLockedError, run_retrain, schedule_selection
+
+    path = resolve_path(config)
+    try:
+        if schedule:
+            schedule_selection(path)
+            typer.echo(f"scheduled select_vision_weights on the active stack ({path})")
+            return
+        out = run_retrain(path, if_new_data=if_new_data)
+    except RetrainLockedError as exc:
+        typer.secho(str(exc), fg="yellow", err=True)
+        raise typer.Exit(75) from None
+    except PipelineFailedError as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise typer.Exit(1) from None
+    if not out["runs"]:
+        typer.echo(f"no retrain: {out['reason']}")
+        return
+    d = out["decision"]
+    typer.echo(f"retrained ({out['reason']}): runs {', '.join(out['runs'])}")
+    typer.echo(f"champion {d['registry']['champion_uri']} = version {d['registry']['champion']} ({d['winner']})")
+
+
 @app.command("ask")
 def ask(
     video: Path = typer.Argument(..., help="A video file."),

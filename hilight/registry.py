@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 ARTIFACT_KEY = "hilight_vlm"
 DIGEST_TAG = "hilight.model_digest"
+DATASET_TAG = "hilight.dataset_fingerprint."  # + dataset name: the raw data a registered model was trained on
 SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", "video"), ColSpec("string", "question")]),
                            outputs=Schema([ColSpec("string", "answer")]))
 

@@ -13,7 +13,8 @@ from zenml import get_step_context, log_metadata, step
 
 from hilight.eval.selection import SelectionConfig, decide, paired_difference
 from hilight.eval.vlm import VLMEvalSpec, eval_fingerprints
-from hilight.registry import register, set_alias
+from hilight.registry import DATASET_TAG, register, set_alias
+from hilight.retrain import dataset_fingerprints
 from hilight.tracking import log_lineage
 from steps import EXPERIMENT_TRACKER
 
@@ -50,6 +51,8 @@ def select_and_promote(config: SelectionConfig, models: list[dict[str, str]], me
     evidence["passed_guards"] = evidence["candidate"].map({r["candidate"]: r["passed_guards"] for r in decision["ranking"]})
     evidence = evidence.sort_values("rank").reset_index(drop=True)
 
+    # the raw per-dataset fingerprints the models were trained on: `hilight retrain --if-new-data` compares them
+    sources = dataset_fingerprints(config.evaluation.manifest_dir)
     reg = config.registry
     zenml_version = f"{ctx.model.name}:{ctx.model.version}" if ctx.model else ""
     versions = {}
@@ -58,7 +61,8 @@ def select_and_promote(config: SelectionConfig, models: list[dict[str, str]], me
         tags = {"hilight.candidate": name, "hilight.clipvip": model["clipvip"],
                 "hilight.data_fingerprint": model["data_fingerprint"], "hilight.zenml_model_version": zenml_version,
                 "hilight.selection_mlflow_run": mlflow.active_run().info.run_id,
-                f"hilight.metric.{config.rule.primary.metric}": str(evidence.set_index("candidate").at[name, config.rule.primary.metric])}
+                f"hilight.metric.{config.rule.primary.metric}": str(evidence.set_index("candidate").at[name, config.rule.primary.metric]),
+                **{f"{DATASET_TAG}{d}": fp for d, fp in sources.items()}}
         versions[name] = register(model["model_uri"], model["digest"], reg.model_name, tags)
     set_alias(reg.model_name, reg.champion_alias, versions[winner])
     set_alias(reg.model_name, reg.challenger_alias, versions.get(runner_up))

@@ -140,6 +140,47 @@ def lora_config(manifest: Path, output_dir: Path, clipvip: Path, llm: Path, init
                       "progress": False, **train}}
 
 
+def clipvip_candidate(root: Path, manifest: Path, seed: int) -> Path:
+    """A tiny 96-px CLIP-ViP export with its own tokenizer (the judge needs one); ``seed`` varies the weights."""
+    import pandas as pd
+
+    from hilight.models.checkpoints import save_model
+    from hilight.models.clipvip import build_clipvip, load_preset
+    from hilight.models.tokenizers import build_clip_tokenizer
+
+    out = root / f"clipvip_{seed}"
+    cfg = load_preset("tiny", {"vision": {"image_size": 96, "patch_size": 16}})
+    save_model(build_clipvip(cfg, seed=seed), out, {"family": "clipvip", "model": cfg.model_dump(mode="json")})
+    captions = pd.read_parquet(manifest / "captions.parquet")["caption"].tolist()
+    build_clip_tokenizer(captions, out / "tokenizer", vocab_size=1024, max_length=16)
+    return out
+
+
+def selection_config(root: Path, manifest: Path, vlm_weights: dict, billiards_dir: Path, general_dir: Path) -> dict:
+    """A tiny select_vision_weights config (two random CLIP-ViP candidates, 3 steps per stage) as a dict; writes
+    its stage-1/stage-2 base YAMLs and candidate weights under ``root``."""
+    import yaml
+
+    a, b = clipvip_candidate(root, manifest, 0), clipvip_candidate(root, manifest, 1)
+    s1, s2 = root / "stage1.yaml", root / "stage2.yaml"
+    s1.write_text(yaml.safe_dump(tokenmining_config(manifest, root / "unused", a, vlm_weights["llm"], max_steps=3,
+                                                    val_every=3)))
+    s2.write_text(yaml.safe_dump(lora_config(manifest, root / "unused2", a, vlm_weights["llm"], "unused", max_steps=3,
+                                             val_every=3)))
+    return {
+        "pipeline": "select_vision_weights", "name": "test", "output_dir": str(root / "outputs" / "selection"),
+        "candidates": {"original": {"clipvip": str(a)}, "table1k": {"clipvip": str(b)}},
+        "stage1": str(s1), "stage2": str(s2),
+        "evaluation": {"manifest_dir": str(manifest), "max_videos": 3, "judge": str(a), "batch_size": 8,
+                       "events": {"billiards": str(billiards_dir / "events.json"),
+                                  "general": str(general_dir / "events.json")},
+                       "generation": {"temperature": 0.1, "max_new_tokens": 12}},
+        "rule": {"primary": {"metric": "billiards/qa/rougeL"},
+                 "guards": [{"metric": "general/qa/rougeL", "tolerance": 0.5}],
+                 "tie_breakers": [{"metric": "billiards/fact_accuracy"}]},
+    }
+
+
 @pytest.fixture(scope="session")
 def stage1_export(tmp_path_factory, caption_manifest, vlm_weights) -> Path:
     """An (untrained) TokenMining export matching the tiny towers and LLM, as stage 2's init."""

@@ -16,8 +16,10 @@ def test_shipped_configs_validate(path):
     import yaml
 
     raw = yaml.safe_load(path.read_text())
-    assert path.read_text().startswith("#") and "hilight run" in path.read_text().split("\n\n")[0], "header gives the command"
-    load_config(path, import_object(PIPELINES[raw["pipeline"]][1]))
+    header = path.read_text().split("\n\n")[0]
+    assert header.startswith("#") and ("hilight run" in header or "hilight retrain" in header), "header gives the command"
+    models = {**{k: v[1] for k, v in PIPELINES.items()}, "retrain": "hilight.retrain:RetrainConfig"}
+    load_config(path, import_object(models[raw["pipeline"]]))
 
 
 def test_config_errors_are_all_reported(tmp_path):
@@ -33,7 +35,7 @@ def test_config_errors_are_all_reported(tmp_path):
         assert key in msg
 
 
-@pytest.mark.parametrize("cmd", [[], ["data", "synth"], ["validate"], ["run"], ["demo"], ["ui"], ["stack"], ["train"], ["ask"]])
+@pytest.mark.parametrize("cmd", [[], ["data", "synth"], ["validate"], ["run"], ["demo"], ["ui"], ["stack"], ["train"], ["ask"], ["retrain"]])
 def test_help(cmd):
     result = CliRunner().invoke(app, [*cmd, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output

@@ -10,25 +10,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import lora_config, tokenmining_config
+from tests.conftest import lora_config, selection_config
 
 pytestmark = pytest.mark.pipeline
 
 STAGES = ("stage1", "stage2", "merge", "evaluate")
-
-
-def _candidate(root, manifest, seed):
-    """A tiny 96-px CLIP-ViP export with its own tokenizer (the judge needs one); ``seed`` varies the weights."""
-    from hilight.models.checkpoints import save_model
-    from hilight.models.clipvip import build_clipvip, load_preset
-    from hilight.models.tokenizers import build_clip_tokenizer
-
-    out = root / f"clipvip_{seed}"
-    cfg = load_preset("tiny", {"vision": {"image_size": 96, "patch_size": 16}})
-    save_model(build_clipvip(cfg, seed=seed), out, {"family": "clipvip", "model": cfg.model_dump(mode="json")})
-    captions = pd.read_parquet(manifest / "captions.parquet")["caption"].tolist()
-    build_clip_tokenizer(captions, out / "tokenizer", vocab_size=1024, max_length=16)
-    return out
 
 
 def test_selection_registers_the_rules_champion_and_reruns_from_cache(zenml_project, caption_manifest, vlm_weights,
@@ -44,25 +30,8 @@ def test_selection_registers_the_rules_champion_and_reruns_from_cache(zenml_proj
     from pipelines.stack import mlflow_tracking_uri
 
     root = zenml_project
-    a, b = _candidate(root, caption_manifest, 0), _candidate(root, caption_manifest, 1)
-    s1 = root / "stage1.yaml"
-    s1.write_text("# hilight run tokenmining_pretrain -c stage1.yaml\n" + yaml.safe_dump(
-        tokenmining_config(caption_manifest, root / "unused", a, vlm_weights["llm"], max_steps=3, val_every=3)))
-    s2 = root / "stage2.yaml"
-    s2.write_text("# hilight run lora_finetune -c stage2.yaml\n" + yaml.safe_dump(
-        lora_config(caption_manifest, root / "unused2", a, vlm_weights["llm"], "unused", max_steps=3, val_every=3)))
-    selection = {
-        "pipeline": "select_vision_weights", "name": "test", "output_dir": str(root / "outputs" / "selection"),
-        "candidates": {"original": {"clipvip": str(a)}, "table1k": {"clipvip": str(b)}},
-        "stage1": str(s1), "stage2": str(s2),
-        "evaluation": {"manifest_dir": str(caption_manifest), "max_videos": 3, "judge": str(a), "batch_size": 8,
-                       "events": {"billiards": str(billiards_dir / "events.json"),
-                                  "general": str(general_dir / "events.json")},
-                       "generation": {"temperature": 0.1, "max_new_tokens": 12}},
-        "rule": {"primary": {"metric": "billiards/qa/rougeL"},
-                 "guards": [{"metric": "general/qa/rougeL", "tolerance": 0.5}],
-                 "tie_breakers": [{"metric": "billiards/fact_accuracy"}]},
-    }
+    selection = selection_config(root, caption_manifest, vlm_weights, billiards_dir, general_dir)
+    a, b = (selection["candidates"][c]["clipvip"] for c in ("original", "table1k"))
     cfg_path = root / "selection.yaml"
     cfg_path.write_text("# hilight run select_vision_weights -c selection.yaml\n" + yaml.safe_dump(selection))
     config = SelectionConfig.model_validate(selection)

@@ -1,0 +1,100 @@
+"""Retraining when new data arrives: compare the watched datasets' fingerprints with those recorded on the
+champion, and say whether (and why) a retrain is due.
+
+A dataset fingerprint is the content hash of its annotation files and every file in its video directory
+(``hilight.data.ingest.fingerprint_dataset``): cheap next to training (no decoding), and independent of where the
+data lives. ``select_vision_weights`` tags each registered version with the fingerprints of the data it was trained
+on (``hilight.dataset_fingerprint.<name>``), so the check needs only the registry and the files.
+
+The sequence a retrain runs (validation → the listed training configs → selection) is wired in
+``pipelines.run.run_retrain``; this module holds the config and the decision, and imports no ZenML.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from hilight.config import load_config
+from hilight.data.ingest import DataValidationConfig, fingerprint_dataset
+from hilight.env import resolve_path
+from hilight.registry import DATASET_TAG
+
+
+class ScheduleSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    cron_expression: str = "0 3 * * *"  # daily at 03:00, for orchestrators that run ZenML schedules
+
+
+class RetrainConfig(BaseModel):
+    """Config of ``hilight retrain`` (``configs/retrain_*.yaml``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pipeline: Literal["retrain"] = "retrain"
+    watch: list[str] = Field(default_factory=lambda: ["billiards"], min_length=1)  # datasets whose change retrains
+    data_validation: str = "configs/data_validation_demo.yaml"
+    training: list[str] = Field(default_factory=list)  # pipeline configs run before the selection, in order
+    selection: str = "configs/select_vision_weights_demo.yaml"
+    lock_file: str = "outputs/retrain.lock"
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+
+
+@dataclass
+class RetrainCheck:
+    due: bool
+    reason: str
+    current: dict[str, str]  # watched dataset -> fingerprint of the files now
+    recorded: dict[str, str]  # watched dataset -> fingerprint on the champion ("" when none)
+
+
+def watched_fingerprints(config: RetrainConfig) -> dict[str, str]:
+    validation = load_config(resolve_path(config.data_validation), DataValidationConfig)
+    specs = {d.name: d for d in validation.datasets}
+    unknown = sorted(set(config.watch) - set(specs))
+    if unknown:
+        raise ValueError(f"watched datasets {unknown} are not in {config.data_validation} (it has {sorted(specs)})")
+    return {name: fingerprint_dataset(specs[name], workers=max(2, validation.probe.workers)) for name in config.watch}
+
+
+def champion_fingerprints(model_name: str, alias: str = "champion") -> dict[str, str] | None:
+    """The dataset fingerprints tagged on ``model_name@alias``; ``None`` when there is no such model version."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    try:
+        version = client.get_model_version_by_alias(model_name, alias)
+    except mlflow.exceptions.MlflowException:
+        return None
+    return {k[len(DATASET_TAG):]: v for k, v in version.tags.items() if k.startswith(DATASET_TAG)}
+
+
+def check_new_data(config: RetrainConfig, model_name: str) -> RetrainCheck:
+    current = watched_fingerprints(config)
+    recorded = champion_fingerprints(model_name)
+    if recorded is None:
+        return RetrainCheck(True, f"there is no {model_name}@champion yet", current, {})
+    changed = [d for d in config.watch if recorded.get(d) != current[d]]
+    if not changed:
+        return RetrainCheck(False, f"{', '.join(config.watch)} unchanged since the champion was trained", current,
+                            {d: recorded.get(d, "") for d in config.watch})
+    return RetrainCheck(True, f"new data in {', '.join(changed)} (fingerprint differs from the champion's)", current,
+                        {d: recorded.get(d, "") for d in config.watch})
+
+
+def selection_model_name(config: RetrainConfig) -> str:
+    """The registry name the selection config promotes into."""
+    from hilight.eval.selection import SelectionConfig
+
+    return load_config(resolve_path(config.selection), SelectionConfig).registry.model_name
+
+
+def dataset_fingerprints(manifest_dir: str | Path) -> dict[str, str]:
+    """The raw per-dataset fingerprints a validated manifest was built from (``manifest.json``)."""
+    meta = json.loads((resolve_path(manifest_dir) / "manifest.json").read_text())
+    return dict(meta.get("dataset_fingerprints", {}))
