@@ -57,7 +57,8 @@ def log_vlm_model(model_dir: str | Path, digest: str, *, name: str = "hilight_vl
 
     reqs = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}",
             f"peft=={peft.__version__}", f"mlflow=={mlflow.__version__}", "decord", "safetensors"]
-    return mlflow.pyfunc.log_model(name=name, python_model=HiLightPyfunc(), artifacts={ARTIFACT_KEY: str(model_dir)},
+    code = Path(__file__).with_name("pyfunc_model.py")  # models from code: loading unpickles nothing
+    return mlflow.pyfunc.log_model(name=name, python_model=str(code), artifacts={ARTIFACT_KEY: str(model_dir)},
                                    signature=SIGNATURE, pip_requirements=reqs, tags={DIGEST_TAG: digest})
 
 

@@ -37,8 +37,13 @@ def configure_zenml(root: Path | None = None) -> Path:
     return root
 
 
+def recipe_path(root: Path) -> Path:
+    """``HILIGHT_STACK_RECIPE`` (e.g. ``.zenml/remote_stack.yaml``) or the local recipe, relative to ``root``."""
+    return root / os.environ.get("HILIGHT_STACK_RECIPE", str(RECIPE))
+
+
 def load_recipe(root: Path) -> dict:
-    path = root / RECIPE
+    path = recipe_path(root)
     if not path.is_file():
         raise FileNotFoundError(f"stack recipe {path} is missing; it ships with the project (git checkout -- {RECIPE})")
     recipe = yaml.safe_load(path.read_text())
@@ -50,7 +55,7 @@ def load_recipe(root: Path) -> dict:
 
 def _resolve_config(config: dict, root: Path) -> dict:
     out = dict(config or {})
-    if "path" in out and not os.path.isabs(out["path"]):
+    if "path" in out and "://" not in out["path"] and not os.path.isabs(out["path"]):
         out["path"] = str((root / out["path"]).resolve())
     return out
 
@@ -63,11 +68,13 @@ def ensure_stack(root: Path | None = None) -> str:
     root = configure_zenml(root)
     recipe = load_recipe(root)
     client = Client()
+    for ctype, spec in recipe["components"].items():  # every flavor first: fail before registering anything
+        _require_flavor(client, spec["flavor"], StackComponentType(ctype))
     components = {}
     for ctype, spec in recipe["components"].items():
         component_type = StackComponentType(ctype)
         config = _resolve_config(spec.get("config", {}), root)
-        if config.get("path"):
+        if config.get("path") and "://" not in config["path"]:
             Path(config["path"]).mkdir(parents=True, exist_ok=True)
         try:
             existing = client.get_stack_component(component_type, spec["name"], allow_name_prefix_match=False)
@@ -79,7 +86,7 @@ def ensure_stack(root: Path | None = None) -> str:
             if existing.flavor_name != spec["flavor"]:
                 raise RuntimeError(f"ZenML {ctype} {spec['name']!r} exists with flavor {existing.flavor_name!r}, "
                                    f"the recipe wants {spec['flavor']!r}; delete it (zenml {ctype.replace('_', '-')} delete "
-                                   f"{spec['name']}) or rename it in {RECIPE}")
+                                   f"{spec['name']}) or rename it in {recipe_path(root)}")
             if any(existing.configuration.get(k) != v for k, v in config.items()):
                 client.update_stack_component(spec["name"], component_type, configuration=config)
                 log.info("updated %s %s", ctype, spec["name"])
@@ -92,6 +99,19 @@ def ensure_stack(root: Path | None = None) -> str:
     if client.active_stack_model.name != name:
         client.activate_stack(name)
     return name
+
+
+def _require_flavor(client, flavor: str, component_type) -> None:
+    """The flavor must exist and its implementation import (its integration's packages installed)."""
+    from zenml.stack.flavor import Flavor
+
+    try:
+        model = client.get_flavor_by_name_and_type(flavor, component_type)
+        Flavor.from_model(model).implementation_class  # noqa: B018 (imports the integration's packages)
+    except (KeyError, ImportError) as exc:
+        raise RuntimeError(f"the stack recipe needs the ZenML {component_type.value} flavor {flavor!r}, which cannot "
+                           f"be loaded ({exc}); run `zenml integration install {flavor} -y` (or the integration that "
+                           "provides it) and try again") from None
 
 
 def mlflow_tracking_uri() -> str:

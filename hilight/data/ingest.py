@@ -42,12 +42,12 @@ class DatasetSpec(BaseModel):
     # behaviour). The substitution is recorded in the manifest's ``video`` / ``video_ref`` columns.
     pkl_fallback_suffixes: list[str] = Field(default_factory=list)
 
-    @field_validator("captions", "qa")
+    @field_validator("captions", "qa", "video_dir")
     @classmethod
-    def _relative(cls, v: list[str]) -> list[str]:
-        bad = [p for p in v if os.path.isabs(p) or ".." in Path(p).parts]
+    def _relative(cls, v: list[str] | str) -> list[str] | str:
+        bad = [p for p in ([v] if isinstance(v, str) else v) if os.path.isabs(p) or ".." in Path(p).parts]
         if bad:
-            raise ValueError(f"annotation paths must be relative to the dataset root without '..': {bad}")
+            raise ValueError(f"paths inside a dataset must be relative to its root without '..': {bad}")
         return v
 
 
