@@ -2,5 +2,6 @@
 
 import os
 
-# Name of the MLflow experiment tracker component in the active stack (see .zenml/stack.yaml).
-EXPERIMENT_TRACKER = os.environ.get("HILIGHT_EXPERIMENT_TRACKER", "hilight_mlflow")
+# The experiment tracker steps log to: the active stack's (True), whichever stack recipe is in use (.zenml/*.yaml);
+# HILIGHT_EXPERIMENT_TRACKER names one when a stack has several.
+EXPERIMENT_TRACKER: bool | str = os.environ.get("HILIGHT_EXPERIMENT_TRACKER") or True
