@@ -173,8 +173,11 @@ def fit(model: torch.nn.Module, objective: Callable[[torch.nn.Module, dict], dic
         while True:
             sampler.set_epoch(epoch, skip=position)
             dataset.epoch = epoch
+            # an own generator: creating the loader would otherwise draw from the global RNG, shifting a resumed
+            # run's dropout masks (e.g. LoRA's) against an uninterrupted one
             loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=dataset.collate,
-                                num_workers=settings.num_workers)
+                                num_workers=settings.num_workers,
+                                generator=torch.Generator().manual_seed(settings.seed + epoch))
             if world > 1:
                 loader = accelerator.prepare_data_loader(loader)
             for batch in loader:
