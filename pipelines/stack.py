@@ -61,11 +61,32 @@ def _resolve_config(config: dict, root: Path) -> dict:
 
 
 def ensure_stack(root: Path | None = None) -> str:
-    """Create/update the recipe's components and stack, activate it, return the stack name."""
+    """Create/update the recipe's components and stack, activate it, create the MLflow store; returns the stack
+    name. Runs under a file lock: two commands started at once on a fresh project would otherwise race to create
+    (and migrate) the same SQLite stores."""
+    from filelock import FileLock
+
+    root = configure_zenml(root)
+    (root / ".zenml").mkdir(parents=True, exist_ok=True)
+    with FileLock(root / ".zenml" / "hilight.lock", timeout=600):
+        name = _ensure_stack(root)
+        _init_tracking_store()
+    return name
+
+
+def _init_tracking_store() -> None:
+    """Create a local MLflow SQLite store's tables now (MLflow would do it at the first call, racily)."""
+    import mlflow
+
+    uri = mlflow_tracking_uri()
+    if uri.startswith("sqlite:"):
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)
+
+
+def _ensure_stack(root: Path) -> str:
     from zenml.client import Client
     from zenml.enums import StackComponentType
 
-    root = configure_zenml(root)
     recipe = load_recipe(root)
     client = Client()
     for ctype, spec in recipe["components"].items():  # every flavor first: fail before registering anything
