@@ -166,3 +166,44 @@ def test_dataset_without_qa_files_validates(tmp_path, billiards_dir):
     result = run_ingest(config, load_contracts(REPO / "data_contracts"))
     assert result.counts["qa_accepted"] == 0 and result.counts["captions_rejected"] == 0
     assert result.counts["captions_accepted"] > 0
+
+
+def test_bad_corpus_through_the_chain(bad_dataset, tmp_path):
+    """Drill (d): the bad corpus through validation, then what each stage reads from the manifest: every bad record
+    stays out with its reason, every good record (the .npy frames included) reaches training and the VLM stages."""
+    from hilight.data.captions import CaptionVideoDataset, read_caption_manifest
+    from hilight.data.qa import encode_samples, read_qa_manifest
+    from hilight.models.tokenizers import build_clip_tokenizer, build_gemma_tokenizer
+
+    root, good, good_qa, marker = bad_dataset
+    result = _run(root, check=False)
+    out = root.parent / "out"
+    quarantined = pd.read_parquet(result.quarantine_path)
+    assert quarantined["reason"].notna().all() and (quarantined["reason"] != "").all()
+
+    # stage 0 reads every accepted caption, and decodes every accepted video, the .npy array included
+    captions = read_caption_manifest(out).rows
+    assert len(captions) == sum(len(r["captions"]) for r in good) + 1
+    tok = build_clip_tokenizer(captions["caption"].tolist(), tmp_path / "tok", vocab_size=1024, max_length=16)
+    data = CaptionVideoDataset(captions, tok, num_frames=4, image_size=32, max_length=16)
+    batch = data.collate([data[i] for i in range(len(data))])
+    assert batch["pixel_values"].shape[:2] == (len(data.video_files), 4)
+    assert torch_isfinite(batch["pixel_values"])
+    assert any(f.endswith("frames.npy") for f in data.video_files)
+
+    # the VLM stages read every accepted conversation; the template keeps them all
+    qa = read_qa_manifest(out).rows
+    assert sorted(qa["id"]) == sorted(r["id"] for r in good_qa)
+    gemma = build_gemma_tokenizer([c for r in good for c in (x["caption"] for x in r["captions"])] + ["yes no"],
+                                  tmp_path / "gemma", vocab_size=300)
+    encoded = encode_samples(qa, gemma, video_tokens=4, max_length=512)
+    assert len(encoded.samples) == len(qa) and encoded.rejected.empty
+    assert not marker.exists()
+    print(f"bad corpus: {len(quarantined)} records rejected with reasons, {len(captions)} captions and {len(qa)} "
+          "conversations reached the stages")
+
+
+def torch_isfinite(x) -> bool:
+    import torch
+
+    return bool(torch.isfinite(x).all())

@@ -25,7 +25,10 @@ class VideoReadError(RuntimeError):
 
 
 def read_frames(path: str | Path, num: int, *, jitter: np.random.Generator | None = None) -> torch.Tensor:
-    """[T, H, W, 3] uint8 frames of ``path``."""
+    """[T, H, W, 3] uint8 frames of ``path``: a video, or a ``.npy`` array of frames (``[T, 3, H, W]`` or
+    ``[T, H, W, 3]``; uint8 0-255 or float 0-1), the array input the data contract accepts."""
+    if Path(path).suffix == ".npy":
+        return _array_frames(Path(path), num, jitter)
     import decord  # imported here: decord pulls in its native library, which forked workers load lazily
 
     try:
@@ -34,6 +37,18 @@ def read_frames(path: str | Path, num: int, *, jitter: np.random.Generator | Non
     except (decord.DECORDError, RuntimeError, ValueError) as exc:
         raise VideoReadError(f"cannot decode {path}: {exc}") from exc
     return torch.from_numpy(frames)
+
+
+def _array_frames(path: Path, num: int, jitter: np.random.Generator | None) -> torch.Tensor:
+    arr = np.load(path, mmap_mode="r", allow_pickle=False)  # never a pickle
+    if arr.ndim != 4 or 3 not in (arr.shape[1], arr.shape[3]):
+        raise VideoReadError(f"{path}: array must be [T,3,H,W] or [T,H,W,3], got shape {list(arr.shape)}")
+    frames = np.asarray(arr[frame_indices(len(arr), num, jitter=jitter)])
+    if frames.shape[1] == 3 and frames.shape[3] != 3:
+        frames = frames.transpose(0, 2, 3, 1)
+    if frames.dtype != np.uint8:
+        frames = np.clip(frames.astype(np.float32) * (255.0 if frames.max() <= 1.0 else 1.0), 0, 255).round()
+    return torch.from_numpy(np.ascontiguousarray(frames.astype(np.uint8)))
 
 
 def preprocess(frames: torch.Tensor, size: int) -> torch.Tensor:
