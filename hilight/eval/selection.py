@@ -14,6 +14,7 @@ TokenMining.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 import numpy as np
@@ -94,8 +95,6 @@ class SelectionConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> SelectionConfig:
-        import re
-
         bad = [c for c in self.candidates if not re.match(NAME, c)]
         if bad:
             raise ValueError(f"candidate names {bad} must match {NAME}")
