@@ -118,3 +118,16 @@ def test_paired_difference_pairs_the_same_questions():
     mean, low, high = paired_difference(answers([True] * 8 + [False] * 2), answers([False] * 10),
                                         "billiards/fact_accuracy")
     assert mean == pytest.approx(0.8) and 0.5 <= low <= 0.8 <= high <= 1.0
+
+
+def test_paired_difference_pools_checks_like_the_summary_metric():
+    a = pd.DataFrame({"dataset": "billiards", "video_id": ["v0", "v1"], "kind": "describe", "question": "q",
+                      "fact_colour": pd.array([True, False], dtype="boolean"),
+                      "fact_pocket": pd.array([True, pd.NA], dtype="boolean"),
+                      "fact_action": pd.array([True, pd.NA], dtype="boolean"),
+                      "fact_count": pd.array([pd.NA] * 2, dtype="boolean"),
+                      "fact_direction": pd.array([pd.NA] * 2, dtype="boolean")})
+    b = a.assign(fact_colour=pd.array([False, False], dtype="boolean"))
+    mean, _, _ = paired_difference(a, b, "billiards/fact_accuracy")
+    assert mean == pytest.approx(summarise(a.assign(answer="x"))["billiards/fact_accuracy"]
+                                 - summarise(b.assign(answer="x"))["billiards/fact_accuracy"])  # 3/4 - 2/4

@@ -184,28 +184,36 @@ def _plain(x):
     return x.item() if isinstance(x, np.generic) else x
 
 
-def per_item(answers: pd.DataFrame, metric: str) -> pd.Series:
-    """Each answer's contribution to a summary metric (``<dataset>/fact_accuracy``, ``<dataset>/fact/<kind>`` or
-    ``<dataset>/<kind>/<column>``), indexed by (video_id, kind, question) so two models' answers pair up."""
+def per_item(answers: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Each answer's share of a summary metric as (``num``, ``den``): the metric over any set of answers is
+    sum(num) / sum(den) (fact checks pool over checks, text metrics average over answers). Indexed by (video_id,
+    kind, question) so two models' answers pair up. Metrics: ``<dataset>/fact_accuracy``,
+    ``<dataset>/fact/<kind>``, ``<dataset>/<kind>/<column>``."""
     dataset, _, rest = metric.partition("/")
     rows = answers[answers["dataset"] == dataset].set_index(["video_id", "kind", "question"])
-    if rest == "fact_accuracy":
-        return rows[[c for c in rows.columns if c.startswith("fact_")]].astype(float).mean(axis=1)
-    if rest.startswith("fact/"):
-        return rows[f"fact_{rest[5:]}"].astype(float)
+    if rest == "fact_accuracy" or rest.startswith("fact/"):
+        cols = [c for c in rows.columns if c.startswith("fact_")] if rest == "fact_accuracy" else [f"fact_{rest[5:]}"]
+        checks = rows[cols].astype(float)
+        return pd.DataFrame({"num": checks.sum(axis=1, min_count=1).fillna(0.0), "den": checks.notna().sum(axis=1)})
     kind, _, column = rest.partition("/")
     if column not in rows.columns:
         raise ValueError(f"cannot pair answers on {metric!r}: no per-answer column {column!r}")
-    return rows.loc[rows.index.get_level_values("kind") == kind, column].astype(float)
+    values = rows.loc[rows.index.get_level_values("kind") == kind, column].astype(float)
+    return pd.DataFrame({"num": values.fillna(0.0), "den": values.notna().astype(float)})
 
 
 def paired_difference(a: pd.DataFrame, b: pd.DataFrame, metric: str, *, n: int = 2000,
                       seed: int = 0) -> tuple[float, float, float]:
-    """Mean per-answer difference of ``metric`` between two models' answer tables (same questions), with a 95%
-    bootstrap interval: how sure the decision is, given the size of the evaluation set."""
-    x, y = per_item(a, metric), per_item(b, metric)
-    d = (x - y.reindex(x.index)).dropna().to_numpy()
-    if not len(d):
+    """``metric`` of model a minus model b over the questions both answered, with a 95% bootstrap interval
+    (questions resampled together for both): how sure the decision is, given the size of the evaluation set."""
+    pa, pb = per_item(a, metric), per_item(b, metric)
+    both = pa.join(pb, how="inner", lsuffix="_a", rsuffix="_b")
+    both = both[(both["den_a"] > 0) & (both["den_b"] > 0)]
+    if both.empty:
         return float("nan"), float("nan"), float("nan")
-    means = d[np.random.default_rng(seed).integers(0, len(d), (n, len(d)))].mean(1)
-    return float(d.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+    v = both[["num_a", "den_a", "num_b", "den_b"]].to_numpy()
+    idx = np.random.default_rng(seed).integers(0, len(v), (n, len(v)))
+    s = v[idx].sum(axis=1)  # [n, 4]
+    boot = s[:, 0] / s[:, 1] - s[:, 2] / s[:, 3]
+    t = v.sum(axis=0)
+    return float(t[0] / t[1] - t[2] / t[3]), float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))
