@@ -15,15 +15,18 @@ from zenml import get_step_context, log_metadata, step
 
 from hilight.data.captions import read_caption_manifest
 from hilight.env import resolve_path
-from hilight.models.checkpoints import directory_digest, weights_digest
-from hilight.tracking import ResilientTracker, log_lineage
 from hilight.eval.vlm import VLMEvalSpec, evaluate_vlm
+from hilight.models.checkpoints import directory_digest, weights_digest
 from hilight.models.export import GenerationSpec, load_vlm_dir
 from hilight.registry import log_vlm_model
+from hilight.tracking import ResilientTracker, log_lineage
 from hilight.train.lora import LoRAFinetuneConfig, run_lora_finetune
 from hilight.train.merge import merge_stage2
 from hilight.train.text_lm import LLMPretrainConfig, run_llm_pretrain
-from hilight.train.tokenmining import TokenMiningPretrainConfig, run_tokenmining_pretrain
+from hilight.train.tokenmining import (
+    TokenMiningPretrainConfig,
+    run_tokenmining_pretrain,
+)
 from steps import EXPERIMENT_TRACKER
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,17 @@ def _lineage(config, fingerprint: str, stage: str) -> None:
     run = get_step_context().pipeline_run
     log_lineage(config, fingerprint=fingerprint, zenml_run_id=str(run.id), pipeline=run.pipeline.name)
     mlflow.set_tag("hilight.stage", stage)
+
+
+def _log_run(result, stage: str, best_path: str) -> None:
+    """What every VLM training step logs: validation history, rejected samples, the best export, run-dir tags."""
+    if result.fit.history:
+        mlflow.log_table(pd.DataFrame(result.fit.history), artifact_file=f"{stage}/validation_history.json")
+    if not result.rejected.empty:
+        mlflow.log_table(result.rejected, artifact_file=f"{stage}/rejected_samples.json")
+    mlflow.log_artifacts(str(result.best_dir), artifact_path=best_path)
+    mlflow.set_tags({"hilight.run_dir": str(result.run_dir), "hilight.resumed_from": str(result.fit.resumed_from),
+                     "hilight.skipped_steps": str(result.fit.skipped_steps)})
 
 
 @step(enable_cache=False)
@@ -93,13 +107,7 @@ def train_token_mining(config: TokenMiningPretrainConfig, inputs: dict[str, str]
                           {"model": "video tokens zeroed", "lm_loss": m["lm_loss_zero_video"]},
                           {"model": "no video (text prior)", "lm_loss": m["lm_loss_no_video"]}])
     mlflow.log_table(table, artifact_file="stage1/heldout_loss.json")
-    if result.fit.history:
-        mlflow.log_table(pd.DataFrame(result.fit.history), artifact_file="stage1/validation_history.json")
-    if not result.rejected.empty:
-        mlflow.log_table(result.rejected, artifact_file="stage1/rejected_samples.json")
-    mlflow.log_artifacts(str(result.best_dir), artifact_path="token_mining/best")
-    mlflow.set_tags({"hilight.run_dir": str(result.run_dir), "hilight.resumed_from": str(result.fit.resumed_from),
-                     "hilight.skipped_steps": str(result.fit.skipped_steps)})
+    _log_run(result, "stage1", "token_mining/best")
     log.info("stage 1 held-out answer loss %.4f (untrained %.4f, wrong video %.4f, zeroed video %.4f, no video %.4f)",
              m["lm_loss"], m["lm_loss_initial"], m["lm_loss_wrong_video"], m["lm_loss_zero_video"], m["lm_loss_no_video"])
     log_metadata({**m, "token_mining_dir": str(result.best_dir)})
@@ -126,13 +134,7 @@ def train_lora(config: LoRAFinetuneConfig, inputs: dict[str, str], stage1_run: d
     result = run_lora_finetune(config, tracker=ResilientTracker.for_active_run())
     mlflow.log_metrics({f"heldout/{k}": v for k, v in result.metrics.items()}, step=result.fit.step)
     mlflow.log_metrics({f"samples/{k}": v for k, v in result.samples.items()}, step=result.fit.step)
-    if result.fit.history:
-        mlflow.log_table(pd.DataFrame(result.fit.history), artifact_file="stage2/validation_history.json")
-    if not result.rejected.empty:
-        mlflow.log_table(result.rejected, artifact_file="stage2/rejected_samples.json")
-    mlflow.log_artifacts(str(result.best_dir), artifact_path="stage2/best")
-    mlflow.set_tags({"hilight.run_dir": str(result.run_dir), "hilight.resumed_from": str(result.fit.resumed_from),
-                     "hilight.skipped_steps": str(result.fit.skipped_steps)})
+    _log_run(result, "stage2", "stage2/best")
     log.info("stage 2 held-out answer loss %.4f (before %.4f)", result.metrics["lm_loss"],
              result.metrics["lm_loss_initial"])
     log_metadata({**result.metrics, "stage2_dir": str(result.best_dir)})

@@ -89,6 +89,15 @@ def caption_manifest(tmp_path_factory, billiards_dir, general_dir) -> Path:
     return out
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for servers and process groups started by tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def alignment_config(manifest: Path, output_dir: Path, **train) -> dict:
     """A tiny clipvip_alignment config as a dict (tests dump it to YAML or validate it directly)."""
     return {

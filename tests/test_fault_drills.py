@@ -5,7 +5,8 @@
 - two pipeline runs started at once against the same local stores: both complete (or one fails with a clear
   message) and the stores stay usable.
 
-(The MLflow-server outage drill is in test_mlflow_server.py, the bad-input corpus in test_bad_input.py.)
+(The MLflow-server outage drill is in test_mlflow_server.py, the bad-input corpus in test_bad_input.py; this file
+replaces the earlier single-kill test of stage 0.)
 """
 
 from __future__ import annotations
@@ -23,7 +24,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, alignment_config, llm_pretrain_config, lora_config, tokenmining_config
+from tests.conftest import (
+    REPO,
+    alignment_config,
+    llm_pretrain_config,
+    lora_config,
+    tokenmining_config,
+)
 
 KILLS = 5
 
@@ -78,8 +85,11 @@ def _drill(tmp_path: Path, name: str, raw: dict, export: str, seed: int) -> list
         proc.wait()
         kills.append(_latest(out))
         assert _latest(out) < max_steps or kills
+    resume_at = _latest(out)
     rerun = subprocess.run(_train(paths["killed"]), env=_env(), capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    if kills:
+        assert f"resumed from step {resume_at}" in rerun.stdout
     assert len(kills) == KILLS, f"only {len(kills)} kills landed before {name} finished; lengthen its run"
     a, b = _weights(tmp_path / "straight" / export), _weights(out / export)
     assert a.keys() == b.keys()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, llm_pretrain_config
+from tests.conftest import REPO, free_port, llm_pretrain_config
 
 pytestmark = pytest.mark.pipeline
 ARTIFACTS = REPO / "test-artifacts"
@@ -25,17 +24,11 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
                   "--window-size=1400,1000", "--virtual-time-budget=20000"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class MlflowServer:
     """``mlflow server`` on 127.0.0.1 with a SQLite database; ``kill`` (SIGKILL) and ``start`` again keep the data."""
 
     def __init__(self, root: Path):
-        self.root, self.port = root, _free_port()
+        self.root, self.port = root, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 

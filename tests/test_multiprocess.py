@@ -4,22 +4,15 @@ weights as one process that sees the same global batches (one process, 2 micro-b
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 SCRIPT = REPO / "tests" / "ddp_fit.py"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra) -> dict[str, str]:
@@ -33,7 +26,7 @@ def test_two_process_ddp_matches_single_process_on_the_same_global_batch(tmp_pat
     # accelerate's own launcher needs mpirun for multi-CPU; torchrun starts the processes (as `accelerate launch
     # --multi_gpu` does) and ACCELERATE_USE_CPU makes the Accelerator run DDP over gloo
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(_free_port()), str(SCRIPT), str(ddp), "--batch-size", "4",
+                           "127.0.0.1", "--master_port", str(free_port()), str(SCRIPT), str(ddp), "--batch-size", "4",
                            "--grad-accum", "1"], env=_env(ACCELERATE_USE_CPU="true"), capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -32,10 +32,10 @@ from rouge_score import rouge_scorer
 from hilight.data.captions import read_caption_manifest
 from hilight.data.conversations import Turn, parse_conversation, strip_video
 from hilight.data.frames import load_clip_frames
+from hilight.data.probe import sha256_file
 from hilight.data.qa import DESCRIBE_PROMPT, describe_rows, read_qa_manifest
 from hilight.env import resolve_path
 from hilight.eval.facts import FACT_KINDS, check_answer, read_events
-from hilight.data.probe import sha256_file
 from hilight.models.checkpoints import load_saved_clipvip
 from hilight.models.export import GenerationSpec, VLMBundle
 from hilight.models.tokenizers import load_clip_tokenizer
@@ -118,7 +118,7 @@ def text_scores(answers: list[str], references: list[str]) -> pd.DataFrame:
 
 
 @torch.no_grad()
-def judge_similarity(judge_dir: str | Path, items: pd.DataFrame, bundle: VLMBundle, batch_size: int) -> pd.DataFrame:
+def judge_similarity(judge_dir: str | Path, items: pd.DataFrame, batch_size: int) -> pd.DataFrame:
     """Cosine similarity of each video with its answer and with its reference under the aligned CLIP-ViP."""
     judge_dir = resolve_path(judge_dir)
     judge = load_saved_clipvip(judge_dir).eval()
@@ -191,7 +191,7 @@ def evaluate_vlm(bundle: VLMBundle, spec: VLMEvalSpec) -> VLMEvaluation:
     items["answer"] = generate_answers(bundle, items, spec)
     items = pd.concat([items, text_scores(items["answer"].tolist(), items["reference"].tolist())], axis=1)
     if spec.judge:
-        items = pd.concat([items, judge_similarity(spec.judge, items, bundle, spec.batch_size)], axis=1)
+        items = pd.concat([items, judge_similarity(spec.judge, items, spec.batch_size)], axis=1)
     facts = {}
     for dataset, path in spec.events.items():
         facts.update(read_events(resolve_path(path), dataset))

@@ -27,20 +27,31 @@ from typing import Literal
 
 import pandas as pd
 import torch
-from accelerate import PartialState
 from peft import LoraConfig, get_peft_model
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hilight.data.captions import read_caption_manifest
-from hilight.data.feature_cache import fill_cache
-from hilight.data.qa import DESCRIBE_PROMPT, EncodedSet, VideoQADataset, describe_rows, encode_samples, read_qa_manifest
+from hilight.data.qa import (
+    DESCRIBE_PROMPT,
+    EncodedSet,
+    VideoQADataset,
+    describe_rows,
+    encode_samples,
+    read_qa_manifest,
+)
 from hilight.data.samplers import MixtureBatchSampler
 from hilight.env import resolve_path
 from hilight.models.checkpoints import module_digest, replace_dir
 from hilight.models.token_mining import save_token_mining
 from hilight.tracking import ResilientTracker
 from hilight.train.checkpoint import load_checkpoint
-from hilight.train.loop import FitResult, TrainSettings, fit, load_trainable_state, run_key
+from hilight.train.loop import (
+    FitResult,
+    TrainSettings,
+    fit,
+    load_trainable_state,
+    run_key,
+)
 from hilight.train.tokenmining import (
     FeatureCacheSpec,
     LLMSpec,
@@ -48,9 +59,8 @@ from hilight.train.tokenmining import (
     TokenMiningSpec,
     VisionSpec,
     build_stage1_parts,
+    cache_tower_features,
     heldout_loss,
-    open_feature_cache,
-    tower_encoder,
 )
 
 log = logging.getLogger(__name__)
@@ -238,18 +248,7 @@ def run_lora_finetune(config: LoRAFinetuneConfig, *, tracker: ResilientTracker |
     val_enc, _ = concat_encoded(val_parts)
     rejected = pd.concat([train_enc.rejected, val_enc.rejected], ignore_index=True)
 
-    cache = None
-    if config.features.enabled:
-        cache = open_feature_cache(config.features, parts)
-        videos = dict(zip(train_enc.rows["video_sha256"], train_enc.rows["video_file"], strict=True))
-        videos.update(zip(val_enc.rows["video_sha256"], val_enc.rows["video_file"], strict=True))
-        with PartialState().main_process_first():
-            cache.refresh()
-            stats = fill_cache(cache, videos, tower_encoder(vlm), num_frames=parts.num_frames,
-                               image_size=parts.image_size, batch_size=config.features.batch_size,
-                               progress=config.train.progress)
-        tracker.log_metrics({"features/cached": stats["cached"], "features/computed": stats["computed"]}, 0)
-        vlm.clipvip = vlm.longclip = None
+    cache = cache_tower_features(config.features, parts, [train_enc, val_enc], tracker, config.train.progress)
 
     def dataset(encoded: EncodedSet) -> VideoQADataset:
         return VideoQADataset(encoded, pad_token_id=tokenizer.pad_token_id, cache=cache, num_frames=parts.num_frames,

@@ -29,13 +29,29 @@ from accelerate import PartialState
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hilight.data.feature_cache import FeatureCache, fill_cache
-from hilight.data.qa import FEATURE_NAMES, EncodedSet, VideoQADataset, encode_samples, read_qa_manifest
+from hilight.data.qa import (
+    FEATURE_NAMES,
+    EncodedSet,
+    VideoQADataset,
+    encode_samples,
+    read_qa_manifest,
+)
 from hilight.data.samplers import CaptionBatchSampler
 from hilight.env import resolve_path
-from hilight.models.checkpoints import load_clipvip_weights, load_saved_clipvip, module_digest
+from hilight.models.checkpoints import (
+    load_clipvip_weights,
+    load_saved_clipvip,
+    module_digest,
+)
 from hilight.models.clipvip import CLIPViPModel, build_clipvip, load_preset
 from hilight.models.longclip import LongCLIPImageTower, longclip_preset
-from hilight.models.token_mining import Depth, TokenMining, TokenMiningConfig, load_token_mining, save_token_mining
+from hilight.models.token_mining import (
+    Depth,
+    TokenMining,
+    TokenMiningConfig,
+    load_token_mining,
+    save_token_mining,
+)
 from hilight.models.tokenizers import load_llm_tokenizer
 from hilight.models.vlm import HiLightVLM, freeze_all_but, load_llm
 from hilight.tracking import ResilientTracker
@@ -205,6 +221,25 @@ def open_feature_cache(spec: FeatureCacheSpec, parts: Stage1Parts) -> FeatureCac
     return FeatureCache(resolve_path(spec.dir), key, dtype=DTYPES[spec.dtype])
 
 
+def cache_tower_features(spec: FeatureCacheSpec, parts: Stage1Parts, sets: list[EncodedSet],
+                         tracker: ResilientTracker, progress: bool) -> FeatureCache | None:
+    """Fill the feature cache for every video of ``sets`` (under DDP one process fills, the others then find it
+    all) and drop the towers, which are not needed once every clip's features are cached. ``None`` when disabled."""
+    if not spec.enabled:
+        return None
+    cache = open_feature_cache(spec, parts)
+    videos = {}
+    for encoded in sets:
+        videos.update(zip(encoded.rows["video_sha256"], encoded.rows["video_file"], strict=True))
+    with PartialState().main_process_first():
+        cache.refresh()
+        stats = fill_cache(cache, videos, tower_encoder(parts.vlm), num_frames=parts.num_frames,
+                           image_size=parts.image_size, batch_size=spec.batch_size, progress=progress)
+    tracker.log_metrics({"features/cached": stats["cached"], "features/computed": stats["computed"]}, 0)
+    parts.vlm.clipvip = parts.vlm.longclip = None
+    return cache
+
+
 # ------------------------------------------------------------------------------------------------ objective
 
 
@@ -292,18 +327,7 @@ def run_tokenmining_pretrain(config: TokenMiningPretrainConfig, *,
                              f"fix the data or raise data.max_length (now {config.data.max_length})")
     rejected = pd.concat([train_enc.rejected, val_enc.rejected], ignore_index=True)
 
-    cache = None
-    if config.features.enabled:
-        cache = open_feature_cache(config.features, parts)
-        videos = dict(zip(train_enc.rows["video_sha256"], train_enc.rows["video_file"], strict=True))
-        videos.update(zip(val_enc.rows["video_sha256"], val_enc.rows["video_file"], strict=True))
-        with PartialState().main_process_first():  # under DDP one process fills, the others then find it all
-            cache.refresh()
-            stats = fill_cache(cache, videos, tower_encoder(vlm), num_frames=parts.num_frames,
-                               image_size=parts.image_size, batch_size=config.features.batch_size,
-                               progress=config.train.progress)
-        tracker.log_metrics({"features/cached": stats["cached"], "features/computed": stats["computed"]}, 0)
-        vlm.clipvip = vlm.longclip = None  # not needed once every clip's features are cached
+    cache = cache_tower_features(config.features, parts, [train_enc, val_enc], tracker, config.train.progress)
 
     def dataset(encoded: EncodedSet, with_video: bool = True) -> VideoQADataset:
         return VideoQADataset(encoded, pad_token_id=tokenizer.pad_token_id, cache=cache, num_frames=parts.num_frames,
