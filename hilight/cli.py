@@ -383,5 +383,17 @@ def stack() -> None:
     typer.echo(f"ZenML config  {os.environ['ZENML_CONFIG_PATH']}\nactive stack  {name}\nMLflow store  {mlflow_tracking_uri()}")
 
 
+def main() -> None:
+    """Console entry point: a bad config is its message (every problem, with key paths) and exit code 2, not a
+    traceback."""
+    from hilight.config import ConfigError
+
+    try:
+        app()
+    except ConfigError as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    app()
+    main()

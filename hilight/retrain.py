@@ -19,7 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from hilight.config import load_config
+from hilight.config import ConfigError, load_config
 from hilight.data.ingest import DataValidationConfig, fingerprint_dataset
 from hilight.env import resolve_path
 from hilight.registry import DATASET_TAG
@@ -58,7 +58,8 @@ def watched_fingerprints(config: RetrainConfig) -> dict[str, str]:
     specs = {d.name: d for d in validation.datasets}
     unknown = sorted(set(config.watch) - set(specs))
     if unknown:
-        raise ValueError(f"watched datasets {unknown} are not in {config.data_validation} (it has {sorted(specs)})")
+        raise ConfigError(f"watched datasets {unknown} are not in {config.data_validation} (it has {sorted(specs)}); "
+                          "fix `watch:` in the retrain config")
     return {name: fingerprint_dataset(specs[name], workers=max(2, validation.probe.workers)) for name in config.watch}
 
 

@@ -54,3 +54,15 @@ def test_train_dispatches_on_the_config_pipeline(tmp_path):
     cfg.write_text("pipeline: alignment_ablation\n")
     result = CliRunner().invoke(app, ["train", "-c", str(cfg)])
     assert result.exit_code == 2 and "use `hilight run alignment_ablation" in result.output
+
+
+def test_a_bad_config_is_a_message_and_exit_2_not_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pipeline: retrain\nwatchh: [x]\n")
+    done = subprocess.run([sys.executable, "-m", "hilight.cli", "retrain", "-c", str(bad)], capture_output=True,
+                          text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "watchh: Extra inputs are not permitted" in done.stderr
