@@ -90,7 +90,7 @@ def check_new_data(config: RetrainConfig, model_name: str) -> RetrainCheck:
 
 def selection_model_name(config: RetrainConfig) -> str:
     """The registry name the selection config promotes into."""
-    from hilight.eval.selection import SelectionConfig
+    from hilight.experiments.selection import SelectionConfig
 
     return load_config(resolve_path(config.selection), SelectionConfig).registry.model_name
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from zenml import pipeline
 
-from hilight.eval.ablation import AblationConfig
+from hilight.experiments.ablation import AblationConfig
 from steps.ablation import compare_variants, evaluate_variant, locate_eval_data
 from steps.alignment import locate_training_data, train_clipvip
 

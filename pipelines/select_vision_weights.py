@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from zenml import pipeline
 
-from hilight.eval.selection import SelectionConfig
+from hilight.experiments.selection import SelectionConfig
 from steps.selection import locate_eval_inputs, select_and_promote
 from steps.vlm import evaluate_model, locate_vlm_inputs, merge_model, train_lora, train_token_mining
 

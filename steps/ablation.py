@@ -13,7 +13,7 @@ import pandas as pd
 from zenml import get_step_context, log_metadata, step
 
 from hilight.env import resolve_path
-from hilight.eval.ablation import (
+from hilight.experiments.ablation import (
     AblationConfig,
     Evaluation,
     eval_fingerprints,

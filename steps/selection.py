@@ -11,7 +11,7 @@ import mlflow
 import pandas as pd
 from zenml import get_step_context, log_metadata, step
 
-from hilight.eval.selection import SelectionConfig, decide, paired_difference
+from hilight.experiments.selection import SelectionConfig, decide, paired_difference
 from hilight.eval.vlm import VLMEvalSpec, eval_fingerprints
 from hilight.registry import DATASET_TAG, register, set_alias
 from hilight.retrain import dataset_fingerprints

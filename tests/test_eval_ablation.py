@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hilight.eval.ablation import AblationConfig, SelectionRule, select_variant
+from hilight.experiments.ablation import AblationConfig, SelectionRule, select_variant
 from hilight.eval.attention import frame_attention, overlay, save_gif, save_grid
 from hilight.eval.caption_scores import EvalDataError, build_suite, caption_metrics, per_video, probe_metrics
 

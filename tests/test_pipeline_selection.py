@@ -25,7 +25,7 @@ def test_selection_registers_the_rules_champion_and_reruns_from_cache(zenml_proj
     from zenml.enums import ExecutionStatus
 
     from hilight.cli import app
-    from hilight.eval.selection import SelectionConfig, decide
+    from hilight.experiments.selection import SelectionConfig, decide
     from pipelines.run import run_pipeline, step_output
     from pipelines.stack import mlflow_tracking_uri
 

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from hilight.eval.facts import ClipFacts, check_answer, read_events
-from hilight.eval.selection import Guard, MetricOrder, SelectionRule, decide, paired_difference
+from hilight.experiments.selection import Guard, MetricOrder, SelectionRule, decide, paired_difference
 from hilight.eval.vlm import summarise, text_scores
 
 POT = ClipFacts("billiards", first_contact="red", pocketed=[("red", "bottom side pocket")], scenario="pot")

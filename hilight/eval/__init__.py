@@ -1,1 +1,2 @@
-"""Evaluation: retrieval metrics now; caption-score matrices and probes build on them."""
+"""Evaluation metrics: retrieval, caption-score matrices and probes, attention maps, VLM answer scores. Imports no
+training code (``hilight.experiments`` combines the two)."""
