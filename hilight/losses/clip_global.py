@@ -7,6 +7,13 @@ Group-aware mode (research notes §1.4): billiards clips look alike and one vide
 different object. When two captions of the same video share a batch, plain CLIP pushes each caption away from its
 own video's other copy. With ``groups`` (one video id per pair) those same-video entries are removed from each
 row's softmax, so they are neither positives nor negatives.
+
+Data parallelism (open_clip's ``ClipLoss(local_loss=True, gather_with_grad=True)``): every rank gathers all ranks'
+embeddings and group ids and computes the loss of its *local rows* against *all columns* — its captions against
+every video of the global batch and its videos against every caption. Each rank's mean over its rows, averaged
+over ranks by DDP, is the single-process loss over the global batch, and because the gather passes gradients back
+to the rank that owns each row, the averaged gradients equal the single-process ones too. Local rows rather than
+the full [N, N] matrix on every rank: the same gradients for 1/world of the logits.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from hilight.losses.distributed import gather_plain, gather_with_grad, world
 
 # a finite fill (not -inf): -inf logits multiplied by zero weights turn into NaN
 _MASKED = -1e4
@@ -30,14 +39,21 @@ class ClipGlobalLoss(nn.Module):
     def forward(self, video_embeds: torch.Tensor, text_embeds: torch.Tensor, scale: torch.Tensor,
                 groups: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``video_embeds``/``text_embeds`` [B, P], L2-normalised, row i a matching pair; ``scale`` = exp(logit_scale);
-        ``groups`` [B] video ids (needed for group-aware mode)."""
-        logits = scale.float() * video_embeds.float() @ text_embeds.float().T  # [B, B] video x text
+        ``groups`` [B] video ids (needed for group-aware mode). Under DDP, B is this rank's share of the batch and
+        the negatives are every rank's rows."""
+        if self.group_aware and groups is None:
+            raise ValueError("group-aware CLIP loss needs `groups` (one video id per pair)")
+        rank, _ = world()
+        v, t = video_embeds.float(), text_embeds.float()
+        v_all, t_all = gather_with_grad(v), gather_with_grad(t)
+        n = v.shape[0]
+        target = torch.arange(n, device=v.device) + rank * n  # the positive's column among all ranks' rows
+        v2t = scale.float() * v @ t_all.T  # [B, world·B] local videos x all captions
+        t2v = scale.float() * t @ v_all.T  # [B, world·B] local captions x all videos
         if self.group_aware:
-            if groups is None:
-                raise ValueError("group-aware CLIP loss needs `groups` (one video id per pair)")
-            same = groups[:, None] == groups[None, :]
-            same.fill_diagonal_(False)
-            logits = logits.masked_fill(same, _MASKED)
-        target = torch.arange(logits.shape[0], device=logits.device)
-        loss = F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)
+            g_all = gather_plain(groups)
+            same = groups[:, None] == g_all[None, :]
+            same[torch.arange(n, device=v.device), target] = False
+            v2t, t2v = v2t.masked_fill(same, _MASKED), t2v.masked_fill(same, _MASKED)
+        loss = F.cross_entropy(v2t, target) + F.cross_entropy(t2v, target)
         return {"global_loss": loss if self.reduction == "sum" else loss / 2}

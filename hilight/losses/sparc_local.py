@@ -15,6 +15,11 @@ similarity is never formed. All of it runs in fp32 with autocast off (max − mi
 
 Reduction: Σ(token loss · mask) / Σ mask over the whole batch (the pseudocode's token-weighted mean, which is
 exactly decomposable over batch chunks), not the paper equation's per-sample 1/L_b average.
+
+Data parallelism: the loss is per sample (each caption against its own video's patches), so no features are
+gathered across ranks. Only the token count it divides by is global (one all-reduce of a scalar): each rank returns
+world · (its tokens' summed loss) / (all ranks' tokens), whose DDP average is exactly the single-process loss over
+the global batch even when ranks hold different numbers of valid tokens.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from hilight.losses.distributed import global_sum, world
 
 Placement = Literal["after_embedding", "before_projector", "all_hidden_states"]
 _MASKED = -1e4  # finite: -inf · 0 = NaN
@@ -135,4 +142,5 @@ def masked_token_ce(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         lg = lg.masked_fill(~mask[:, None, :], _MASKED)
         ce = F.cross_entropy(lg.reshape(b * n, n), target.reshape(-1), reduction="none").view(b, n)
         total = total + torch.where(mask, ce, torch.zeros_like(ce)).sum()
-    return total / (2 * mask.sum().clamp_min(1))
+    _, size = world()
+    return size * total / (2 * global_sum(mask.sum()).clamp_min(1))

@@ -145,6 +145,18 @@ class TextOutput:
 # ----------------------------------------------------------------------------------------------- model
 
 
+@dataclass
+class AlignmentOutput:
+    """What the alignment objective needs from one forward pass; one row per caption."""
+
+    video_embeds: torch.Tensor  # [B, P] unit vectors of each caption's video
+    text_embeds: torch.Tensor  # [B, P] unit vectors of the captions
+    scale: torch.Tensor  # exp(logit_scale), clamped
+    video_tokens: list[torch.Tensor]  # per requested depth: [B, S', P] projected patch tokens of each caption's video
+    text_tokens: list[torch.Tensor]  # per requested depth: [B, L, P] projected caption tokens
+
+
+
 class CLIPViPModel(nn.Module):
     """Video tower + text tower + projections + learnable temperature.
 
@@ -162,6 +174,31 @@ class CLIPViPModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init))
         nn.init.normal_(self.visual_projection.weight, std=config.vision.hidden_size**-0.5)
         nn.init.normal_(self.text_projection.weight, std=config.text.hidden_size**-0.5)
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                video_index: torch.Tensor | None = None, token_layers: list[tuple[int, int]] | None = None,
+                skip_video_tokens: int = 0) -> AlignmentOutput:
+        """The training forward: ``pixel_values`` [Bv, T, 3, H, W], captions [B, L], ``video_index`` [B] (each
+        caption's row in ``pixel_values``; default one caption per video). ``token_layers`` lists (vision layer,
+        text layer) pairs whose tokens are projected into the joint space for a fine-grained loss (hidden-state
+        indices, 0 = embeddings); the first ``skip_video_tokens`` vision tokens (CLS + proxies) are left out.
+
+        Everything a loss needs comes out of this call, so DDP (and FSDP, ``torch.compile``) see every parameter
+        used in ``forward``."""
+        n_v, n_t = self.config.vision.num_hidden_layers, self.config.text.num_hidden_layers
+        layers = token_layers or []
+        deep = any(pair != (n_v, n_t) for pair in layers)  # the last layers need no hidden_states
+        vision = self.encode_video(pixel_values, output_hidden_states=deep)
+        text = self.encode_text(input_ids, attention_mask, output_hidden_states=deep)
+        idx = torch.arange(len(pixel_values), device=pixel_values.device) if video_index is None else video_index
+        video_tokens, text_tokens = [], []
+        for v_i, t_i in layers:
+            v_h = vision.hidden_states[v_i] if deep else vision.last_hidden_state
+            t_h = text.hidden_states[t_i] if deep else text.last_hidden_state
+            video_tokens.append(self.video_tokens(v_h[:, skip_video_tokens:])[idx])
+            text_tokens.append(self.text_tokens(t_h, final_norm=deep))
+        return AlignmentOutput(self.video_embeds(vision)[idx], self.text_embeds(text), self.scale(), video_tokens,
+                               text_tokens)
 
     def encode_video(self, pixel_values: torch.Tensor, *, output_hidden_states: bool = False,
                      output_proxy_attentions: bool = False) -> VisionOutput:

@@ -22,7 +22,7 @@ from hilight.eval.retrieval import retrieval_metrics
 from hilight.losses import ClipGlobalLoss, SimilarityPenalty, SparcLocalLoss
 from hilight.losses.sparc_local import Placement, language_mask, parse_keep, placement_depths
 from hilight.models.checkpoints import load_clipvip_weights, replace_dir, save_model, weights_digest
-from hilight.models.clipvip import CLIPViPModel, build_clipvip, load_preset
+from hilight.models.clipvip import AlignmentOutput, CLIPViPConfig, CLIPViPModel, build_clipvip, load_preset
 from hilight.models.tokenizers import build_clip_tokenizer, load_clip_tokenizer
 from hilight.tracking import ResilientTracker
 from hilight.train.checkpoint import load_checkpoint
@@ -118,64 +118,61 @@ class AlignmentResult:
 
 
 class AlignmentObjective:
-    """Global CLIP loss on pooled embeddings + SPARC local loss at the configured depths + penalties."""
+    """Global CLIP loss on pooled embeddings + SPARC local loss at the configured depths + penalties.
 
-    def __init__(self, spec: LossSpec, model: CLIPViPModel):
+    Called with the model as training sees it (DDP-wrapped on several processes): one ``model(...)`` forward
+    returns everything the losses need, and the losses hold no parameters. The global loss gathers embeddings
+    across ranks; the local loss and the penalties are per sample (see their modules)."""
+
+    def __init__(self, spec: LossSpec, config: CLIPViPConfig):
         self.spec = spec
-        cfg = model.config
-        num_patches = cfg.seq_len if spec.local.include_proxies else cfg.seq_len - cfg.vision.num_proxies
-        self.depths = placement_depths(spec.local.placement, cfg.vision.num_hidden_layers, cfg.text.num_hidden_layers)
+        num_patches = config.seq_len if spec.local.include_proxies else config.seq_len - config.vision.num_proxies
+        self.depths = placement_depths(spec.local.placement, config.vision.num_hidden_layers,
+                                       config.text.num_hidden_layers)
         self.global_loss = ClipGlobalLoss(group_aware=spec.group_aware, reduction=spec.reduction)
         self.local_loss = SparcLocalLoss(parse_keep(spec.local.keep, num_patches) if self.uses_local else num_patches)
         self.penalty = SimilarityPenalty()
-        self.eos = cfg.text.eos_token_id
-        self.skip_proxies = 0 if spec.local.include_proxies else cfg.vision.num_proxies
+        self.eos = config.text.eos_token_id
+        self.skip_proxies = 0 if spec.local.include_proxies else config.vision.num_proxies
 
     @property
     def uses_local(self) -> bool:
         return self.spec.local.weight > 0 or self.spec.token_similarity_weight > 0 or self.spec.patch_similarity_weight > 0
 
-    def __call__(self, model: CLIPViPModel, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        model = getattr(model, "module", model)  # DDP wrapper
-        deep = self.uses_local and self.spec.local.placement != "before_projector"
-        vision = model.encode_video(batch["pixel_values"], output_hidden_states=deep)
-        text = model.encode_text(batch["input_ids"], batch["attention_mask"], output_hidden_states=deep)
-        idx = batch["video_index"]
-        scale = model.scale()
-        terms = self.global_loss(model.video_embeds(vision)[idx], model.text_embeds(text), scale, batch["groups"])
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out: AlignmentOutput = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+                                     video_index=batch["video_index"],
+                                     token_layers=[(v, t) for v, t, _ in self.depths] if self.uses_local else None,
+                                     skip_video_tokens=self.skip_proxies)
+        terms = self.global_loss(out.video_embeds, out.text_embeds, out.scale, batch["groups"])
         loss = self.spec.global_weight * terms["global_loss"]
         if self.uses_local:
             mask = language_mask(batch["input_ids"], batch["attention_mask"], self.eos,
                                  enabled=self.spec.local.language_mask, exclude_special=self.spec.local.exclude_special)
-            local_scale = scale if self.spec.local.temperature == "shared" else torch.tensor(float(self.spec.local.temperature))
+            scale = out.scale if self.spec.local.temperature == "shared" else torch.tensor(float(self.spec.local.temperature))
             local = {"local_loss": 0.0, "token_similarity_loss": 0.0, "patch_similarity_loss": 0.0}
-            for v_i, t_i, w in self.depths:
-                if deep:
-                    v_h, t_h, t_norm = vision.hidden_states[v_i], text.hidden_states[t_i], True
-                else:
-                    v_h, t_h, t_norm = vision.last_hidden_state, text.last_hidden_state, False
-                fn = lambda v, t, m=model, n=t_norm: self._depth(m, v, t, n, idx, mask, local_scale)  # noqa: E731
+            for (_, _, w), patches, tokens in zip(self.depths, out.video_tokens, out.text_tokens, strict=True):
+                fn = lambda v, t: self._local_terms(v, t, mask, scale)  # noqa: E731
                 if self.spec.local.checkpoint_depths and torch.is_grad_enabled() and len(self.depths) > 1:
-                    out = torch.utils.checkpoint.checkpoint(fn, v_h, t_h, use_reentrant=False)
+                    # recompute each depth's [B, L, P] similarities in backward instead of keeping 13 of them
+                    terms_d = torch.utils.checkpoint.checkpoint(fn, patches, tokens, use_reentrant=False)
                 else:
-                    out = fn(v_h, t_h)
-                for k, v in zip(local, out, strict=True):
+                    terms_d = fn(patches, tokens)
+                for k, v in zip(local, terms_d, strict=True):
                     local[k] = local[k] + w * v
             terms.update(local)
             loss = (loss + self.spec.local.weight * local["local_loss"]
                     + self.spec.token_similarity_weight * local["token_similarity_loss"]
                     + self.spec.patch_similarity_weight * local["patch_similarity_loss"])
         terms["loss"] = loss
-        terms["logit_scale"] = model.logit_scale.detach()
+        terms["logit_scale"] = out.scale.detach().log()
         return terms
 
-    def _depth(self, model, v_h, t_h, t_norm, idx, mask, scale):
-        """Project one depth's tokens into the joint space and compute the local terms."""
-        patches = model.video_tokens(v_h[:, self.skip_proxies:])[idx]  # [B, P, D] (gather: one row per caption)
-        tokens = model.text_tokens(t_h, final_norm=t_norm)  # [B, L, D]
-        local = self.local_loss(patches, tokens, mask, scale)["local_loss"]
+    def _local_terms(self, patches, tokens, mask, scale):
+        """One depth's local loss and penalties from projected tokens ``patches`` [B, P, D], ``tokens`` [B, L, D]."""
         pen = self.penalty(patches, tokens, mask)
-        return local, pen["token_similarity_loss"], pen["patch_similarity_loss"]
+        return (self.local_loss(patches, tokens, mask, scale)["local_loss"], pen["token_similarity_loss"],
+                pen["patch_similarity_loss"])
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -262,7 +259,7 @@ def run_alignment(config: AlignmentConfig, *, tracker: ResilientTracker | None =
     log.info("training on %d captions of %d videos; validating on %d captions of %d videos",
              len(train_set), len(train_set.video_files), len(val_set), len(val_set.video_files))
 
-    objective = AlignmentObjective(config.loss, model)
+    objective = AlignmentObjective(config.loss, model.config)
     resolved = {"alignment": config.model_dump(mode="json"), "model": mcfg.model_dump(mode="json"),
                 "data_fingerprint": manifest.fingerprint, "run_key": key}
 
