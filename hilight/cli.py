@@ -17,6 +17,7 @@ from typing import Optional
 import typer
 
 from hilight.env import apply_offline_defaults, project_root, resolve_path
+from pipelines import PIPELINES
 
 app = typer.Typer(help="HiLight Pipelines: tracked, reproducible pipelines for the HiLight billiards video-language model.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -32,6 +33,9 @@ DEMO_LLM = Path("configs/llm_pretrain_demo.yaml")
 DEMO_SELECTION = Path("configs/select_vision_weights_demo.yaml")
 CHAMPION_URI = "models:/hilight-vlm@champion"
 ASK_CACHE = Path("outputs/models")  # registered models downloaded by `hilight ask`
+OVERRIDES = typer.Argument(None, metavar="[KEY.PATH=VALUE]...", show_default=False,
+                           help="Config overrides, each parsed as YAML and validated with the file: train.lr=1e-4 "
+                           "data.train_datasets=\\[billiards,general] data.sources.0.ratio=0.5")
 
 
 @app.callback()
@@ -66,6 +70,7 @@ def data_synth(
 def validate(
     config: Path = typer.Option(DEMO_CONFIG, "--config", "-c", help="A data_validation config YAML."),
     no_fail: bool = typer.Option(False, "--no-fail", help="Report but exit 0 when reject thresholds are exceeded."),
+    overrides: Optional[list[str]] = OVERRIDES,
 ) -> None:
     """Validate data against the contracts without ZenML/MLflow (a quick local check).
 
@@ -76,7 +81,7 @@ def validate(
     from hilight.data.contracts import load_contracts
     from hilight.data.ingest import DataRejectedError, DataValidationConfig, run_ingest
 
-    cfg = load_config(resolve_path(config), DataValidationConfig)
+    cfg = load_config(resolve_path(config), DataValidationConfig, overrides or ())
     contracts = load_contracts(resolve_path(cfg.contracts_dir))
     try:
         result = run_ingest(cfg, contracts, check=not no_fail)
@@ -91,6 +96,7 @@ def validate(
 def train(
     config: Path = typer.Option(..., "--config", "-c", help="A clipvip_alignment, llm_pretrain, tokenmining_pretrain or "
                                 "lora_finetune config YAML."),
+    overrides: Optional[list[str]] = OVERRIDES,
 ) -> None:
     """Train without ZenML/MLflow (quick local iteration, or under `accelerate launch`). Re-running the same command
     resumes from the last checkpoint; `hilight run <pipeline> -c ...` is the tracked equivalent."""
@@ -99,24 +105,25 @@ def train(
     from hilight.config import load_config
 
     path = resolve_path(config)
+    overrides = overrides or []
     kind = (yaml.safe_load(path.read_text()) or {}).get("pipeline", "clipvip_alignment")
     if kind == "clipvip_alignment":
         from hilight.train.alignment import AlignmentConfig, run_alignment
 
-        result = run_alignment(load_config(path, AlignmentConfig))
+        result = run_alignment(load_config(path, AlignmentConfig, overrides))
         summary = "held-out text->video R@1: aligned {:.3f}, random init {:.3f}".format(
             result.retrieval["t2v_r1"], result.baseline["t2v_r1"])
         best = result.best_model
     elif kind == "llm_pretrain":
         from hilight.train.text_lm import LLMPretrainConfig, run_llm_pretrain
 
-        result = run_llm_pretrain(load_config(path, LLMPretrainConfig))
+        result = run_llm_pretrain(load_config(path, LLMPretrainConfig, overrides))
         summary = f"held-out text loss {result.val_loss:.4f} (untrained {result.val_loss_init:.4f})"
         best = result.model_dir
     elif kind == "tokenmining_pretrain":
         from hilight.train.tokenmining import TokenMiningPretrainConfig, run_tokenmining_pretrain
 
-        result = run_tokenmining_pretrain(load_config(path, TokenMiningPretrainConfig))
+        result = run_tokenmining_pretrain(load_config(path, TokenMiningPretrainConfig, overrides))
         m = result.metrics
         summary = (f"held-out answer loss {m['lm_loss']:.4f} (before training {m['lm_loss_initial']:.4f}, another clip's "
                    f"video {m['lm_loss_wrong_video']:.4f}, video tokens "
@@ -125,7 +132,7 @@ def train(
     elif kind == "lora_finetune":
         from hilight.train.lora import LoRAFinetuneConfig, run_lora_finetune
 
-        result = run_lora_finetune(load_config(path, LoRAFinetuneConfig))
+        result = run_lora_finetune(load_config(path, LoRAFinetuneConfig, overrides))
         m = result.metrics
         summary = f"held-out answer loss {m['lm_loss']:.4f} (before stage 2 {m['lm_loss_initial']:.4f})"
         best = result.best_dir
@@ -141,18 +148,23 @@ def train(
     typer.echo(summary)
 
 
-@app.command("run")
+@app.command("run", help="Run a ZenML pipeline on the project-local stack, tracked in MLflow.\n\nPipelines: "
+             + ", ".join(PIPELINES) + ".\n\nExample: hilight run clipvip_alignment -c configs/alignment_demo.yaml "
+             "train.lr=1e-4 train.max_steps=50")
 def run(
-    pipeline: str = typer.Argument(..., help="Pipeline name, e.g. data_validation."),
+    pipeline: str = typer.Argument(..., help="Pipeline name: " + ", ".join(PIPELINES) + "."),
     config: Path = typer.Option(..., "--config", "-c", help="Config YAML for that pipeline."),
+    overrides: Optional[list[str]] = OVERRIDES,
     no_cache: bool = typer.Option(False, "--no-cache", help="Re-run every step even if cached."),
     run_name: Optional[str] = typer.Option(None, help="ZenML run name (default: generated)."),
 ) -> None:
-    """Run a ZenML pipeline on the project-local stack, tracked in MLflow."""
+    """Run a ZenML pipeline on the project-local stack, tracked in MLflow (help text: the decorator's, which lists
+    the pipelines)."""
     from pipelines.run import PipelineFailedError, run_pipeline
 
     try:
-        result = run_pipeline(pipeline, resolve_path(config), enable_cache=False if no_cache else None, run_name=run_name)
+        result = run_pipeline(pipeline, resolve_path(config), enable_cache=False if no_cache else None, run_name=run_name,
+                              overrides=overrides or ())
     except PipelineFailedError as exc:
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(1) from None
@@ -383,11 +395,28 @@ def stack() -> None:
     typer.echo(f"ZenML config  {os.environ['ZENML_CONFIG_PATH']}\nactive stack  {name}\nMLflow store  {mlflow_tracking_uri()}")
 
 
+def _hide_flag_placeholders() -> None:
+    """Typer 0.29's help prints a value placeholder after boolean flags (``--no-cache <bool>``), which take no value;
+    show none for flags, keep the others' (``<path>``, ``<int>``)."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "_hilight", False):
+        return
+
+    def display_type_rich(self: TyperOption, ctx) -> str | None:
+        return None if self.is_flag and self.metavar is None else shown(self, ctx)
+
+    display_type_rich._hilight = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich
+
+
 def main() -> None:
     """Console entry point: a bad config is its message (every problem, with key paths) and exit code 2, not a
     traceback."""
     from hilight.config import ConfigError
 
+    _hide_flag_placeholders()
     try:
         app()
     except ConfigError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from hilight.config import import_object, load_config
@@ -15,12 +16,15 @@ from pipelines.stack import configure_zenml, ensure_stack
 log = logging.getLogger(__name__)
 
 
-def run_pipeline(name: str, config_path: Path, *, enable_cache: bool | None = None, run_name: str | None = None):
-    """Validate the config, make sure the stack exists, run the pipeline; returns the ZenML run."""
+def run_pipeline(name: str, config_path: Path, *, enable_cache: bool | None = None, run_name: str | None = None,
+                 overrides: Sequence[str] = ()):
+    """Validate the config (with ``key.path=value`` ``overrides`` applied: the resolved config is what the steps
+    receive, MLflow records and the run directories hash), make sure the stack exists, run the pipeline; returns the
+    ZenML run."""
     if name not in PIPELINES:
         raise KeyError(f"unknown pipeline {name!r}; choose one of {sorted(PIPELINES)}")
     module_name, config_ref = PIPELINES[name]
-    config = load_config(config_path, import_object(config_ref))
+    config = load_config(config_path, import_object(config_ref), overrides)
     if getattr(config, "pipeline", name) != name:
         raise ValueError(f"{config_path} is a config for pipeline {config.pipeline!r}, not {name!r}")
     configure_zenml()
