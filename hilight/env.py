@@ -47,7 +47,20 @@ def project_root(start: Path | None = None) -> Path:
     return here
 
 
+# One rule for relative paths:
+#   - a path typed on the command line (``-c``, a video, ``--out``, ``-m``) means what the shell means: it is relative
+#     to the working directory (``cli_path``);
+#   - a path written inside a config file (``root``, ``manifest_dir``, ``model.init``, ``output_dir``, other
+#     configs named by a retrain or ablation config) and the CLI's defaults are relative to the project root
+#     (``resolve_path``), so a config means the same thing from whatever directory it is run.
+
+
 def resolve_path(path: str | Path, root: Path | None = None) -> Path:
-    """An absolute path: ``path`` itself if absolute, else relative to the project root."""
+    """A path written inside a config: ``path`` itself if absolute, else relative to the project root."""
     p = Path(path).expanduser()
     return p if p.is_absolute() else (root or project_root()) / p
+
+
+def cli_path(path: str | Path) -> Path:
+    """A path typed on the command line: absolute, relative to the working directory (``..`` collapsed)."""
+    return Path(os.path.abspath(os.path.expanduser(path)))

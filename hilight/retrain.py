@@ -2,9 +2,11 @@
 champion, and say whether (and why) a retrain is due.
 
 A dataset fingerprint is the content hash of its annotation files and every file in its video directory
-(``hilight.data.ingest.fingerprint_dataset``): cheap next to training (no decoding), and independent of where the
-data lives. ``select_vision_weights`` tags each registered version with the fingerprints of the data it was trained
-on (``hilight.dataset_fingerprint.<name>``), so the check needs only the registry and the files.
+(``hilight.data.ingest.fingerprint_dataset``): cheap next to training (no decoding), independent of where the
+data lives, and taken through the stat-keyed hash cache (``hilight.data.hashcache``), so a check on unchanged data
+costs one ``stat`` per file (``hilight retrain --rehash`` reads every byte again). ``select_vision_weights`` tags
+each registered version with the fingerprints of the data it was trained on (``hilight.dataset_fingerprint.<name>``),
+so the check needs only the registry and the files.
 
 The sequence a retrain runs (validation → the listed training configs → selection) is wired in
 ``pipelines.run.run_retrain``; this module holds the config and the decision, and imports no ZenML.
@@ -12,7 +14,6 @@ The sequence a retrain runs (validation → the listed training configs → sele
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -20,7 +21,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from hilight.config import ConfigError, load_config
+from hilight.data.hashcache import HashCache
 from hilight.data.ingest import DataValidationConfig, fingerprint_dataset
+from hilight.data.manifest import open_manifest
 from hilight.env import resolve_path
 from hilight.registry import DATASET_TAG
 
@@ -53,14 +56,16 @@ class RetrainCheck:
     recorded: dict[str, str]  # watched dataset -> fingerprint on the champion ("" when none)
 
 
-def watched_fingerprints(config: RetrainConfig) -> dict[str, str]:
+def watched_fingerprints(config: RetrainConfig, *, rehash: bool | None = None) -> dict[str, str]:
+    """Fingerprints of the watched datasets now; ``rehash`` (default: ``HILIGHT_REHASH``) reads every file again."""
     validation = load_config(resolve_path(config.data_validation), DataValidationConfig)
     specs = {d.name: d for d in validation.datasets}
     unknown = sorted(set(config.watch) - set(specs))
     if unknown:
         raise ConfigError(f"watched datasets {unknown} are not in {config.data_validation} (it has {sorted(specs)}); "
                           "fix `watch:` in the retrain config")
-    return {name: fingerprint_dataset(specs[name], workers=max(2, validation.probe.workers)) for name in config.watch}
+    with HashCache(rehash=rehash, workers=max(2, validation.probe.workers)) as cache:  # unchanged files: one stat each
+        return {name: fingerprint_dataset(specs[name], cache=cache) for name in config.watch}
 
 
 def champion_fingerprints(model_name: str, alias: str = "champion") -> dict[str, str] | None:
@@ -96,6 +101,6 @@ def selection_model_name(config: RetrainConfig) -> str:
 
 
 def dataset_fingerprints(manifest_dir: str | Path) -> dict[str, str]:
-    """The raw per-dataset fingerprints a validated manifest was built from (``manifest.json``)."""
-    meta = json.loads((resolve_path(manifest_dir) / "manifest.json").read_text())
-    return dict(meta.get("dataset_fingerprints", {}))
+    """The raw per-dataset fingerprints a validated manifest was built from (``manifest.json``); a missing or failed
+    manifest is refused (``hilight.data.manifest.open_manifest``)."""
+    return dict(open_manifest(manifest_dir)[1].get("dataset_fingerprints", {}))

@@ -48,8 +48,8 @@ def load_annotations(config: ingest.DataValidationConfig, fingerprints: dict[str
 
 @step
 def probe_videos(config: ingest.DataValidationConfig, video_refs: pd.DataFrame) -> Annotated[pd.DataFrame, "video_facts"]:
-    """Decode every referenced video with decord, in parallel."""
-    return ingest.probe_videos(video_refs, config.probe, progress=config.progress)
+    """Decode every new or changed referenced video with decord, in parallel (cached results for the others)."""
+    return ingest.probe_videos(video_refs, config.probe, progress=config.progress, rehash=config.rehash or None)
 
 
 @step
@@ -91,6 +91,7 @@ def write_manifest(
     run = get_step_context().pipeline_run
     log_lineage(config, fingerprint=fingerprints["combined"], zenml_run_id=str(run.id), pipeline="data_validation")
     mlflow.set_tags({f"hilight.fingerprint.{k}": v for k, v in fingerprints.items() if k != "combined"})
+    mlflow.set_tags({"hilight.manifest_status": result.status, "hilight.manifest_run": str(result.output_dir)})
     mlflow.log_params({f"contract.{t}": c.suite_name for t, c in parsed.items()})
     metrics = {k: float(v) for k, v in result.counts.items()}
     for r in validation_summary.itertuples(index=False):

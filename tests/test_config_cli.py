@@ -65,4 +65,4 @@ def test_a_bad_config_is_a_message_and_exit_2_not_a_traceback(tmp_path):
     done = subprocess.run([sys.executable, "-m", "hilight.cli", "retrain", "-c", str(bad)], capture_output=True,
                           text=True, timeout=300, cwd=REPO)
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert "watchh: Extra inputs are not permitted" in done.stderr
+    assert "watchh: unknown key `watchh`; did you mean `watch`?" in done.stderr

@@ -86,8 +86,10 @@ def test_pipeline_fails_past_threshold(zenml_project, billiards_dir, caplog):
     with pytest.raises(RuntimeError, match="failed: step write_manifest: data rejected by contract") as err:
         run_pipeline("data_validation", root / "config.yaml")
     assert "videos/billiards: 6/24 rejected (25.0% > 10%)" in str(err.value)
-    assert "videos:zero_byte_file x6" in str(err.value) and "outputs/dv/report.md" in str(err.value)
+    (failed,) = (root / "outputs/dv/versions").iterdir()  # the failed run is kept aside, never made current
+    assert "videos:zero_byte_file x6" in str(err.value) and f"{failed}/report.md" in str(err.value)
+    assert failed.name.endswith("_failed") and not (root / "outputs/dv/current").exists()
     # the step's own error names the threshold, the top reasons and the report
     assert "videos/billiards: 6/24 rejected (25.0% > 10%)" in caplog.text
-    assert "videos:zero_byte_file x6" in caplog.text and "outputs/dv/report.md" in caplog.text
-    assert (root / "outputs/dv/quarantine.parquet").is_file()
+    assert "videos:zero_byte_file x6" in caplog.text and f"{failed}/report.md" in caplog.text
+    assert (failed / "quarantine.parquet").is_file()

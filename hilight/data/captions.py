@@ -6,7 +6,6 @@ cost one decode and one video-tower pass per clip.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,11 +15,8 @@ import torch
 from torch.utils.data import Dataset
 
 from hilight.data.frames import load_clip_frames
+from hilight.data.manifest import ManifestError, open_manifest
 from hilight.env import resolve_path
-
-
-class ManifestError(ValueError):
-    """The manifest directory is missing, or the selection it was asked for is empty."""
 
 
 @dataclass(frozen=True)
@@ -47,13 +43,11 @@ def select_rows(rows: pd.DataFrame, datasets: list[str] | None, splits: list[str
 
 
 def read_caption_manifest(manifest_dir: str | Path) -> CaptionManifest:
-    """Validated captions with absolute video paths; fails if the manifest is missing or incomplete."""
-    manifest_dir = resolve_path(manifest_dir)
-    meta_path = manifest_dir / "manifest.json"
-    if not meta_path.is_file():
-        raise ManifestError(f"{meta_path} does not exist; run `hilight run data_validation -c ...` first")
-    meta = json.loads(meta_path.read_text())
-    captions = pd.read_parquet(manifest_dir / meta["files"]["captions"])
+    """Validated captions with absolute video paths, from the current manifest of a data_validation output
+    directory (or one run directory); fails if the manifest is missing, failed validation or is incomplete."""
+    run_dir, meta = open_manifest(manifest_dir)
+    meta_path = run_dir / "manifest.json"
+    captions = pd.read_parquet(run_dir / meta["files"]["captions"])
     roots = {name: resolve_path(d["root"]) for name, d in meta["datasets"].items()}
     missing = sorted(set(captions["dataset"]) - set(roots))
     if missing:

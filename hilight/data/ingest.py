@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -22,7 +22,9 @@ from pydantic import BaseModel, Field, field_validator
 
 from hilight.data import importers
 from hilight.data.contracts import ROW_ID, ContractResult, DataContract, validate_table
-from hilight.data.probe import PICKLE_SUFFIXES, probe_files, resolve_video_path, sha256_file
+from hilight.data.hashcache import HashCache
+from hilight.data.manifest import ACCEPTED_WITH_REJECTS, FAILED, PASSED, READABLE, current_dir, new_version_dir, publish, prune_versions
+from hilight.data.probe import PICKLE_SUFFIXES, probe_files, resolve_video_path
 from hilight.data.tokens import TokenCounter
 from hilight.env import resolve_path
 
@@ -31,6 +33,8 @@ TABLES = ("videos", "captions", "qa")
 
 class DatasetSpec(BaseModel):
     """One dataset on disk: a root holding annotation files and a video folder."""
+
+    model_config = {"extra": "forbid"}
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     domain: str = "billiards"
@@ -52,6 +56,8 @@ class DatasetSpec(BaseModel):
 
 
 class ProbeSettings(BaseModel):
+    model_config = {"extra": "forbid"}
+
     workers: int = Field(2, ge=1, le=256)
     decode_frames: int = Field(12, ge=0, le=256)  # frames decoded per video; 0 = header only
 
@@ -64,12 +70,18 @@ class DataValidationConfig(BaseModel):
     pipeline: Literal["data_validation"] = "data_validation"
     datasets: list[DatasetSpec] = Field(min_length=1)
     contracts_dir: str = "data_contracts"
-    output_dir: str = "outputs/data_validation"
+    output_dir: str = "outputs/data_validation"  # holds versions/<run>/ and `current` (hilight.data.manifest)
+    # accept a dataset whose reject fraction exceeds a contract's threshold (the rejected rows stay quarantined);
+    # the manifest's status is then "accepted_with_rejects". A dataset with 0 accepted rows still fails.
+    allow_rejects: bool = False
     probe: ProbeSettings = Field(default_factory=ProbeSettings)
     tokenizer_dir: str | None = None  # local CLIP tokenizer for exact caption token counts
     progress: bool = True
     enable_cache: bool = True
     experiment_name: str = "data_validation"
+    # True: ignore the stat-keyed hash cache and read every file again (``hilight validate --rehash``); needed only
+    # after a content change whose size and mtime were restored by hand (hilight.data.hashcache)
+    rehash: bool = False
 
     @field_validator("datasets")
     @classmethod
@@ -98,22 +110,42 @@ def _files_to_hash(spec: DatasetSpec) -> list[tuple[str, Path]]:
     return sorted(entries)
 
 
-def _entry_digest(path: Path) -> str:
-    if path.is_symlink():
-        return "symlink:" + os.readlink(path)  # never follow: the target may be outside the root
-    if not path.is_file():
-        return "missing"
-    return sha256_file(path)
+def _entry_digests(paths: list[Path], cache: HashCache) -> list[str]:
+    """Per path: the content hash of a regular file (through ``cache``), ``symlink:<target>`` or ``missing``."""
+    out, files, stats = [], [], []
+    for i, path in enumerate(paths):
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            out.append("missing")
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            out.append("symlink:" + os.readlink(path))  # never follow: the target may be outside the root
+        elif stat.S_ISREG(st.st_mode):
+            out.append("")
+            files.append(i)
+            stats.append(st)
+        else:
+            out.append("missing")
+    for i, digest in zip(files, cache.digests([paths[i] for i in files], stats)):
+        out[i] = digest
+    return out
 
 
-def fingerprint_dataset(spec: DatasetSpec, workers: int = 4) -> str:
+def fingerprint_dataset(spec: DatasetSpec, workers: int = 4, *, cache: HashCache | None = None,
+                        rehash: bool | None = None) -> str:
     """sha256 over (relative path, content hash) of the annotations and every file in the video dir.
 
-    Independent of where the dataset lives: only paths relative to its root enter the hash.
+    Independent of where the dataset lives: only paths relative to its root enter the hash. Content hashes come
+    from the stat-keyed cache (``hilight.data.hashcache``): unchanged files are ``stat``-ed, not read; ``rehash``
+    (default: ``HILIGHT_REHASH``) reads every file again.
     """
     entries = _files_to_hash(spec)
-    with ThreadPoolExecutor(workers) as pool:  # hashlib releases the GIL on large buffers
-        digests = list(pool.map(_entry_digest, [p for _, p in entries]))
+    if cache is None:
+        with HashCache(rehash=rehash, workers=workers) as own:
+            digests = _entry_digests([p for _, p in entries], own)
+    else:
+        digests = _entry_digests([p for _, p in entries], cache)
     h = hashlib.sha256()
     for (rel, _), digest in zip(entries, digests):
         h.update(f"{rel}\0{digest}\n".encode())
@@ -122,7 +154,8 @@ def fingerprint_dataset(spec: DatasetSpec, workers: int = 4) -> str:
 
 def fingerprint_datasets(config: DataValidationConfig) -> dict[str, str]:
     """Per-dataset fingerprints plus ``"combined"`` over all of them (in config order)."""
-    out = {d.name: fingerprint_dataset(d, workers=max(2, config.probe.workers)) for d in config.datasets}
+    with HashCache(rehash=config.rehash or None, workers=max(2, config.probe.workers)) as cache:
+        out = {d.name: fingerprint_dataset(d, cache=cache) for d in config.datasets}
     out["combined"] = hashlib.sha256(json.dumps(out, sort_keys=True).encode()).hexdigest()
     return out
 
@@ -202,14 +235,19 @@ def _referenced_videos(config: DataValidationConfig, captions: pd.DataFrame, qa:
 # probe
 
 
-def probe_videos(videos: pd.DataFrame, settings: ProbeSettings, progress: bool = True) -> pd.DataFrame:
-    """``videos`` plus the probe facts (``hilight.data.probe.PROBE_COLUMNS``)."""
+def probe_videos(videos: pd.DataFrame, settings: ProbeSettings, progress: bool = True, *,
+                 rehash: bool | None = None) -> pd.DataFrame:
+    """``videos`` plus the probe facts (``hilight.data.probe.PROBE_COLUMNS``).
+
+    Content hashes and decode results come from the project's cache (``hilight.data.hashcache``): a re-validation
+    decodes only new or changed files, and its output equals a from-scratch run's."""
     paths = [p if isinstance(p, str) else None for p in videos["abs_path"]]
-    facts = probe_files(paths, workers=settings.workers,
-                        decode_frames=settings.decode_frames, progress=progress)
+    with HashCache(rehash=rehash, workers=max(2, settings.workers)) as cache:
+        facts = probe_files(paths, workers=settings.workers, decode_frames=settings.decode_frames,
+                            progress=progress, cache=cache)
     facts = facts.drop(columns=["path_error"])  # the resolver's path_error is authoritative
     out = pd.concat([videos.reset_index(drop=True), facts], axis=1)
-    for col in ("n_frames", "width", "height", "min_side", "size_bytes"):
+    for col in ("n_frames", "width", "height", "min_side", "max_side", "size_bytes"):
         out[col] = pd.array(out[col], dtype="Int64")
     for col in ("fps", "duration_s"):
         out[col] = pd.array(out[col], dtype="Float64")
@@ -328,6 +366,9 @@ class IngestResult:
     ge_results_path: Path
     report_path: Path
     counts: dict[str, int]
+    status: str = PASSED  # hilight.data.manifest: passed, accepted_with_rejects or failed
+    problems: list[str] = field(default_factory=list)
+    current: Path | None = None  # the run directory readers use after this run (the last good one if this failed)
 
     @property
     def exceeded(self) -> pd.DataFrame:
@@ -336,8 +377,16 @@ class IngestResult:
 
 def write_outputs(validation: Validation, fingerprints: dict[str, str], config: DataValidationConfig,
                   contracts: dict[str, DataContract], out_dir: Path) -> IngestResult:
-    """Write the validated manifests (Parquet, fingerprint in the schema metadata), quarantine, GE JSON, report."""
+    """Write the validated manifests (Parquet, fingerprint in the schema metadata), quarantine, GE JSON, report and
+    ``manifest.json`` into a new run directory under ``out_dir``; make it the current manifest only when the
+    contracts passed (or ``config.allow_rejects`` accepts the rejects). See ``hilight.data.manifest``."""
+    accepted_problems, hard_problems = contract_problems(validation, config)
+    if hard_problems or (accepted_problems and not config.allow_rejects):
+        status = FAILED
+    else:
+        status = ACCEPTED_WITH_REJECTS if accepted_problems else PASSED
     out_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = new_version_dir(out_dir, status)
     videos = validation.valid["videos"]
     by_ref = {(d, r): (p, s) for d, r, p, s in videos[["dataset", "video_ref", "video_path", "sha256"]].itertuples(index=False)}
     meta = {"hilight.data_fingerprint": fingerprints["combined"],
@@ -352,27 +401,51 @@ def write_outputs(validation: Validation, fingerprints: dict[str, str], config: 
         df = df[MANIFEST_COLUMNS[name]]
         table = pa.Table.from_pandas(df, preserve_index=False)
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **{k.encode(): v.encode() for k, v in meta.items()}})
-        manifests[name] = out_dir / f"{name}.parquet"
+        manifests[name] = run_dir / f"{name}.parquet"
         pq.write_table(table, manifests[name])
-    quarantine_path = out_dir / "quarantine.parquet"
+    quarantine_path = run_dir / "quarantine.parquet"
     validation.quarantine.astype({"detail": object, "item": object}).to_parquet(quarantine_path, index=False)
-    ge_results_path = out_dir / "ge_results.json"
+    ge_results_path = run_dir / "ge_results.json"
     ge_results_path.write_text(json.dumps(validation.ge_results, indent=1, default=str))
     counts = {f"{t}_accepted": len(validation.valid[t]) for t in TABLES}
     counts.update({f"{t}_rejected": int((validation.quarantine["table"] == t).sum()) for t in TABLES})
-    report_path = out_dir / "report.md"
-    result = IngestResult(out_dir, fingerprints, validation.summary, manifests, quarantine_path, ge_results_path,
-                          report_path, counts)
+    report_path = run_dir / "report.md"
+    problems = accepted_problems + hard_problems
+    result = IngestResult(run_dir, fingerprints, validation.summary, manifests, quarantine_path, ge_results_path,
+                          report_path, counts, status, problems)
     report_path.write_text(render_report(result, validation, contracts), encoding="utf-8")
-    (out_dir / "manifest.json").write_text(json.dumps({
+    (run_dir / "manifest.json").write_text(json.dumps({
+        "status": status,
+        "problems": problems,
+        "allow_rejects": config.allow_rejects,
+        "run": run_dir.name,  # versions/<UTC time>_<status>
         "data_fingerprint": fingerprints["combined"],
         "dataset_fingerprints": {k: v for k, v in fingerprints.items() if k != "combined"},
         "datasets": {d.name: {"root": d.root, "domain": d.domain, "video_dir": d.video_dir} for d in config.datasets},
-        "contracts": {t: {"name": c.name, "version": c.version} for t, c in contracts.items()},
+        "contracts": {t: {"name": c.name, "version": c.version, "max_reject_fraction": c.max_reject_fraction}
+                      for t, c in contracts.items()},
         "counts": counts,
         "files": {t: p.name for t, p in manifests.items()},
     }, indent=1) + "\n")
+    if status in READABLE:
+        publish(out_dir, run_dir)
+    prune_versions(out_dir)
+    result.current = current_dir(out_dir)
     return result
+
+
+def contract_problems(validation: Validation, config: DataValidationConfig) -> tuple[list[str], list[str]]:
+    """(problems ``allow_rejects`` may accept: reject fractions over a contract's threshold; problems nothing
+    accepts: table-level contract failures and datasets that yield no accepted row)."""
+    over = [f"{r.table}/{r.dataset}: {r.rejected}/{r.total} rejected ({r.reject_fraction:.1%} > {r.threshold:.0%})"
+            for r in validation.summary[validation.summary["exceeded"]].itertuples(index=False)]
+    hard = [f"{f['table']}: {f['reason']} ({f['message']})" for f in validation.table_failures]
+    rows = validation.summary[validation.summary["table"].isin(["captions", "qa"])].groupby("dataset")["accepted"].sum()
+    for spec in config.datasets:
+        if int(rows.get(spec.name, 0)) == 0:
+            hard.append(f"dataset {spec.name} yielded 0 accepted rows (captions {spec.captions}, qa {spec.qa}); "
+                        "check its annotation files and video_dir")
+    return over, hard
 
 
 def top_reasons(quarantine: pd.DataFrame, n: int = 5) -> list[tuple[str, int]]:
@@ -416,25 +489,25 @@ def render_report(result: IngestResult, validation: Validation, contracts: dict[
 
 
 def check_thresholds(result: IngestResult, validation: Validation) -> None:
-    """Raise ``DataRejectedError`` if any (table, dataset) exceeded its contract's reject threshold."""
-    bad = result.exceeded
-    if bad.empty and not validation.table_failures:
+    """Raise ``DataRejectedError`` if the run failed its contracts (``result.status``): the problems, the top
+    reasons, where the failed run is, and which manifest readers keep using."""
+    if result.status != FAILED:
         return
-    parts = [f"{r.table}/{r.dataset}: {r.rejected}/{r.total} rejected ({r.reject_fraction:.1%} > {r.threshold:.0%})"
-             for r in bad.itertuples(index=False)]
-    parts += [f"{f['table']}: {f['reason']} ({f['message']})" for f in validation.table_failures]
     reasons = ", ".join(f"{k} x{v}" for k, v in top_reasons(validation.quarantine))
+    kept = (f"the last good manifest, {result.current}, stays current" if result.current
+            else "there is no validated manifest yet")
     raise DataRejectedError(
-        "data rejected by contract: " + "; ".join(parts) + f". Top reasons: {reasons or 'n/a'}. "
-        f"Report: {result.report_path} (quarantine: {result.quarantine_path}). "
-        "Fix the data, or raise max_reject_fraction in the contract if these rejects are expected.")
+        "data rejected by contract: " + "; ".join(result.problems) + f". Top reasons: {reasons or 'n/a'}. "
+        f"Report: {result.report_path} (quarantine: {result.quarantine_path}). This run was not published: {kept}. "
+        "Fix the data, raise max_reject_fraction in the contract if these rejects are expected, or accept the partial "
+        "dataset explicitly with --allow-rejects (allow_rejects: true).")
 
 
 def run_ingest(config: DataValidationConfig, contracts: dict[str, DataContract], *, check: bool = True) -> IngestResult:
     """The whole ingestion in one call (used by ``hilight validate`` and tests; the pipeline runs it step by step)."""
     fingerprints = fingerprint_datasets(config)
     tables = load_tables(config)
-    tables.videos = probe_videos(tables.videos, config.probe, progress=config.progress)
+    tables.videos = probe_videos(tables.videos, config.probe, progress=config.progress, rehash=config.rehash or None)
     validation = validate_tables(tables, contracts)
     result = write_outputs(validation, fingerprints, config, contracts, resolve_path(config.output_dir))
     if check:

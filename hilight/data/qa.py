@@ -26,6 +26,7 @@ from hilight.data.captions import ManifestError, select_rows
 from hilight.data.conversations import IGNORE_INDEX, ConversationError, Encoded, encode, parse_conversation, strip_video
 from hilight.data.feature_cache import FeatureCache
 from hilight.data.frames import load_clip_frames
+from hilight.data.manifest import open_manifest
 from hilight.env import resolve_path
 
 log = logging.getLogger(__name__)
@@ -43,11 +44,9 @@ class QAManifest:
 
 
 def read_qa_manifest(manifest_dir) -> QAManifest:
-    manifest_dir = resolve_path(manifest_dir)
-    meta_path = manifest_dir / "manifest.json"
-    if not meta_path.is_file():
-        raise ManifestError(f"{meta_path} does not exist; run `hilight run data_validation -c ...` first")
-    meta = json.loads(meta_path.read_text())
+    """Validated QA conversations with absolute video paths and the split of their video, from the current manifest
+    (``open_manifest``: a missing or failed manifest is refused)."""
+    manifest_dir, meta = open_manifest(manifest_dir)
     qa = pd.read_parquet(manifest_dir / meta["files"]["qa"])
     if qa.empty:
         raise ManifestError(f"{manifest_dir} has no QA samples; list QA files under datasets[].qa in the "
