@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-import mlflow
 from pydantic import BaseModel
 
 from hilight.env import project_root
@@ -53,6 +52,8 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def log_lineage(config: BaseModel | Mapping[str, Any], *, fingerprint: str | None, zenml_run_id: str | None,
                 pipeline: str | None = None) -> None:
     """Tag the active MLflow run with lineage and log the resolved config (params + JSON artifact)."""
+    import mlflow  # imported where used: training code imports this module on machines without MLflow
+
     resolved = config.model_dump(mode="json") if isinstance(config, BaseModel) else dict(config)
     commit, dirty = git_state()
     tags = {TAG_GIT_COMMIT: commit, TAG_GIT_DIRTY: str(dirty).lower()}
@@ -92,6 +93,8 @@ class ResilientTracker:
 
     @classmethod
     def for_active_run(cls, **kwargs) -> ResilientTracker:
+        import mlflow
+
         run = mlflow.active_run()
         return cls(run.info.run_id if run else None, **kwargs)
 
