@@ -367,6 +367,46 @@ def ask(
     typer.echo("")
 
 
+@app.command("estimate")
+def estimate_cmd(
+    config: Path = typer.Option(..., "--config", "-c", help="A clipvip_alignment, tokenmining_pretrain or lora_finetune "
+                                "config YAML."),
+    overrides: Optional[list[str]] = OVERRIDES,
+    gpu: str = typer.Option("h100", help="GPU kind: h100, h200, a100, a100-40gb, l40s, rtx4090 (its dense bf16 peak)."),
+    gpus: int = typer.Option(1, min=1, help="GPUs in the job (data parallel)."),
+    mfu: Optional[float] = typer.Option(None, min=0.01, max=1.0, help="Model FLOPs utilisation (default: the stage's "
+                                        "measured value in benchmarks/results/gpu.json, else 0.4)."),
+    samples: Optional[int] = typer.Option(None, min=1, help="Training samples per epoch (default: counted in the "
+                                          "config's validated manifest)."),
+    text_tokens: Optional[int] = typer.Option(None, min=2, help="Text tokens per sample beside the video tokens "
+                                              "(stages 1-2; default 128 / 256)."),
+    llm_preset: Optional[str] = typer.Option(None, help="Gemma preset when llm.dir has no config.json (default: the "
+                                             "preset its name contains, e.g. gemma-2b)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table."),
+) -> None:
+    """What a training run costs before it starts: model FLOPs per sample (counted with torch's FlopCounterMode on
+    the real architecture built on the meta device; no weights are read), parameters, memory per GPU, and projected
+    hours per epoch and for the configured run, with the notes' 6TP/(nXu) beside it."""
+    import yaml
+
+    from hilight.config import import_object, load_config
+    from hilight.estimate import STAGES, estimate, format_table
+
+    path = resolve_path(config)
+    kind = (yaml.safe_load(path.read_text()) or {}).get("pipeline")
+    if kind not in STAGES:
+        typer.secho(f"{config}: `hilight estimate` takes {', '.join(STAGES)} configs, not {kind!r}", fg="red", err=True)
+        raise typer.Exit(2)
+    cfg = load_config(path, import_object(PIPELINES[kind][1]), overrides or ())
+    try:
+        result = estimate(cfg, str(config), gpu=gpu, gpus=gpus, mfu=mfu, samples=samples, text_tokens=text_tokens,
+                          llm_preset=llm_preset)
+    except ValueError as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(result.to_json(), indent=1) if as_json else format_table(result))
+
+
 @app.command("ui")
 def ui(
     port: int = typer.Option(5000, help="Port to listen on."),
