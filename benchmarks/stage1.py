@@ -48,13 +48,13 @@ def cache(videos: int, epochs: int) -> None:
     from hilight.models.clipvip import build_clipvip, load_preset
     from hilight.models.vlm import freeze_all_but
     from hilight.train.text_lm import LLMPretrainConfig, run_llm_pretrain
-    from hilight.train.tokenmining import (
+    from hilight.train.vlm_parts import (
         FeatureCacheSpec,
         LLMSpec,
-        Stage1Objective,
         TokenMiningSpec,
+        VideoAnswerObjective,
         VisionSpec,
-        build_stage1_parts,
+        build_vlm_parts,
         open_feature_cache,
         tower_encoder,
     )
@@ -67,7 +67,7 @@ def cache(videos: int, epochs: int) -> None:
         llm = run_llm_pretrain(LLMPretrainConfig.model_validate({
             "output_dir": str(root / "llm"), "data": {"manifest_dir": str(manifest)},
             "train": {"max_steps": 5, "batch_size": 8, "lr": 1e-3, "progress": False}})).model_dir
-        parts = build_stage1_parts(VisionSpec(clipvip=str(root / "clipvip"), longclip_random_init="tiny"),
+        parts = build_vlm_parts(VisionSpec(clipvip=str(root / "clipvip"), longclip_random_init="tiny"),
                                    LLMSpec(dir=str(llm)), TokenMiningSpec(expand=4))
         freeze_all_but(parts.vlm, ("token_mining.",))
         n_tokens = parts.vlm.token_mining.config.num_tokens(parts.num_frames)
@@ -80,7 +80,7 @@ def cache(videos: int, epochs: int) -> None:
         fill_s = time.perf_counter() - started
 
         def epoch_time(dataset: VideoQADataset, batch_size: int = 16) -> tuple[float, float]:
-            objective = Stage1Objective(parts.vlm)
+            objective = VideoAnswerObjective(parts.vlm)
             tm = parts.vlm.token_mining
             opt = torch.optim.AdamW(tm.parameters(), lr=1e-3)
             order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()

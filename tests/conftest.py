@@ -194,11 +194,12 @@ def selection_config(root: Path, manifest: Path, vlm_weights: dict, billiards_di
 def stage1_export(tmp_path_factory, caption_manifest, vlm_weights) -> Path:
     """An (untrained) TokenMining export matching the tiny towers and LLM, as stage 2's init."""
     from hilight.models.token_mining import save_token_mining
-    from hilight.train.tokenmining import TokenMiningPretrainConfig, build_stage1_parts
+    from hilight.train.tokenmining import TokenMiningPretrainConfig
+    from hilight.train.vlm_parts import build_vlm_parts
 
     cfg = TokenMiningPretrainConfig.model_validate(
         tokenmining_config(caption_manifest, tmp_path_factory.mktemp("s1"), vlm_weights["clipvip"], vlm_weights["llm"]))
-    parts = build_stage1_parts(cfg.vision, cfg.llm, cfg.token_mining)
+    parts = build_vlm_parts(cfg.vision, cfg.llm, cfg.token_mining)
     return save_token_mining(parts.vlm.token_mining, tmp_path_factory.mktemp("stage1") / "best", {"test": True})
 
 

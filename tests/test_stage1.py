@@ -9,12 +9,8 @@ from safetensors.torch import load_file
 
 from hilight.models.checkpoints import read_state_dict
 from hilight.models.token_mining import TokenMining, load_saved_token_mining, load_token_mining
-from hilight.train.tokenmining import (
-    Stage1Objective,
-    TokenMiningPretrainConfig,
-    build_stage1_parts,
-    run_tokenmining_pretrain,
-)
+from hilight.train.tokenmining import TokenMiningPretrainConfig, run_tokenmining_pretrain
+from hilight.train.vlm_parts import VideoAnswerObjective, build_vlm_parts
 from hilight.models.vlm import freeze_all_but
 from tests.conftest import tokenmining_config
 
@@ -32,7 +28,7 @@ def test_text_lm_stand_in_learned_the_corpus(vlm_weights):
 
 def test_trainable_set_is_exactly_token_mining(caption_manifest, vlm_weights, tmp_path):
     config = _config(caption_manifest, vlm_weights, tmp_path)
-    parts = build_stage1_parts(config.vision, config.llm, config.token_mining)
+    parts = build_vlm_parts(config.vision, config.llm, config.token_mining)
     trainable = freeze_all_but(parts.vlm, ("token_mining.",))
     assert sorted(trainable) == sorted(f"token_mining.{k}" for k in parts.vlm.token_mining.state_dict())
     assert len(trainable) == 22
@@ -84,7 +80,7 @@ def test_objective_gradients_reach_only_token_mining(caption_manifest, vlm_weigh
     from hilight.data.qa import VideoQADataset, encode_samples, read_qa_manifest
 
     config = _config(caption_manifest, vlm_weights, tmp_path)
-    parts = build_stage1_parts(config.vision, config.llm, config.token_mining)
+    parts = build_vlm_parts(config.vision, config.llm, config.token_mining)
     freeze_all_but(parts.vlm, ("token_mining.",))
     rows = read_qa_manifest(caption_manifest).select(None, ["train"]).head(3)
     n = parts.vlm.token_mining.config.num_tokens(parts.num_frames)
@@ -93,7 +89,7 @@ def test_objective_gradients_reach_only_token_mining(caption_manifest, vlm_weigh
                           image_size=parts.image_size)
     batch = data.collate([0, 1, 2])
     assert batch["pixel_values"].shape[:2] == (3, parts.num_frames)
-    Stage1Objective(parts.vlm)(parts.vlm.token_mining, batch)["loss"].backward()
+    VideoAnswerObjective(parts.vlm)(parts.vlm.token_mining, batch)["loss"].backward()
     with_grad = {n for n, p in parts.vlm.named_parameters() if p.grad is not None}
     assert with_grad and all(n.startswith("token_mining.") for n in with_grad)
 
@@ -107,7 +103,7 @@ def test_clear_errors(caption_manifest, vlm_weights, tmp_path):
     from hilight.models.checkpoints import CheckpointError
     bad = TokenMiningPretrainConfig.model_validate({**raw, "llm": {"dir": str(tmp_path / "no_llm")}})
     with pytest.raises(CheckpointError, match="config.json is missing"):
-        build_stage1_parts(bad.vision, bad.llm, bad.token_mining)
+        build_vlm_parts(bad.vision, bad.llm, bad.token_mining)
     small = TokenMiningPretrainConfig.model_validate({**raw, "data": {**raw["data"], "max_length": 20}})
     with pytest.raises(ValueError, match=r"QA samples were rejected, e.g. .*prompt alone.*raise data.max_length \(now 20\)"):
         run_tokenmining_pretrain(small)

@@ -122,7 +122,7 @@ def test_merge_keeps_logits_and_the_directory_loads_back(stage2, tmp_path):
     from hilight.models.checkpoints import CheckpointError
     from hilight.models.export import GenerationSpec, load_vlm_dir
     from hilight.train.merge import merge_stage2, probe_logits
-    from hilight.train.tokenmining import LLMSpec, TokenMiningSpec, VisionSpec, build_stage1_parts
+    from hilight.train.vlm_parts import LLMSpec, TokenMiningSpec, VisionSpec, build_vlm_parts
 
     _, result = stage2
     merged = merge_stage2(result.best_dir, tmp_path / "merged", generation=GenerationSpec(max_new_tokens=8),
@@ -130,7 +130,7 @@ def test_merge_keeps_logits_and_the_directory_loads_back(stage2, tmp_path):
     assert merged.max_abs_logit_diff < 1e-4
     # independently: the adapter model (peft, unmerged) and the saved merged directory give the same logits
     meta = json.loads((result.best_dir / "stage2.json").read_text())
-    parts = build_stage1_parts(VisionSpec(**meta["vision"]), LLMSpec(**meta["llm"]),
+    parts = build_vlm_parts(VisionSpec(**meta["vision"]), LLMSpec(**meta["llm"]),
                                TokenMiningSpec(**{**meta["token_mining"], "init": str(result.best_dir / "token_mining")}))
     vlm = parts.vlm.eval()
     vocab, n_tok = vlm.llm.config.vocab_size, vlm.token_mining.config.num_tokens(parts.num_frames)

@@ -37,7 +37,7 @@ from hilight.data.qa import DESCRIBE_PROMPT, describe_rows, read_qa_manifest
 from hilight.env import resolve_path
 from hilight.eval.facts import FACT_KINDS, check_answer, read_events
 from hilight.models.checkpoints import load_saved_clipvip
-from hilight.models.export import GenerationSpec, VLMBundle
+from hilight.models.export import GenerationSpec, VLMBundle, default_device
 from hilight.models.tokenizers import load_clip_tokenizer
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,8 @@ def text_scores(answers: list[str], references: list[str]) -> pd.DataFrame:
 def judge_similarity(judge_dir: str | Path, items: pd.DataFrame, batch_size: int) -> pd.DataFrame:
     """Cosine similarity of each video with its answer and with its reference under the aligned CLIP-ViP."""
     judge_dir = resolve_path(judge_dir)
-    judge = load_saved_clipvip(judge_dir).eval()
+    device = default_device()
+    judge = load_saved_clipvip(judge_dir).eval().to(device)
     tok = load_clip_tokenizer(judge_dir / "tokenizer", judge.config.text.max_position_embeddings)
     cfg = judge.config
     files = items.drop_duplicates("video_id")[["video_id", "video_file"]]
@@ -129,15 +130,15 @@ def judge_similarity(judge_dir: str | Path, items: pd.DataFrame, batch_size: int
     for start in range(0, len(files), batch_size):
         chunk = files.iloc[start:start + batch_size]
         pix = torch.stack([load_clip_frames(f, cfg.num_frames, cfg.vision.image_size) for f in chunk["video_file"]])
-        emb = judge.video_embeds(judge.encode_video(pix)).float()
+        emb = judge.video_embeds(judge.encode_video(pix.to(device))).float().cpu()
         video.update(zip(chunk["video_id"], emb, strict=True))
 
     def embed(texts: list[str]) -> torch.Tensor:
         out = []
         for start in range(0, len(texts), batch_size):
             enc = tok([t or " " for t in texts[start:start + batch_size]], padding=True, truncation=True,
-                      return_tensors="pt")
-            out.append(judge.text_embeds(judge.encode_text(enc["input_ids"], enc["attention_mask"])).float())
+                      return_tensors="pt").to(device)
+            out.append(judge.text_embeds(judge.encode_text(enc["input_ids"], enc["attention_mask"])).float().cpu())
         return torch.cat(out)
 
     v = torch.stack([video[x] for x in items["video_id"]])
@@ -153,7 +154,7 @@ def generate_answers(bundle: VLMBundle, items: pd.DataFrame, spec: VLMEvalSpec) 
     files = items.drop_duplicates("video_id")[["video_id", "video_file"]]
     for start in range(0, len(files), spec.batch_size):
         chunk = files.iloc[start:start + spec.batch_size]
-        pix = torch.stack([bundle.clip(f) for f in chunk["video_file"]])
+        pix = torch.stack([bundle.clip(f) for f in chunk["video_file"]]).to(next(vlm.token_mining.parameters()).device)
         tokens.update(zip(chunk["video_id"], vlm.token_mining(*vlm.tower_features(pix)), strict=True))
     answers = []
     for start in range(0, len(items), spec.batch_size):

@@ -163,8 +163,15 @@ class VLMBundle:
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
-def load_vlm_dir(model_dir: str | Path, *, dtype: str | None = None, verify: bool = True) -> VLMBundle:
-    """Load a directory written by ``save_vlm_dir``, strictly; ``verify`` checks every part's digest."""
+def default_device() -> torch.device:
+    """Where inference runs unless told: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_vlm_dir(model_dir: str | Path, *, dtype: str | None = None, verify: bool = True,
+                 device: str | torch.device | None = None) -> VLMBundle:
+    """Load a directory written by ``save_vlm_dir``, strictly, onto ``device`` (default: ``default_device()``);
+    ``verify`` checks every part's digest. The LLM keeps the saved dtype unless ``dtype`` is given."""
     model_dir = Path(model_dir)
     meta = read_meta(model_dir)
     llm = load_llm(model_dir / "llm", hidden_act=meta["hidden_act"], dtype=DTYPES[dtype or meta["dtype"]])
@@ -184,4 +191,4 @@ def load_vlm_dir(model_dir: str | Path, *, dtype: str | None = None, verify: boo
         if bad:
             raise CheckpointError(f"{model_dir}: the weights of {bad} differ from the digests in {META_FILE}; the "
                                   "directory was modified or partly copied; re-run the merge step")
-    return VLMBundle(vlm, tokenizer, meta)
+    return VLMBundle(vlm.to(torch.device(device) if device is not None else default_device()), tokenizer, meta)

@@ -1,8 +1,8 @@
 """Stage 0: CLIP-ViP alignment on caption tables with the CLIP global loss + the SPARC local loss.
 
-``run_alignment(config)`` reads top to bottom: data → tokenizer → model (+ initial weights) → objective →
-``fit`` → export the final and best models → held-out retrieval of the trained model next to a random-init
-model (the proof that it learned). The research notes' final recipe (§3) is ``configs/alignment_clipvip_b16.yaml``.
+``AlignmentRecipe(config).run()`` (or ``run_alignment(config)``) reads top to bottom: data → tokenizer → model
+(+ initial weights) on the accelerator's device → objective → ``Trainer`` → export the final and best models →
+held-out retrieval of the trained model next to a random-init model (the proof that it learned). The research notes' final recipe (§3) is ``configs/alignment_clipvip_b16.yaml``.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from hilight.models.checkpoints import load_clipvip_weights, replace_dir, save_m
 from hilight.models.clipvip import AlignmentOutput, CLIPViPConfig, CLIPViPModel, build_clipvip, load_preset
 from hilight.models.tokenizers import build_clip_tokenizer, load_clip_tokenizer
 from hilight.tracking import ResilientTracker
-from hilight.train.checkpoint import load_checkpoint
-from hilight.train.loop import FitResult, TrainSettings, fit, run_key
+from hilight.train.loop import FitResult, TrainSettings
+from hilight.train.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -237,48 +237,57 @@ def prepare_tokenizer(config: AlignmentConfig, manifest: CaptionManifest, out_di
                                 max_length=config.tokenizer.max_length), tok_dir
 
 
+class AlignmentRecipe(Recipe):
+    """Stage 0: data → tokenizer → model (+ initial weights) on the device → ``Trainer`` → exports of the final and
+    best models → held-out retrieval of the best model next to a random-init one (the proof that it learned)."""
+
+    stage = "alignment"
+
+    def run(self) -> AlignmentResult:
+        config = self.config
+        manifest = read_caption_manifest(config.data.manifest_dir)
+        self.open_run(data=manifest.fingerprint, init=init_digest(config.model))
+
+        # build
+        tokenizer, tok_dir = prepare_tokenizer(config, manifest, self.run_dir)
+        model = build_model(config.model, tokenizer).to(self.device)
+        mcfg = model.config
+
+        # data
+        make = lambda rows, jitter: CaptionVideoDataset(  # noqa: E731
+            rows, tokenizer, num_frames=mcfg.num_frames, image_size=mcfg.vision.image_size,
+            max_length=config.tokenizer.max_length, jitter_seed=config.train.seed if jitter else None,
+            cache_frames=config.data.cache_frames)
+        train_set = make(manifest.select(config.data.train_datasets, config.data.train_splits), config.data.jitter)
+        val_set = make(manifest.select(config.data.val_datasets, config.data.val_splits), False)
+        sampler = CaptionBatchSampler(train_set.groups, config.train.batch_size, mode=config.sampler,
+                                      seed=config.train.seed)
+        log.info("training on %d captions of %d videos; validating on %d captions of %d videos",
+                 len(train_set), len(train_set.video_files), len(val_set), len(val_set.video_files))
+
+        # train
+        resolved = {"alignment": config.model_dump(mode="json"), "model": mcfg.model_dump(mode="json"),
+                    "data_fingerprint": manifest.fingerprint, "run_key": self.key}
+        fit = self.train(model, AlignmentObjective(config.loss, mcfg), train_set, sampler, resolved=resolved,
+                         evaluate=lambda m: {f"val/{k}": v for k, v in
+                                             retrieval_eval(m, val_set, config.eval_batch_size).items()},
+                         after_step=CLIPViPModel.clamp_logit_scale)
+
+        # export: the final weights and the best checkpoint's, each a standalone model directory with its tokenizer
+        # (stable paths under output_dir, so a later stage's config can point at `<output_dir>/best`)
+        final_dir = _export(model, self.out_dir / "final", resolved, tok_dir)
+        self.restore_best(model, fit)
+        best_dir = _export(model, self.out_dir / "best", resolved, tok_dir)
+
+        # evaluate: the best model next to the random-init one
+        retrieval = retrieval_eval(model, val_set, config.eval_batch_size)
+        random_init = build_clipvip(mcfg, seed=config.model.init_seed).to(self.device)
+        baseline = retrieval_eval(random_init, val_set, config.eval_batch_size)
+        return AlignmentResult(self.run_dir, final_dir, best_dir, tok_dir, fit, retrieval, baseline)
+
+
 def run_alignment(config: AlignmentConfig, *, tracker: ResilientTracker | None = None) -> AlignmentResult:
-    tracker = tracker or ResilientTracker(None)
-    manifest = read_caption_manifest(config.data.manifest_dir)
-    key = run_key(config, data=manifest.fingerprint, init=init_digest(config.model))
-    out_dir = resolve_path(config.output_dir)
-    run_dir = out_dir / "runs" / key  # the same key resumes; new data, config or init weights start fresh
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log.info("run directory %s", run_dir)
-
-    tokenizer, tok_dir = prepare_tokenizer(config, manifest, run_dir)
-    model = build_model(config.model, tokenizer)
-    mcfg = model.config
-    make = lambda rows, jitter: CaptionVideoDataset(  # noqa: E731
-        rows, tokenizer, num_frames=mcfg.num_frames, image_size=mcfg.vision.image_size,
-        max_length=config.tokenizer.max_length, jitter_seed=config.train.seed if jitter else None,
-        cache_frames=config.data.cache_frames)
-    train_set = make(manifest.select(config.data.train_datasets, config.data.train_splits), config.data.jitter)
-    val_set = make(manifest.select(config.data.val_datasets, config.data.val_splits), False)
-    sampler = CaptionBatchSampler(train_set.groups, config.train.batch_size, mode=config.sampler, seed=config.train.seed)
-    log.info("training on %d captions of %d videos; validating on %d captions of %d videos",
-             len(train_set), len(train_set.video_files), len(val_set), len(val_set.video_files))
-
-    objective = AlignmentObjective(config.loss, model.config)
-    resolved = {"alignment": config.model_dump(mode="json"), "model": mcfg.model_dump(mode="json"),
-                "data_fingerprint": manifest.fingerprint, "run_key": key}
-
-    def evaluate(m: CLIPViPModel) -> dict[str, float]:
-        return {f"val/{k}": v for k, v in retrieval_eval(m, val_set, config.eval_batch_size).items()}
-
-    result = fit(model, objective, train_set, sampler, config.train, run_dir, evaluate=evaluate,
-                 after_step=CLIPViPModel.clamp_logit_scale, tracker=tracker, config=resolved)
-
-    # exports: the final weights and the best checkpoint's, each a standalone model directory with its tokenizer
-    # (stable paths under output_dir, so a later stage's config can point at `<output_dir>/best`)
-    final_dir = _export(model, out_dir / "final", resolved, tok_dir)
-    if result.best_checkpoint is not None and result.best_checkpoint != result.final_checkpoint:
-        model = build_clipvip(mcfg)
-        model.load_state_dict(load_checkpoint(result.best_checkpoint, None)[0], strict=True)
-    best_dir = _export(model, out_dir / "best", resolved, tok_dir)
-    retrieval = retrieval_eval(model, val_set, config.eval_batch_size)
-    baseline = retrieval_eval(build_clipvip(mcfg, seed=config.model.init_seed), val_set, config.eval_batch_size)
-    return AlignmentResult(run_dir, final_dir, best_dir, tok_dir, result, retrieval, baseline)
+    return AlignmentRecipe(config, tracker=tracker).run()
 
 
 def _export(model: CLIPViPModel, out_dir: Path, resolved: dict, tok_dir: Path) -> Path:

@@ -1,9 +1,11 @@
 """The training loop every stage uses: accelerate, AdamW, warmup + cosine, clipping, mixed precision, periodic
 validation, atomic checkpoints with automatic resume, non-finite-loss protection, resilient MLflow logging.
 
-``fit`` reads top to bottom: set up → resume if a checkpoint exists → loop (step, log, validate, checkpoint) →
-final checkpoint. A stage supplies the model, a dataset with ``collate``, a resumable batch sampler, an
-``objective(model, batch) -> {"loss": ..., "<name>_loss": ...}`` and optionally ``evaluate(model) -> metrics``.
+``Trainer.fit`` reads top to bottom: set up → resume if a checkpoint exists → loop (step, log, validate, checkpoint)
+→ final checkpoint. A stage's recipe (``hilight.train.recipe``) owns the ``Accelerator`` and supplies the model, a
+dataset with ``collate``, a resumable batch sampler, an ``objective(model, batch) -> {"loss": ..., "<name>_loss": ...}``
+that calls the *wrapped* model (DDP all-reduces only through ``forward``) and optionally ``evaluate(model) ->
+metrics``. Everything the loop must carry across a crash lives in one ``TrainState``.
 
 Resume is exact on CPU: the batch order depends only on (seed, epoch) and the position in the epoch, and model,
 optimizer, scheduler and RNG states are restored, so a killed and re-run job ends with the same weights.
@@ -17,7 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -89,11 +91,30 @@ class NonFiniteLossError(RuntimeError):
 
 
 @dataclass
+class TrainState:
+    """Everything besides weights, optimizer and scheduler that a resumed run needs (``trainer_state.json``)."""
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0  # batches of this epoch consumed, over all processes
+    skipped_steps: int = 0
+    nonfinite_in_row: int = 0
+    best_step: int | None = None
+    best_metric: float | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)  # validation metrics per evaluation
+
+    def improves(self, value: float | None, mode: str) -> bool:
+        return value is not None and (self.best_metric is None
+                                      or (value > self.best_metric if mode == "max" else value < self.best_metric))
+
+
+@dataclass
 class FitResult:
     run_dir: Path
     step: int
     final_checkpoint: Path
     best_checkpoint: Path | None
+    best_step: int | None
     best_metric: float | None
     skipped_steps: int
     resumed_from: int | None
@@ -124,158 +145,195 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def fit(model: torch.nn.Module, objective: Callable[[torch.nn.Module, dict], dict[str, torch.Tensor]], dataset,
-        sampler, settings: TrainSettings, run_dir: Path, *,
-        evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
-        after_step: Callable[[torch.nn.Module], None] | None = None,
-        tracker: ResilientTracker | None = None, config: dict | None = None,
-        state: Literal["all", "trainable"] = "all") -> FitResult:
-    """Train ``model`` for ``settings.max_steps`` optimizer steps; resumes from ``run_dir/checkpoints``.
+Objective = Callable[[torch.nn.Module, dict], dict[str, torch.Tensor]]
+
+
+class Trainer:
+    """One training run of one model: optimizer, schedule, checkpoints under ``run_dir/checkpoints``, resume.
 
     ``state="trainable"`` checkpoints only the parameters that require grad (LoRA adapters next to a frozen
     multi-GB LLM); resuming then checks that the checkpoint holds exactly those."""
-    tracker = tracker or ResilientTracker(None)
-    config = config or {}
-    ckpt_root = run_dir / "checkpoints"
-    torch.manual_seed(settings.seed)
-    accelerator = Accelerator(mixed_precision=settings.mixed_precision)
-    if settings.gradient_checkpointing:
-        model.set_gradient_checkpointing(True)
-    optimizer = torch.optim.AdamW(param_groups(model, settings.weight_decay), lr=settings.lr, betas=settings.betas,
-                                  eps=settings.eps)
-    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, settings.warmup_steps, settings.max_steps, min_lr_rate=settings.min_lr_ratio)
 
-    step, epoch, position, skipped, in_row = 0, 0, 0, 0, 0
-    best_step, best_metric, history, resumed_from = None, None, [], None
-    existing = list_checkpoints(ckpt_root) if settings.resume else []
-    if existing:
-        resumed_from, path = existing[-1]
-        model_state, trainer = load_checkpoint(path, optimizer)
-        if state == "trainable":
-            load_trainable_state(model, model_state, str(path))
-        else:
-            model.load_state_dict(model_state, strict=True)
-        scheduler.load_state_dict(trainer["scheduler"])
-        step, epoch, position = trainer["step"], trainer["epoch"], trainer["position"]
-        skipped, in_row = trainer["skipped_steps"], trainer["nonfinite_in_row"]
-        best_step, best_metric, history = trainer["best_step"], trainer["best_metric"], trainer["history"]
-        log.info("resuming from %s (step %d of %d)", path, step, settings.max_steps)
+    def __init__(self, accelerator: Accelerator, settings: TrainSettings, run_dir: Path, *,
+                 tracker: ResilientTracker | None = None, config: dict | None = None,
+                 state: Literal["all", "trainable"] = "all"):
+        self.accelerator, self.settings, self.run_dir = accelerator, settings, run_dir
+        self.tracker = tracker or ResilientTracker(None)
+        self.config, self.state_mode = config or {}, state
+        self.ckpt_root = run_dir / "checkpoints"
+        self.state = TrainState()
 
-    model, optimizer = accelerator.prepare(model, optimizer)
-    raw_model = accelerator.unwrap_model(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    world = accelerator.num_processes
+    # ------------------------------------------------------------------------------------------- the loop
 
-    def batches():
-        """Endless batches; keeps (epoch, position) in step with what has been consumed."""
-        nonlocal epoch, position
-        while True:
-            sampler.set_epoch(epoch, skip=position)
-            dataset.epoch = epoch
-            # an own generator: creating the loader would otherwise draw from the global RNG, shifting a resumed
-            # run's dropout masks (e.g. LoRA's) against an uninterrupted one
-            loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=dataset.collate,
-                                num_workers=settings.num_workers,
-                                generator=torch.Generator().manual_seed(settings.seed + epoch))
-            if world > 1:
-                loader = accelerator.prepare_data_loader(loader)
-            for batch in loader:
-                position += world
-                yield {k: v.to(accelerator.device) for k, v in batch.items()}
-            epoch, position = epoch + 1, 0
+    def fit(self, model: torch.nn.Module, objective: Objective, dataset, sampler, *,
+            evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+            after_step: Callable[[torch.nn.Module], None] | None = None) -> FitResult:
+        """Train ``model`` for ``settings.max_steps`` optimizer steps, resuming from the last checkpoint."""
+        settings, acc = self.settings, self.accelerator
+        torch.manual_seed(settings.seed)
+        if settings.gradient_checkpointing:
+            model.set_gradient_checkpointing(True)
+        model.to(acc.device)
+        optimizer = torch.optim.AdamW(param_groups(model, settings.weight_decay), lr=settings.lr,
+                                      betas=settings.betas, eps=settings.eps)
+        scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, settings.warmup_steps, settings.max_steps, min_lr_rate=settings.min_lr_ratio)
+        resumed_from = self._resume(model, optimizer, scheduler)
+        st = self.state
+        wrapped, optimizer = acc.prepare(model, optimizer)
+        self.raw_model = acc.unwrap_model(wrapped)
+        self.optimizer, self.scheduler = optimizer, scheduler
+        params = [p for p in wrapped.parameters() if p.requires_grad]
+        stream = self._batches(dataset, sampler)
+        bar = tqdm(total=settings.max_steps, initial=st.step, desc="train", disable=not settings.progress,
+                   dynamic_ncols=True)
+        while st.step < settings.max_steps:
+            metrics = self._train_step(wrapped, objective, stream, params, after_step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.4f}", lr=f"{metrics['train/lr']:.2e}")
+            new_best = evaluate is not None and self._validate(wrapped, evaluate)
+            if st.step % settings.ckpt_every == 0 or st.step == settings.max_steps or new_best:
+                self._checkpoint()
+                if new_best:
+                    self.tracker.set_tags({"hilight.best_step": str(st.step),
+                                           "hilight.best_checkpoint": f"checkpoints/step-{st.step:08d}",
+                                           "hilight.best_metric": f"{settings.select_metric}={st.best_metric:.6g}"})
+        bar.close()
+        self.tracker.flush()
+        final = step_dir(self.ckpt_root, st.step)
+        if not (final / "trainer_state.json").is_file():  # resumed at max_steps: nothing left to train
+            final = self._checkpoint()
+        best = step_dir(self.ckpt_root, st.best_step) if st.best_step else None
+        return FitResult(self.run_dir, st.step, final, best, st.best_step, st.best_metric, st.skipped_steps,
+                         resumed_from, list(st.history))
 
-    def checkpoint(at: int) -> Path:
-        trainer = {"epoch": epoch, "position": position, "scheduler": scheduler.state_dict(),
-                   "skipped_steps": skipped, "nonfinite_in_row": in_row, "best_step": best_step,
-                   "best_metric": best_metric, "history": history}
-        path = step_dir(ckpt_root, at)
-        if accelerator.is_main_process:
-            weights = trainable_state_dict(raw_model) if state == "trainable" else raw_model.state_dict()
-            path = save_checkpoint(ckpt_root, at, model_state=weights, optimizer=optimizer,
-                                   trainer_state=trainer, config=config)
-            prune_checkpoints(ckpt_root, settings.keep_last, protect={best_step} if best_step else set())
-            if settings.log_checkpoints == "model":
-                tracker.log_artifacts(path / "model.safetensors", f"checkpoints/step-{at:08d}")
-        accelerator.wait_for_everyone()
-        return path
-
-    stream = batches()
-    bar = tqdm(total=settings.max_steps, initial=step, desc="train", disable=not settings.progress,
-               dynamic_ncols=True)
-    while step < settings.max_steps:
+    def _train_step(self, model, objective: Objective, stream, params, after_step) -> dict[str, float]:
+        """One optimizer step over ``grad_accum`` micro-batches; a non-finite loss or gradient skips it on every
+        process together."""
+        settings, acc, st = self.settings, self.accelerator, self.state
         model.train()
         started = time.perf_counter()
         sums: dict[str, float] = {}
-        local_nonfinite = torch.zeros((), device=accelerator.device)
+        local_nonfinite = torch.zeros((), device=acc.device)
         n_samples = 0
         for _ in range(settings.grad_accum):
             batch = next(stream)
             n_samples += len(batch["input_ids"]) if "input_ids" in batch else len(next(iter(batch.values())))
-            with accelerator.autocast():
+            with acc.autocast():
                 terms = objective(model, batch)
             loss = terms["loss"]
-            # always backward, even on NaN: under DDP every process must join the gradient all-reduce; the
-            # step is then skipped on all processes together
-            accelerator.backward(loss / settings.grad_accum)
+            # always backward, even on NaN: under DDP every process must join the gradient all-reduce
+            acc.backward(loss / settings.grad_accum)
             local_nonfinite += (~torch.isfinite(loss.detach())).float()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float().item() / settings.grad_accum
-        nonfinite = accelerator.reduce(local_nonfinite, "sum").item() > 0
-        grad_norm = (accelerator.clip_grad_norm_(params, settings.max_grad_norm) if settings.max_grad_norm
-                     else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
-        grad_norm = float(grad_norm)
-        nonfinite = nonfinite or not math.isfinite(grad_norm)
-        if nonfinite:
-            skipped, in_row = skipped + 1, in_row + 1
+        nonfinite = acc.reduce(local_nonfinite, "sum").item() > 0
+        grad_norm = float(acc.clip_grad_norm_(params, settings.max_grad_norm) if settings.max_grad_norm
+                          else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params
+                                                                     if p.grad is not None])))
+        if nonfinite or not math.isfinite(grad_norm):
+            st.skipped_steps, st.nonfinite_in_row = st.skipped_steps + 1, st.nonfinite_in_row + 1
             log.warning("step %d: non-finite loss or gradient (loss=%s, grad_norm=%s); step skipped (%d in a row)",
-                        step + 1, sums.get("loss"), grad_norm, in_row)
-            if in_row >= settings.max_nonfinite_in_row:
-                tracker.log_metrics({"train/skipped_steps": skipped}, step + 1)
-                tracker.flush()
+                        st.step + 1, sums.get("loss"), grad_norm, st.nonfinite_in_row)
+            if st.nonfinite_in_row >= settings.max_nonfinite_in_row:
+                self.tracker.log_metrics({"train/skipped_steps": st.skipped_steps}, st.step + 1)
+                self.tracker.flush()
                 raise NonFiniteLossError(
-                    f"{in_row} consecutive steps had a non-finite loss or gradient (last at step {step + 1}); "
-                    f"stopping. Lower train.lr, enable train.max_grad_norm, or check the data; the last good "
-                    f"checkpoint is in {ckpt_root}")
+                    f"{st.nonfinite_in_row} consecutive steps had a non-finite loss or gradient (last at step "
+                    f"{st.step + 1}); stopping. Lower train.lr, enable train.max_grad_norm, or check the data; the "
+                    f"last good checkpoint is in {self.ckpt_root}")
         else:
-            optimizer.step()
-            in_row = 0
+            self.optimizer.step()
+            st.nonfinite_in_row = 0
             if after_step is not None:
-                after_step(raw_model)
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        step += 1
+                after_step(self.raw_model)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        st.step += 1
         elapsed = time.perf_counter() - started
         metrics = {f"train/{k}": v for k, v in sums.items() if math.isfinite(v)}
-        metrics.update({"train/lr": scheduler.get_last_lr()[0], "train/samples_per_s": n_samples * world / elapsed,
-                        "train/skipped_steps": skipped, "train/epoch": epoch})
+        metrics.update({"train/lr": self.scheduler.get_last_lr()[0],
+                        "train/samples_per_s": n_samples * acc.num_processes / elapsed,
+                        "train/skipped_steps": st.skipped_steps, "train/epoch": st.epoch})
         if math.isfinite(grad_norm):
             metrics["train/grad_norm"] = grad_norm
-        tracker.log_metrics(metrics, step)
-        bar.update(1)
-        bar.set_postfix(loss=f"{sums.get('loss', float('nan')):.4f}", lr=f"{metrics['train/lr']:.2e}")
+        self.tracker.log_metrics(metrics, st.step)
+        return metrics
 
-        new_best = False
-        if evaluate is not None and (step % settings.val_every == 0 or step == settings.max_steps):
-            model.eval()
-            with torch.no_grad():
-                val = evaluate(raw_model)
-            history.append({"step": step, **val})
-            tracker.log_metrics(val, step)
-            value = val.get(settings.select_metric)
-            if value is not None and (best_metric is None or (value > best_metric if settings.select_mode == "max"
-                                                               else value < best_metric)):
-                best_step, best_metric, new_best = step, value, True
-            log.info("step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in val.items()))
-        if step % settings.ckpt_every == 0 or step == settings.max_steps or new_best:
-            path = checkpoint(step)
-            if new_best:
-                tracker.set_tags({"hilight.best_step": str(step), "hilight.best_checkpoint": f"checkpoints/step-{step:08d}",
-                                  "hilight.best_metric": f"{settings.select_metric}={best_metric:.6g}"})
-    bar.close()
-    tracker.flush()
-    final = step_dir(ckpt_root, step)
-    if not (final / "trainer_state.json").is_file():  # resumed at max_steps: nothing left to train
-        final = checkpoint(step)
-    return FitResult(run_dir, step, final, step_dir(ckpt_root, best_step) if best_step else None, best_metric,
-                     skipped, resumed_from, history)
+    def _validate(self, model, evaluate) -> bool:
+        """Validate when due; True when this step is the new best by ``select_metric``."""
+        settings, st = self.settings, self.state
+        if not (st.step % settings.val_every == 0 or st.step == settings.max_steps):
+            return False
+        model.eval()
+        with torch.no_grad():
+            val = evaluate(self.raw_model)
+        st.history.append({"step": st.step, **val})
+        self.tracker.log_metrics(val, st.step)
+        log.info("step %d: %s", st.step, ", ".join(f"{k}={v:.4f}" for k, v in val.items()))
+        value = val.get(settings.select_metric)
+        if st.improves(value, settings.select_mode):
+            st.best_step, st.best_metric = st.step, value
+            return True
+        return False
+
+    def _batches(self, dataset, sampler):
+        """Endless batches on the accelerator's device; keeps (epoch, position) in step with what was consumed."""
+        acc, st, world = self.accelerator, self.state, self.accelerator.num_processes
+        while True:
+            sampler.set_epoch(st.epoch, skip=st.position)
+            dataset.epoch = st.epoch
+            # an own generator: creating the loader would otherwise draw from the global RNG, shifting a resumed
+            # run's dropout masks (e.g. LoRA's) against an uninterrupted one
+            loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=dataset.collate,
+                                num_workers=self.settings.num_workers,
+                                pin_memory=acc.device.type == "cuda",
+                                generator=torch.Generator().manual_seed(self.settings.seed + st.epoch))
+            if world > 1:
+                loader = acc.prepare_data_loader(loader)
+            for batch in loader:
+                st.position += world
+                yield {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
+            st.epoch, st.position = st.epoch + 1, 0
+
+    # ------------------------------------------------------------------------------------- checkpoints
+
+    def _resume(self, model, optimizer, scheduler) -> int | None:
+        existing = list_checkpoints(self.ckpt_root) if self.settings.resume else []
+        if not existing:
+            return None
+        at, path = existing[-1]
+        model_state, trainer = load_checkpoint(path, optimizer)
+        if self.state_mode == "trainable":
+            load_trainable_state(model, model_state, str(path))
+        else:
+            model.load_state_dict(model_state, strict=True)
+        scheduler.load_state_dict(trainer.pop("scheduler"))
+        self.state = TrainState(**{k: trainer[k] for k in TrainState.__dataclass_fields__})
+        log.info("resuming from %s (step %d of %d)", path, self.state.step, self.settings.max_steps)
+        return at
+
+    def _checkpoint(self) -> Path:
+        st, acc = self.state, self.accelerator
+        path = step_dir(self.ckpt_root, st.step)
+        if acc.is_main_process:
+            weights = (trainable_state_dict(self.raw_model) if self.state_mode == "trainable"
+                       else self.raw_model.state_dict())
+            trainer = {**asdict(st), "scheduler": self.scheduler.state_dict()}
+            path = save_checkpoint(self.ckpt_root, st.step, model_state=weights, optimizer=self.optimizer,
+                                   trainer_state=trainer, config=self.config)
+            prune_checkpoints(self.ckpt_root, self.settings.keep_last, protect={st.best_step} if st.best_step else set())
+            if self.settings.log_checkpoints == "model":
+                self.tracker.log_artifacts(path / "model.safetensors", f"checkpoints/step-{st.step:08d}")
+        acc.wait_for_everyone()
+        return path
+
+
+def fit(model: torch.nn.Module, objective: Objective, dataset, sampler, settings: TrainSettings, run_dir: Path, *,
+        accelerator: Accelerator | None = None, evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+        after_step: Callable[[torch.nn.Module], None] | None = None, tracker: ResilientTracker | None = None,
+        config: dict | None = None, state: Literal["all", "trainable"] = "all") -> FitResult:
+    """``Trainer(...).fit(...)`` in one call (a fresh ``Accelerator`` unless one is given)."""
+    accelerator = accelerator or Accelerator(mixed_precision=settings.mixed_precision)
+    return Trainer(accelerator, settings, run_dir, tracker=tracker, config=config, state=state).fit(
+        model, objective, dataset, sampler, evaluate=evaluate, after_step=after_step)

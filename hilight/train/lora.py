@@ -1,12 +1,12 @@
 """Stage 2: LoRA tuning of the LLM on video instructions, the stage-1 TokenMining loaded and optionally unfrozen
 (hilight-reference §4.3; research notes §4.2, §7).
 
-``run_lora_finetune(config)`` reads top to bottom: data (QA and "describe the video" samples of each source) →
+``LoRARecipe(config).run()`` reads top to bottom: data (QA and "describe the video" samples of each source) →
 the frozen towers, the LLM and the **stage-1** TokenMining (required: the reference's stage-2 script forgot to load
 it and tuned LoRA on a random TokenMining, bug §6.2) → peft LoRA on the LLM (r 64, alpha 32, dropout 0.05 on
 q/k/v/o/gate/up/down, the reference's 126 modules at Gemma-2B shapes) and, with ``lora.tune_token_mining``, a
 trainable TokenMining (the notes' "tune TM+LLM" variant, which the reference code could not train: PEFT froze it)
-→ feature cache → ``fit`` over the sources mixed by ratio or in sequence → exports.
+→ feature cache → training over the sources mixed by ratio or in sequence → exports.
 
 Checkpoints hold only the trainable tensors (adapters, plus TokenMining when tuned), so a Gemma-2B run writes
 ~300 MB per checkpoint, not 10 GB. An export (``<output_dir>/best``) is what the merge step reads:
@@ -40,27 +40,19 @@ from hilight.data.qa import (
     read_qa_manifest,
 )
 from hilight.data.samplers import MixtureBatchSampler
-from hilight.env import resolve_path
 from hilight.models.checkpoints import module_digest, replace_dir
 from hilight.models.token_mining import save_token_mining
 from hilight.tracking import ResilientTracker
-from hilight.train.checkpoint import load_checkpoint
-from hilight.train.loop import (
-    FitResult,
-    TrainSettings,
-    fit,
-    load_trainable_state,
-    run_key,
-)
-from hilight.train.tokenmining import (
+from hilight.train.loop import FitResult, TrainSettings
+from hilight.train.recipe import Recipe, lm_objective
+from hilight.train.vlm_parts import (
     FeatureCacheSpec,
     LLMSpec,
-    Stage1Objective,
     TokenMiningSpec,
     VisionSpec,
-    build_stage1_parts,
+    answer_loss,
+    build_vlm_parts,
     cache_tower_features,
-    heldout_loss,
 )
 
 log = logging.getLogger(__name__)
@@ -212,96 +204,100 @@ def export_stage2(vlm, out_dir: Path, meta: dict) -> Path:
 # ------------------------------------------------------------------------------------------------ the job
 
 
+class LoRARecipe(Recipe):
+    """Stage 2 (see the module docstring): LoRA on the LLM, TokenMining loaded from stage 1 and optionally tuned."""
+
+    stage = "lora_finetune"
+
+    def run(self) -> Stage2Result:
+        config, spec = self.config, self.config.data
+        fingerprint = read_caption_manifest(spec.manifest_dir).fingerprint
+
+        # build: towers, LLM and the stage-1 TokenMining on the device, then LoRA (the trainable set is checked)
+        parts = build_vlm_parts(config.vision, config.llm, config.token_mining).to(self.device)
+        vlm, tokenizer = parts.vlm, parts.tokenizer
+        digests = {**parts.digests, "token_mining_init": module_digest(vlm.token_mining)}
+        trainable = apply_lora(vlm, config.lora, config.train.seed)
+        vlm.to(self.device)  # the new adapter matrices
+        n_params = sum(p.numel() for p in vlm.parameters() if p.requires_grad)
+        log.info("stage 2: %d trainable tensors, %d parameters (LoRA r=%d%s)", len(trainable), n_params,
+                 config.lora.r, " + TokenMining" if config.lora.tune_token_mining else "")
+        self.open_run(data=fingerprint, **digests)
+
+        # data: QA and "describe" samples of each source, the feature cache filled on the device
+        n_tokens = vlm.token_mining.config.num_tokens(parts.num_frames)
+
+        def encode(rows: pd.DataFrame) -> EncodedSet:
+            return encode_samples(rows, tokenizer, video_tokens=n_tokens, max_length=spec.max_length)
+
+        train_parts = [encode(r) for r in source_rows(spec, spec.train_splits)]
+        val_parts = []
+        for rows in source_rows(spec, spec.val_splits):
+            if spec.max_val_samples and len(rows) > spec.max_val_samples:
+                rows = rows.sample(spec.max_val_samples, random_state=0).reset_index(drop=True)
+            val_parts.append(encode(rows))
+        for s, enc in zip(spec.sources, train_parts, strict=True):
+            if not enc.samples:
+                raise ValueError(f"every training sample of source {s.label} was rejected, e.g. "
+                                 f"{enc.rejected['reason'].iat[0]!r}; fix the data or raise data.max_length")
+        train_enc, train_index = concat_encoded(train_parts)
+        val_enc, _ = concat_encoded(val_parts)
+        rejected = pd.concat([train_enc.rejected, val_enc.rejected], ignore_index=True)
+        cache = cache_tower_features(config.features, parts, [train_enc, val_enc], self.tracker,
+                                     config.train.progress)
+
+        def dataset(encoded: EncodedSet) -> VideoQADataset:
+            return VideoQADataset(encoded, pad_token_id=tokenizer.pad_token_id, cache=cache,
+                                  num_frames=parts.num_frames, image_size=parts.image_size)
+
+        train_set = dataset(train_enc)
+        val_sets = {s.label: dataset(EncodedSet(p.rows, p.samples, p.rejected, p.truncated))
+                    for s, p in zip(spec.sources, val_parts, strict=True) if p.samples}
+        val_all = dataset(val_enc)
+        samples = {"train": len(train_set), "val": len(val_all), "rejected": len(rejected),
+                   "truncated": train_enc.truncated + val_enc.truncated,
+                   **{f"train/{s.label}": len(idx) for s, idx in zip(spec.sources, train_index, strict=True)}}
+        log.info("stage 2: %d training samples from %d sources (%s), %d held-out, %d rejected", samples["train"],
+                 len(spec.sources), spec.mode, samples["val"], samples["rejected"])
+
+        # baselines: the held-out answer loss before stage 2, over all sources and per source
+        bs = config.eval_batch_size
+
+        def evaluate(_vlm) -> dict[str, float]:
+            out = {"val/lm_loss": answer_loss(vlm, val_all, bs)}
+            out.update({f"val/lm_loss/{label}": answer_loss(vlm, ds, bs) for label, ds in val_sets.items()})
+            return out
+
+        initial = evaluate(vlm)
+        self.tracker.log_metrics(initial, 0)
+        log.info("held-out answer loss before stage 2: %.4f", initial["val/lm_loss"])
+
+        # train the adapters (and TokenMining when tuned); checkpoints hold only those
+        settings = config.train
+        if settings.gradient_checkpointing:
+            vlm.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            settings = settings.model_copy(update={"gradient_checkpointing": False})
+        sampler = MixtureBatchSampler(train_index, [s.ratio for s in spec.sources], settings.batch_size,
+                                      mode=spec.mode, seed=settings.seed)
+        resolved = {"lora_finetune": config.model_dump(mode="json"), "data_fingerprint": fingerprint,
+                    "run_key": self.key, "digests": digests}
+        fit = self.train(vlm, lm_objective, train_set, sampler, resolved=resolved, evaluate=evaluate,
+                         state="trainable", settings=settings)
+
+        # export the final and best adapters (+ their TokenMining); report the best
+        meta = {"run_key": self.key, "vision": config.vision.model_dump(mode="json"),
+                "llm": config.llm.model_dump(mode="json"),
+                "token_mining": {**config.token_mining.model_dump(mode="json"), "init": None},
+                "lora": config.lora.model_dump(mode="json"), "digests": digests, "data_fingerprint": fingerprint,
+                "describe_prompt": spec.describe_prompt, "step": fit.step}
+        final_dir = export_stage2(vlm, self.out_dir / "final", meta)
+        meta["step"] = self.restore_best(vlm, fit, state="trainable")
+        best_dir = export_stage2(vlm, self.out_dir / "best", meta)
+        best = evaluate(vlm)
+        metrics = {"lm_loss_initial": initial["val/lm_loss"], "lm_loss": best["val/lm_loss"],
+                   **{f"lm_loss/{k.split('/', 2)[2]}": v for k, v in best.items() if k.count("/") >= 2}}
+        return Stage2Result(self.run_dir, best_dir, final_dir, fit, metrics, samples, rejected)
+
+
 def run_lora_finetune(config: LoRAFinetuneConfig, *, tracker: ResilientTracker | None = None) -> Stage2Result:
-    tracker = tracker or ResilientTracker(None)
-    spec = config.data
-    fingerprint = read_caption_manifest(spec.manifest_dir).fingerprint
-    parts = build_stage1_parts(config.vision, config.llm, config.token_mining)
-    vlm, tokenizer = parts.vlm, parts.tokenizer
-    digests = {**parts.digests, "token_mining_init": module_digest(vlm.token_mining)}
-    trainable = apply_lora(vlm, config.lora, config.train.seed)
-    n_params = sum(p.numel() for p in vlm.parameters() if p.requires_grad)
-    log.info("stage 2: %d trainable tensors, %d parameters (LoRA r=%d%s)", len(trainable), n_params, config.lora.r,
-             " + TokenMining" if config.lora.tune_token_mining else "")
-    key = run_key(config, data=fingerprint, **digests)
-    out_dir = resolve_path(config.output_dir)
-    run_dir = out_dir / "runs" / key
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log.info("run directory %s", run_dir)
-
-    n_tokens = vlm.token_mining.config.num_tokens(parts.num_frames)
-
-    def encode(rows: pd.DataFrame) -> EncodedSet:
-        return encode_samples(rows, tokenizer, video_tokens=n_tokens, max_length=spec.max_length)
-
-    train_parts = [encode(r) for r in source_rows(spec, spec.train_splits)]
-    val_parts = []
-    for rows in source_rows(spec, spec.val_splits):
-        if spec.max_val_samples and len(rows) > spec.max_val_samples:
-            rows = rows.sample(spec.max_val_samples, random_state=0).reset_index(drop=True)
-        val_parts.append(encode(rows))
-    for s, enc in zip(spec.sources, train_parts, strict=True):
-        if not enc.samples:
-            raise ValueError(f"every training sample of source {s.label} was rejected, e.g. "
-                             f"{enc.rejected['reason'].iat[0]!r}; fix the data or raise data.max_length")
-    train_enc, train_index = concat_encoded(train_parts)
-    val_enc, _ = concat_encoded(val_parts)
-    rejected = pd.concat([train_enc.rejected, val_enc.rejected], ignore_index=True)
-
-    cache = cache_tower_features(config.features, parts, [train_enc, val_enc], tracker, config.train.progress)
-
-    def dataset(encoded: EncodedSet) -> VideoQADataset:
-        return VideoQADataset(encoded, pad_token_id=tokenizer.pad_token_id, cache=cache, num_frames=parts.num_frames,
-                              image_size=parts.image_size)
-
-    train_set = dataset(train_enc)
-    val_sets = {s.label: dataset(EncodedSet(p.rows, p.samples, p.rejected, p.truncated))
-                for s, p in zip(spec.sources, val_parts, strict=True) if p.samples}
-    val_all = dataset(val_enc)
-    samples = {"train": len(train_set), "val": len(val_all), "rejected": len(rejected),
-               "truncated": train_enc.truncated + val_enc.truncated,
-               **{f"train/{s.label}": len(idx) for s, idx in zip(spec.sources, train_index, strict=True)}}
-    log.info("stage 2: %d training samples from %d sources (%s), %d held-out, %d rejected", samples["train"],
-             len(spec.sources), spec.mode, samples["val"], samples["rejected"])
-
-    objective = Stage1Objective(vlm)  # the held-out loss goes through the (LoRA-wrapped) LLM
-    bs = config.eval_batch_size
-
-    def evaluate(model) -> dict[str, float]:
-        out = {"val/lm_loss": heldout_loss(objective, model.token_mining, val_all, bs)}
-        out.update({f"val/lm_loss/{label}": heldout_loss(objective, model.token_mining, ds, bs)
-                    for label, ds in val_sets.items()})
-        return out
-
-    initial = evaluate(vlm)
-    tracker.log_metrics(initial, 0)
-    log.info("held-out answer loss before stage 2: %.4f", initial["val/lm_loss"])
-
-    def train_objective(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        loss = model(**batch).loss
-        return {"loss": loss, "lm_loss": loss.detach()}
-
-    settings = config.train
-    if settings.gradient_checkpointing:
-        vlm.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        settings = settings.model_copy(update={"gradient_checkpointing": False})
-    sampler = MixtureBatchSampler(train_index, [s.ratio for s in spec.sources], settings.batch_size, mode=spec.mode,
-                                  seed=settings.seed)
-    resolved = {"lora_finetune": config.model_dump(mode="json"), "data_fingerprint": fingerprint, "run_key": key,
-                "digests": digests}
-    result = fit(vlm, train_objective, train_set, sampler, settings, run_dir, evaluate=evaluate, tracker=tracker,
-                 config=resolved, state="trainable")
-
-    meta = {"run_key": key, "vision": config.vision.model_dump(mode="json"), "llm": config.llm.model_dump(mode="json"),
-            "token_mining": {**config.token_mining.model_dump(mode="json"), "init": None},
-            "lora": config.lora.model_dump(mode="json"), "digests": digests, "data_fingerprint": fingerprint,
-            "describe_prompt": spec.describe_prompt, "step": result.step}
-    final_dir = export_stage2(vlm, out_dir / "final", meta)
-    if result.best_checkpoint is not None and result.best_checkpoint != result.final_checkpoint:
-        load_trainable_state(vlm, load_checkpoint(result.best_checkpoint, None)[0], str(result.best_checkpoint))
-        meta["step"] = int(result.best_checkpoint.name.split("-")[1])
-    best_dir = export_stage2(vlm, out_dir / "best", meta)
-    best = evaluate(vlm)
-    metrics = {"lm_loss_initial": initial["val/lm_loss"], "lm_loss": best["val/lm_loss"],
-               **{f"lm_loss/{k.split('/', 2)[2]}": v for k, v in best.items() if k.count("/") >= 2}}
-    return Stage2Result(run_dir, best_dir, final_dir, result, metrics, samples, rejected)
+    return LoRARecipe(config, tracker=tracker).run()

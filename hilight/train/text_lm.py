@@ -31,13 +31,12 @@ from hilight.data.conversations import (IGNORE_INDEX, VIDEO_TOKEN, Turn, encode,
 from hilight.data.qa import read_qa_manifest
 from hilight.data.synth import general
 from hilight.data.samplers import CaptionBatchSampler
-from hilight.env import resolve_path
 from hilight.models.checkpoints import replace_dir
 from hilight.models.tokenizers import build_gemma_tokenizer
 from hilight.models.vlm import build_llm, gemma_config, token_loss
 from hilight.tracking import ResilientTracker
-from hilight.train.checkpoint import load_checkpoint
-from hilight.train.loop import FitResult, TrainSettings, fit, run_key
+from hilight.train.loop import FitResult, TrainSettings
+from hilight.train.recipe import Recipe, lm_objective
 
 log = logging.getLogger(__name__)
 
@@ -162,43 +161,51 @@ def corpus_loss(model, dataset: TextDataset, batch_size: int) -> float:
     return total / max(count, 1)
 
 
+class LLMPretrainRecipe(Recipe):
+    """The demo's stand-in for Gemma-2B: a tokenizer and a tiny Gemma trained as a text LM, exported as a
+    transformers directory."""
+
+    stage = "llm_pretrain"
+
+    def run(self) -> LLMPretrainResult:
+        config = self.config
+        manifest = read_caption_manifest(config.data.manifest_dir)
+        self.open_run(data=manifest.fingerprint)
+
+        # data and tokenizer
+        train_caps, train_convs = corpus_texts(config, config.data.train_splits)
+        train_convs += reading_corpus(config.data.reading_scenes, config.data.reading_seed)
+        val_caps, val_convs = corpus_texts(config, config.data.val_splits)
+        tokenizer = build_gemma_tokenizer(train_caps + [render(t) for t in train_convs], self.run_dir / "tokenizer",
+                                          vocab_size=config.vocab_size)
+        train_set = TextDataset(encode_corpus(tokenizer, train_caps, train_convs, config.max_length),
+                                tokenizer.pad_token_id)
+        val_set = TextDataset(encode_corpus(tokenizer, val_caps, val_convs, config.max_length), tokenizer.pad_token_id)
+        log.info("text LM: %d training sequences, %d held out, vocab %d", len(train_set), len(val_set), len(tokenizer))
+
+        # build
+        llm_config = gemma_config(config.preset, vocab_size=len(tokenizer), hidden_act=config.hidden_act,
+                                  pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id)
+        model = build_llm(llm_config, seed=config.init_seed).to(self.device)
+
+        # baseline, train, restore the best, export, evaluate
+        val_loss_init = corpus_loss(model, val_set, config.eval_batch_size)
+        self.tracker.log_metrics({"val/lm_loss": val_loss_init}, 0)
+        sampler = CaptionBatchSampler(range(len(train_set)), config.train.batch_size, mode="random",
+                                      seed=config.train.seed)
+        resolved = {"llm_pretrain": config.model_dump(mode="json"), "data_fingerprint": manifest.fingerprint,
+                    "run_key": self.key}
+        fit = self.train(model, lm_objective, train_set, sampler, resolved=resolved,
+                         evaluate=lambda m: {"val/lm_loss": corpus_loss(m, val_set, config.eval_batch_size)})
+        self.restore_best(model, fit)
+        model_dir = export_hf(model, tokenizer, self.out_dir / "model")
+        val_loss = corpus_loss(model, val_set, config.eval_batch_size)
+        return LLMPretrainResult(self.run_dir, model_dir, fit, val_loss, val_loss_init)
+
+
 def run_llm_pretrain(config: LLMPretrainConfig, *, tracker: ResilientTracker | None = None) -> LLMPretrainResult:
-    tracker = tracker or ResilientTracker(None)
-    manifest = read_caption_manifest(config.data.manifest_dir)
-    key = run_key(config, data=manifest.fingerprint)
-    out_dir = resolve_path(config.output_dir)
-    run_dir = out_dir / "runs" / key
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-    train_caps, train_convs = corpus_texts(config, config.data.train_splits)
-    train_convs += reading_corpus(config.data.reading_scenes, config.data.reading_seed)
-    val_caps, val_convs = corpus_texts(config, config.data.val_splits)
-    tok_dir = run_dir / "tokenizer"
-    tokenizer = build_gemma_tokenizer(train_caps + [render(t) for t in train_convs], tok_dir, vocab_size=config.vocab_size)
-    llm_config = gemma_config(config.preset, vocab_size=len(tokenizer), hidden_act=config.hidden_act,
-                              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                              eos_token_id=tokenizer.eos_token_id)
-    model = build_llm(llm_config, seed=config.init_seed)
-    train_set = TextDataset(encode_corpus(tokenizer, train_caps, train_convs, config.max_length), tokenizer.pad_token_id)
-    val_set = TextDataset(encode_corpus(tokenizer, val_caps, val_convs, config.max_length), tokenizer.pad_token_id)
-    log.info("text LM: %d training sequences, %d held out, vocab %d", len(train_set), len(val_set), len(tokenizer))
-    sampler = CaptionBatchSampler(range(len(train_set)), config.train.batch_size, mode="random", seed=config.train.seed)
-    val_loss_init = corpus_loss(model, val_set, config.eval_batch_size)
-
-    def objective(m, batch):
-        loss = m(**batch).loss
-        return {"loss": loss, "lm_loss": loss}
-
-    resolved = {"llm_pretrain": config.model_dump(mode="json"), "data_fingerprint": manifest.fingerprint, "run_key": key}
-    tracker.log_metrics({"val/lm_loss": val_loss_init}, 0)
-    result = fit(model, objective, train_set, sampler, config.train, run_dir,
-                 evaluate=lambda m: {"val/lm_loss": corpus_loss(m, val_set, config.eval_batch_size)},
-                 tracker=tracker, config=resolved)
-    if result.best_checkpoint is not None and result.best_checkpoint != result.final_checkpoint:
-        model.load_state_dict(load_checkpoint(result.best_checkpoint, None)[0], strict=True)
-    model_dir = export_hf(model, tokenizer, out_dir / "model")
-    val_loss = corpus_loss(model, val_set, config.eval_batch_size)
-    return LLMPretrainResult(run_dir, model_dir, result, val_loss, val_loss_init)
+    return LLMPretrainRecipe(config, tracker=tracker).run()
 
 
 def export_hf(model, tokenizer, out_dir: Path) -> Path:

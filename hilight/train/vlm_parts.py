@@ -1,0 +1,228 @@
+"""The parts stages 1 and 2 (and the merge) share: the frozen CLIP-ViP and Long-CLIP towers, the LLM, TokenMining,
+the frozen-tower feature cache, the answer-loss objective and the held-out answer loss.
+
+Device: every function here works on whatever device the recipe placed the parts on (``VLMParts.to``); the cache
+fill runs the towers there and stores features on the host.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from accelerate import PartialState
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from hilight.data.feature_cache import FeatureCache, fill_cache
+from hilight.data.qa import FEATURE_NAMES, EncodedSet, VideoQADataset
+from hilight.env import resolve_path
+from hilight.models.checkpoints import load_clipvip_weights, load_saved_clipvip, module_digest
+from hilight.models.clipvip import CLIPViPModel, build_clipvip, load_preset
+from hilight.models.longclip import LongCLIPImageTower, longclip_preset
+from hilight.models.token_mining import Depth, TokenMining, TokenMiningConfig, load_token_mining
+from hilight.models.tokenizers import load_llm_tokenizer
+from hilight.models.vlm import HiLightVLM, load_llm
+from hilight.tracking import ResilientTracker
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DType = Literal["float32", "bfloat16", "float16"]
+FRAME_PIPELINE = "linspace-floor|bicubic-squash-antialias|clip-mean-std"  # hilight.data.frames (reference §2)
+
+
+class VisionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    clipvip: str  # the CLIP-ViP candidate: a saved model dir (alignment export) or an original-layout .pt
+    clipvip_preset: str = "clipvip-b16"  # architecture of a .pt file
+    longclip: str | None = None  # longclip-B.pt (original OpenAI layout)
+    # demo only (no Long-CLIP weights exist offline): a declared random-init tower from presets/longclip/<name>.json
+    longclip_random_init: str | None = None
+    longclip_seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_longclip(self) -> VisionSpec:
+        if (self.longclip is None) == (self.longclip_random_init is None):
+            raise ValueError("set exactly one of vision.longclip (a longclip-B.pt) and vision.longclip_random_init "
+                             "(a preset name, demo only)")
+        return self
+
+
+class LLMSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dir: str  # a local Gemma directory (config.json + safetensors); llm_pretrain's export in the demo
+    tokenizer_dir: str | None = None  # default: llm.dir
+    hidden_act: str = "gelu"  # pinned: exact GELU, as transformers 4.38 ran Gemma-2B for the reference
+    dtype: DType = "float32"  # frozen weights' dtype (bf16 halves the memory on GPU)
+
+
+class TokenMiningSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    depth: Depth = "reference"
+    expand: int = Field(32, ge=1)  # reference depth: query tokens per frame
+    init: str | None = None  # start from a .bin / .pt / export dir instead of the reference's xavier init
+    init_seed: int = 0
+
+
+class FeatureCacheSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    dir: str = "outputs/feature_cache"
+    dtype: DType = "float32"
+    batch_size: int = Field(8, ge=1)  # clips per tower pass while filling
+
+
+
+@dataclass
+class VLMParts:
+    vlm: HiLightVLM
+    tokenizer: object
+    num_frames: int
+    image_size: int
+    digests: dict[str, str]  # clipvip / longclip (vision weights as loaded), llm
+
+    def to(self, device: torch.device) -> VLMParts:
+        """Place every part on ``device`` (dtypes stay as loaded: the LLM in ``llm.dtype``)."""
+        self.vlm.to(device)
+        return self
+
+
+# ------------------------------------------------------------------------------------------------ building
+
+
+def load_clipvip_tower(spec: VisionSpec) -> CLIPViPModel:
+    path = resolve_path(spec.clipvip)
+    if path.is_dir():
+        return load_saved_clipvip(path)
+    model = build_clipvip(load_preset(spec.clipvip_preset))
+    load_clipvip_weights(model, path, part="vision")
+    return model
+
+
+def load_longclip_tower(spec: VisionSpec) -> LongCLIPImageTower:
+    if spec.longclip is not None:
+        return LongCLIPImageTower.from_original(resolve_path(spec.longclip))
+    log.warning("Long-CLIP tower is randomly initialised (vision.longclip_random_init=%r, seed %d): demo only",
+                spec.longclip_random_init, spec.longclip_seed)
+    torch.manual_seed(spec.longclip_seed)
+    return LongCLIPImageTower(longclip_preset(spec.longclip_random_init))
+
+
+def build_vlm_parts(vision: VisionSpec, llm_spec: LLMSpec, tm_spec: TokenMiningSpec) -> VLMParts:
+    """The frozen towers and LLM, a fresh (or initialised) TokenMining, and the tokenizer."""
+    clipvip, longclip = load_clipvip_tower(vision), load_longclip_tower(vision)
+    num_frames, image_size = clipvip.config.num_frames, clipvip.config.vision.image_size
+    if longclip.model.config.image_size != image_size:
+        raise ValueError(f"both towers read the same clip tensor, but CLIP-ViP takes {image_size}px frames and "
+                         f"Long-CLIP {longclip.model.config.image_size}px; use towers of the same input size")
+    llm_dir = resolve_path(llm_spec.dir)
+    llm = load_llm(llm_dir, hidden_act=llm_spec.hidden_act, dtype=DTYPES[llm_spec.dtype])
+    tokenizer = load_llm_tokenizer(resolve_path(llm_spec.tokenizer_dir) if llm_spec.tokenizer_dir else llm_dir)
+    if len(tokenizer) > llm.config.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the LLM's vocab_size is {llm.config.vocab_size}")
+    tm_config = TokenMiningConfig(video_dim=clipvip.config.vision.hidden_size,
+                                  image_dim=longclip.model.config.projection_dim, llm_dim=llm.config.hidden_size,
+                                  expand=tm_spec.expand, depth=tm_spec.depth)
+    torch.manual_seed(tm_spec.init_seed)
+    token_mining = TokenMining(tm_config)
+    if tm_spec.init is not None:
+        load_token_mining(token_mining, resolve_path(tm_spec.init))
+    clipvip.text_model = None  # the VLM uses only the video tower
+    digests = {"clipvip": module_digest(clipvip.vision_state_dict()), "longclip": module_digest(longclip),
+               "llm": module_digest(llm)}
+    vlm = HiLightVLM(llm, token_mining, clipvip.eval(), longclip.eval())
+    return VLMParts(vlm, tokenizer, num_frames, image_size, digests)
+
+
+def tower_encoder(vlm: HiLightVLM):
+    """``clips`` [B, T, 3, S, S] on the host → tower features computed where the towers are (the GPU under a
+    recipe), handed back for the cache to store."""
+    device = next(vlm.clipvip.parameters()).device
+
+    def encode(clips: torch.Tensor) -> dict[str, torch.Tensor]:
+        video, frames = vlm.tower_features(clips.to(device, non_blocking=True))
+        return dict(zip(FEATURE_NAMES, (video, frames), strict=True))
+    return encode
+
+
+def open_feature_cache(spec: FeatureCacheSpec, parts: VLMParts) -> FeatureCache:
+    key = {"clipvip": parts.digests["clipvip"], "longclip": parts.digests["longclip"], "num_frames": parts.num_frames,
+           "image_size": parts.image_size, "frames": FRAME_PIPELINE}
+    return FeatureCache(resolve_path(spec.dir), key, dtype=DTYPES[spec.dtype])
+
+
+def cache_tower_features(spec: FeatureCacheSpec, parts: VLMParts, sets: list[EncodedSet],
+                         tracker: ResilientTracker, progress: bool) -> FeatureCache | None:
+    """Fill the feature cache for every video of ``sets`` (under DDP one process fills, the others then find it
+    all) and drop the towers, which are not needed once every clip's features are cached. ``None`` when disabled."""
+    if not spec.enabled:
+        return None
+    cache = open_feature_cache(spec, parts)
+    videos = {}
+    for encoded in sets:
+        videos.update(zip(encoded.rows["video_sha256"], encoded.rows["video_file"], strict=True))
+    with PartialState().main_process_first():
+        cache.refresh()
+        stats = fill_cache(cache, videos, tower_encoder(parts.vlm), num_frames=parts.num_frames,
+                           image_size=parts.image_size, batch_size=spec.batch_size, progress=progress)
+    tracker.log_metrics({"features/cached": stats["cached"], "features/computed": stats["computed"]}, 0)
+    parts.vlm.clipvip = parts.vlm.longclip = None
+    return cache
+
+
+# ------------------------------------------------------------------------------------------------ objective
+
+
+class VideoAnswerObjective:
+    """Stage 1: LM loss of the answers given the video tokens that the trained TokenMining makes.
+
+    Called with TokenMining as training sees it (DDP-wrapped on several processes): its ``forward`` runs inside
+    the wrapper, so only its gradients are all-reduced; the frozen towers and LLM (placed on the device by the
+    recipe) pass gradients through to the tokens without being trained."""
+
+    def __init__(self, vlm: HiLightVLM):
+        self.vlm = vlm
+
+    def video_tokens(self, token_mining: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, N, D_llm] tokens from cached features or, without a cache, from the frozen towers."""
+        if "video_features" in batch:
+            video, frames = batch["video_features"], batch["frame_features"]
+        else:
+            video, frames = self.vlm.tower_features(batch["pixel_values"])
+        dtype = next(self.vlm.token_mining.parameters()).dtype
+        return token_mining(video.to(dtype), frames.to(dtype))
+
+    def __call__(self, token_mining: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        tokens = self.video_tokens(token_mining, batch)
+        loss = self.vlm(batch["input_ids"], batch["attention_mask"], batch["labels"], video_tokens=tokens).loss
+        return {"loss": loss, "lm_loss": loss.detach()}
+
+
+@torch.no_grad()
+def answer_loss(vlm: HiLightVLM, dataset: VideoQADataset, batch_size: int, *, zero_video: bool = False,
+                shuffle_video: bool = False) -> float:
+    """Per-token answer loss of ``vlm`` (its own TokenMining) over ``dataset``, on the device ``vlm`` is on; none
+    for a text-only dataset. ``zero_video`` zeroes the video tokens; ``shuffle_video`` gives each sample the tokens
+    of the next sample's clip in its batch (a wrong video)."""
+    total, count = 0.0, 0
+    device = next(vlm.token_mining.parameters()).device
+    tokens_of = VideoAnswerObjective(vlm).video_tokens
+    was_training = vlm.training
+    vlm.eval()  # no dropout (LoRA's) in a measurement
+    for start in range(0, len(dataset), batch_size):
+        batch = {k: v.to(device) for k, v in dataset.collate(list(range(start, min(start + batch_size, len(dataset))))).items()}
+        tokens = tokens_of(vlm.token_mining, batch) if dataset.with_video else None
+        if zero_video:
+            tokens = torch.zeros_like(tokens)
+        if shuffle_video:
+            tokens = tokens.roll(1, dims=0)
+        s, n = vlm.token_loss(batch["input_ids"], batch["attention_mask"], batch["labels"], tokens)
+        total, count = total + s, count + n
+    vlm.train(was_training)
+    return total / max(count, 1)
