@@ -34,6 +34,7 @@ def test_new_clips_trigger_a_retrain_and_unchanged_data_does_not(zenml_project, 
     from typer.testing import CliRunner
 
     from hilight.cli import app
+    from hilight.data.hashcache import STATS
     from hilight.data.synth import generate_dataset
     from pipelines.run import run_pipeline, run_retrain
     from pipelines.stack import mlflow_tracking_uri
@@ -63,8 +64,11 @@ def test_new_clips_trigger_a_retrain_and_unchanged_data_does_not(zenml_project, 
     assert champion.tags["hilight.dataset_fingerprint.billiards"] == first["current"]["billiards"]
 
     before = _accepted(manifest)
+    STATS.reset()
     unchanged = CliRunner().invoke(app, ["retrain", "--if-new-data", "-c", str(cfg)])
     assert unchanged.exit_code == 0 and "no retrain: billiards unchanged" in unchanged.output
+    # the check used the stat-keyed hash cache: every watched file was stat-ed, none was read
+    assert STATS.hashed == 0 and STATS.hits == len(list((dataset_copy / "videos").iterdir())) + 2
 
     _add_clips(dataset_copy, generate_dataset(tmp_path / "extra", domain="billiards", n_videos=4, seed=9,
                                               settings=tiny_settings, progress=False))

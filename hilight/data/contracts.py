@@ -14,6 +14,8 @@ rows by ``row_id``.
 from __future__ import annotations
 
 import logging
+import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,20 +30,59 @@ ROW_ID = "row_id"
 
 
 class ExpectationSpec(BaseModel):
-    """One rule: a GE expectation type plus its arguments and the reason code it enforces."""
+    """One rule: a GE expectation type plus its arguments and the reason code it enforces.
 
-    model_config = {"extra": "allow"}
+    The expectation's own arguments (``value_set``, ``min_value``, ...) are written inline in the YAML; they are
+    collected into ``args`` when they are fields of that GE expectation, and any other key is an error.
+    """
+
+    model_config = {"extra": "forbid"}
 
     reason: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
     message: str
     expect: str = Field(pattern=r"^expect_[a-z_]+$")
     column: str | None = None
-    detail: str | None = None  # column whose value explains a failure (e.g. the decoder's error)
+    # what explains a failure: a column (e.g. the decoder's error), or a template over the row's columns and the
+    # contract's params, e.g. "{n_frames} frames found, {params[min_frames]} needed"
+    detail: str | None = None
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collect_args(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("expect"), str):
+            return data
+        try:
+            ge_fields = _expectation_fields(data["expect"])
+        except ValueError:
+            return data  # the unknown expectation is reported by DataContract's check
+        own = set(cls.model_fields)
+        inline = {k: v for k, v in data.items() if k not in own and k in ge_fields}
+        return {**{k: v for k, v in data.items() if k not in inline}, "args": {**(data.get("args") or {}), **inline}}
+
+    def detail_columns(self) -> set[str]:
+        """Columns the detail names (none for params)."""
+        if self.detail is None:
+            return set()
+        if "{" not in self.detail:
+            return {self.detail}
+        fields = {f for _, f, _, _ in string.Formatter().parse(self.detail) if f}
+        return {re.split(r"[\[.]", f)[0] for f in fields} - {"params"}
+
+    def render_detail(self, row: pd.Series, params: dict[str, Any]) -> str | None:
+        """The detail of one failing row: the detail column's value, or the template filled in."""
+        if self.detail is None:
+            return None
+        if "{" not in self.detail:
+            value = row[self.detail]
+            return None if _isnull(value) else str(value)
+        values = {c: ("n/a" if _isnull(row[c]) else row[c]) for c in self.detail_columns()}
+        return self.detail.format_map({**values, "params": params})
 
     def kwargs(self, params: dict[str, Any]) -> dict[str, Any]:
         """GE keyword arguments, with ``{param: name}`` references replaced by contract params."""
         out: dict[str, Any] = {} if self.column is None else {"column": self.column}
-        for key, value in (self.model_extra or {}).items():
+        for key, value in self.args.items():
             if isinstance(value, dict) and set(value) == {"param"}:
                 if value["param"] not in params:
                     raise ValueError(f"expectation {self.reason!r} uses param {value['param']!r}, which is not in params")
@@ -53,10 +94,12 @@ class ExpectationSpec(BaseModel):
 class DataContract(BaseModel):
     """A versioned contract over one table (``videos``, ``captions`` or ``qa``)."""
 
+    model_config = {"extra": "forbid"}
+
     name: str
     version: str
     description: str = ""
-    table: Literal["videos", "captions", "qa"]
+    table: Literal["videos", "captions", "qa", "hard_negatives", "probes", "events"]  # the last three: evaluation files
     max_reject_fraction: float = Field(ge=0.0, le=1.0)
     params: dict[str, Any] = Field(default_factory=dict)
     expectations: list[ExpectationSpec]
@@ -75,6 +118,12 @@ class DataContract(BaseModel):
         for e in self.expectations:
             e.kwargs(self.params)
             _expectation_class(e.expect)
+            if e.detail and "{" in e.detail:
+                try:
+                    e.detail.format_map({**dict.fromkeys(e.detail_columns(), 0), "params": self.params})
+                except (KeyError, IndexError, ValueError) as exc:
+                    raise ValueError(f"expectation {e.reason!r}: detail template {e.detail!r} does not resolve: "
+                                     f"{exc!r} (params has {sorted(self.params)})") from exc
         return self
 
     @property
@@ -118,6 +167,13 @@ def _expectation_class(expect: str):
     return cls
 
 
+def _expectation_fields(expect: str) -> set[str]:
+    """The arguments a GE expectation accepts (``meta`` and ``column`` are set by the contract)."""
+    cls = _expectation_class(expect)
+    fields = getattr(cls, "model_fields", None) or getattr(cls, "__fields__")  # GE 1.x: pydantic v1 models
+    return set(fields) - {"meta", "column"}
+
+
 def _ephemeral_context():
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -159,9 +215,12 @@ def validate_table(df: pd.DataFrame, contract: DataContract) -> ContractResult:
     """Run the contract's suite over ``df`` (which must have a unique ``row_id`` column)."""
     if ROW_ID not in df.columns or not df[ROW_ID].is_unique:
         raise ValueError(f"table for contract {contract.name!r} needs a unique {ROW_ID!r} column")
-    missing = sorted({e.column for e in contract.expectations if e.column} - set(df.columns))
-    if missing:
-        raise ValueError(f"table for contract {contract.name!r} lacks columns {missing}; the importer must compute them")
+    for kind, used in (("", {e.column for e in contract.expectations if e.column}),
+                       ("detail ", set().union(*(e.detail_columns() for e in contract.expectations)))):
+        missing = sorted(used - set(df.columns))
+        if missing:
+            raise ValueError(f"table for contract {contract.name!r} lacks {kind}columns {missing}; the importer must "
+                             "compute them")
     specs = {e.reason: e for e in contract.expectations}
     if df.empty:
         empty = pd.DataFrame(columns=[ROW_ID, "reason", "message", "detail"])
@@ -174,7 +233,7 @@ def validate_table(df: pd.DataFrame, contract: DataContract) -> ContractResult:
     )
     suite = ctx.suites.add(build_suite(contract))
     # GE's pandas metrics choke on object columns mixing lists/dicts; validate only the columns rules use
-    cols = sorted({ROW_ID} | {e.column for e in contract.expectations if e.column} | {e.detail for e in contract.expectations if e.detail})
+    cols = sorted({ROW_ID} | {e.column for e in contract.expectations if e.column})
     batch = batch_def.get_batch(batch_parameters={"dataframe": df[cols].reset_index(drop=True)})
     res = batch.validate(suite, result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [ROW_ID]})
     detail_by_id = df.set_index(ROW_ID)
@@ -193,10 +252,7 @@ def validate_table(df: pd.DataFrame, contract: DataContract) -> ContractResult:
             continue
         for item in index_list:
             rid = int(item[ROW_ID])
-            detail = None
-            if spec.detail:
-                value = detail_by_id.at[rid, spec.detail]
-                detail = None if _isnull(value) else str(value)
+            detail = spec.render_detail(detail_by_id.loc[rid], contract.params)
             rows.append({ROW_ID: rid, "reason": reason, "message": spec.message, "detail": detail})
     order = {e.reason: i for i, e in enumerate(contract.expectations)}
     failures = pd.DataFrame(rows, columns=[ROW_ID, "reason", "message", "detail"]).astype({"detail": object})

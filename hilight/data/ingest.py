@@ -214,19 +214,21 @@ def _referenced_videos(config: DataValidationConfig, captions: pd.DataFrame, qa:
     for dataset, ref in refs.itertuples(index=False):
         spec = specs[dataset]
         root = resolve_path(spec.root)
-        resolved_ref = ref
-        if Path(ref).suffix.lower() in PICKLE_SUFFIXES:
-            for suffix in spec.pkl_fallback_suffixes:
-                alt = str(Path(ref).with_suffix(suffix))
+        resolved_ref, note = ref, None
+        if Path(ref).suffix.lower() in PICKLE_SUFFIXES and spec.pkl_fallback_suffixes:
+            alts = [str(Path(ref).with_suffix(suffix)) for suffix in spec.pkl_fallback_suffixes]
+            note = f"no {' or '.join(alts)} beside it either (pkl_fallback_suffixes)"
+            for alt in alts:
                 alt_path, err = resolve_video_path(root, spec.video_dir, alt)
                 if err is None and alt_path.is_file():
-                    resolved_ref = alt
+                    resolved_ref, note = alt, f"referenced as {ref}, resolved by pkl_fallback_suffixes"
                     break
         path, error = resolve_video_path(root, spec.video_dir, resolved_ref)
         rows.append({"dataset": dataset, "video_ref": ref, "video": resolved_ref,
                      "video_path": (Path(spec.video_dir) / resolved_ref).as_posix() if error is None else None,
-                     "abs_path": None if path is None else str(path), "path_error": error})
-    videos = pd.DataFrame(rows, columns=["dataset", "video_ref", "video", "video_path", "abs_path", "path_error"])
+                     "abs_path": None if path is None else str(path), "path_error": error, "ref_note": note})
+    videos = pd.DataFrame(rows, columns=["dataset", "video_ref", "video", "video_path", "abs_path", "path_error",
+                                         "ref_note"])
     videos.insert(0, ROW_ID, range(len(videos)))
     return videos
 
@@ -251,6 +253,38 @@ def probe_videos(videos: pd.DataFrame, settings: ProbeSettings, progress: bool =
         out[col] = pd.array(out[col], dtype="Int64")
     for col in ("fps", "duration_s"):
         out[col] = pd.array(out[col], dtype="Float64")
+    out["file_detail"] = [_file_detail(r) for r in out.itertuples(index=False)]
+    return out
+
+
+def _file_detail(row: tuple) -> str | None:
+    """What is wrong with the file itself, with its real path (the detail of missing / pickle / empty rejections)."""
+    if not isinstance(row.abs_path, str):
+        return None  # the reference never resolved: path_error says why
+    if not row.exists:
+        what = f"{row.abs_path} is not a regular file" if os.path.lexists(row.abs_path) else f"no file at {row.abs_path}"
+    elif row.is_pickle:
+        what = f"{row.abs_path} is a pickle"
+    elif row.size_bytes == 0:
+        what = f"0 bytes at {row.abs_path}"
+    else:
+        return None
+    return what + (f"; {row.ref_note}" if isinstance(row.ref_note, str) else "")
+
+
+def _video_id_conflicts(captions: pd.DataFrame) -> list[str | None]:
+    """Per caption row: why its (dataset, video_id) is refused because it already names another accepted video file
+    (the first file, in row order, keeps the id; e.g. clip.mp4 and sub/clip.mp4 both default to the stem "clip").
+    Rows whose video was rejected take no id: they are quarantined for that."""
+    owner: dict[tuple[str, str], str] = {}
+    out: list[str | None] = []
+    for dataset, vid, video, rejected in zip(captions["dataset"], captions["video_id"], captions["video"],
+                                             captions["video_reject"]):
+        if not isinstance(vid, str) or not isinstance(video, str) or isinstance(rejected, str):
+            out.append(None)
+            continue
+        first = owner.setdefault((dataset, vid), video)
+        out.append(None if first == video else f"video_id {vid!r} already names {first}, not {video}")
     return out
 
 
@@ -287,11 +321,14 @@ def validate_tables(tables: Tables, contracts: dict[str, DataContract]) -> Valid
     rejected_video = {}
     for rid, reason, detail in video_reason.itertuples(index=False):
         row = videos.loc[videos[ROW_ID] == rid].iloc[0]
-        rejected_video[(row["dataset"], row["video_ref"])] = f"{row['video_ref']}: {reason}" + (f" ({detail})" if detail else "")
+        name = row["video_ref"] if row["video"] == row["video_ref"] else f"{row['video_ref']} -> {row['video']}"
+        rejected_video[(row["dataset"], row["video_ref"])] = f"{name}: {reason}" + (f" ({detail})" if detail else "")
     frames = {"videos": videos}
     for name in ("captions", "qa"):
         df = tables.as_dict()[name].copy()
         df["video_reject"] = [rejected_video.get((d, v)) for d, v in zip(df["dataset"], df["video"])]
+        if name == "captions":
+            df["video_id_conflict"] = _video_id_conflicts(df)
         frames[name] = df
         results[name] = validate_table(df, contracts[name])
 
@@ -328,7 +365,7 @@ def _quarantine_rows(table: str, df: pd.DataFrame, res: ContractResult) -> pd.Da
     grouped = res.failures.groupby(ROW_ID, sort=False)
     first = grouped.first().reset_index()
     first["all_reasons"] = grouped["reason"].agg(lambda s: ",".join(s)).values
-    item_col = {"videos": "video_ref", "captions": "caption", "qa": "id"}[table]
+    item_col = {"videos": "video", "captions": "caption", "qa": "id"}[table]  # videos: the file actually probed
     meta = df.set_index(ROW_ID)
     first["table"] = table
     first["contract"] = res.contract.name

@@ -8,21 +8,26 @@ crashing decoder must not take the pipeline down.
 
 from __future__ import annotations
 
-import hashlib
+import json
 import multiprocessing as mp
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from hilight.data.hashcache import STATS, HashCache, sha256_file
+
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v"}
 ARRAY_SUFFIXES = {".npy"}
 PICKLE_SUFFIXES = {".pkl", ".pickle"}
 PROBE_COLUMNS = ["path_error", "is_pickle", "exists", "size_bytes", "decodable", "probe_error", "n_frames",
-                 "fps", "width", "height", "min_side", "duration_s", "sha256"]
+                 "fps", "width", "height", "min_side", "max_side", "duration_s", "sha256"]
+DECODE_FACTS = ("decodable", "probe_error", "n_frames", "fps", "width", "height", "duration_s")
+# Bump when what ``_decode_facts`` records changes: cached probe results are keyed by it (and the decord version).
+PROBER_VERSION = "1"
 
 
 def resolve_video_path(root: Path, video_dir: str | Path, ref: str) -> tuple[Path | None, str | None]:
@@ -48,14 +53,6 @@ def resolve_video_path(root: Path, video_dir: str | Path, ref: str) -> tuple[Pat
     return candidate, None
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def frame_indices(n_frames: int, num: int, *, jitter: np.random.Generator | None = None) -> np.ndarray:
     """``num`` indices spread uniformly over ``n_frames``, first and last included, truncated to int as the
     reference's ``linspace(0, n-1, 12).astype(int)``; with ``jitter`` each index moves within its segment
@@ -72,19 +69,38 @@ def frame_indices(n_frames: int, num: int, *, jitter: np.random.Generator | None
 
 def probe_file(path: str | None, decode_frames: int = 12) -> dict:
     """Facts about one file (``PROBE_COLUMNS``). Never raises for a bad file: the error is a fact."""
+    out, _ = _file_facts(path)
+    if _needs_decoding(out):
+        out["sha256"] = sha256_file(Path(path))
+        out.update(_decode_facts(path, decode_frames))
+    return _with_sides(out)
+
+
+def _file_facts(path: str | None) -> tuple[dict, os.stat_result | None]:
+    """What a ``stat`` says (no byte is read), and the stat itself for the hash cache."""
     out = dict.fromkeys(PROBE_COLUMNS)
     if not isinstance(path, str):  # unresolvable reference: the resolver's path_error says why
-        return out
+        return out, None
     p = Path(path)
-    suffix = p.suffix.lower()
-    out["is_pickle"] = suffix in PICKLE_SUFFIXES
+    out["is_pickle"] = p.suffix.lower() in PICKLE_SUFFIXES
     out["exists"] = p.is_file()
     if not out["exists"]:
-        return out
-    out["size_bytes"] = p.stat().st_size
-    if out["is_pickle"] or out["size_bytes"] == 0:
-        return out  # never unpickled; nothing to decode
-    out["sha256"] = sha256_file(p)
+        return out, None
+    st = p.stat()
+    out["size_bytes"] = st.st_size
+    return out, st
+
+
+def _needs_decoding(facts: dict) -> bool:
+    """An existing, non-empty file that is not a pickle (pickles are never opened; empty files have nothing)."""
+    return bool(facts["exists"]) and not facts["is_pickle"] and facts["size_bytes"] > 0
+
+
+def _decode_facts(path: str, decode_frames: int) -> dict:
+    """``DECODE_FACTS`` of one file: a function of its bytes and suffix only, so it can be cached by content."""
+    p = Path(path)
+    suffix = p.suffix.lower()
+    out = dict.fromkeys(DECODE_FACTS)
     try:
         if suffix in ARRAY_SUFFIXES:
             out.update(_probe_array(p))
@@ -96,8 +112,12 @@ def probe_file(path: str | None, decode_frames: int = 12) -> dict:
     except Exception as exc:  # noqa: BLE001 - any decoder failure is the fact we record, with its message
         out["decodable"] = False
         out["probe_error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+    return out
+
+
+def _with_sides(out: dict) -> dict:
     if out["width"] is not None and out["height"] is not None:
-        out["min_side"] = min(out["width"], out["height"])
+        out["min_side"], out["max_side"] = min(out["width"], out["height"]), max(out["width"], out["height"])
     return out
 
 
@@ -126,8 +146,8 @@ def _probe_array(path: Path) -> dict:
     return {"n_frames": int(t), "fps": None, "width": int(w), "height": int(h), "duration_s": None}
 
 
-def _probe_job(args: tuple[str | None, int]) -> dict:
-    return probe_file(*args)
+def _probe_job(args: tuple[str, int]) -> dict:
+    return _decode_facts(*args)
 
 
 def _worker_context() -> mp.context.BaseContext:
@@ -138,14 +158,52 @@ def _worker_context() -> mp.context.BaseContext:
     return ctx
 
 
-def probe_files(paths: list[str | None], *, workers: int = 2, decode_frames: int = 12, progress: bool = True) -> pd.DataFrame:
-    """Probe ``paths`` (None = unresolvable) in ``workers`` processes; one row per path, same order."""
-    jobs = [(p, decode_frames) for p in paths]
+def prober_version() -> str:
+    """What a cached probe result depends on besides the file and the settings: this prober and the decoder."""
+    from importlib.metadata import version
+
+    return f"hilight-probe-{PROBER_VERSION}/decord-{version('decord')}"
+
+
+def probe_files(paths: list[str | None], *, workers: int = 2, decode_frames: int = 12, progress: bool = True,
+                cache: HashCache | None = None) -> pd.DataFrame:
+    """Probe ``paths`` (None = unresolvable); one row per path, same order.
+
+    Every file is ``stat``-ed; files to decode are content-hashed (through ``cache`` when given, so unchanged
+    files are not read) and decoded in ``workers`` processes, once per distinct (content, suffix). With ``cache``,
+    decode results are also looked up and stored by (content hash, suffix, ``decode_frames``, prober version):
+    only new or changed files are decoded.
+    """
+    rows, stats = map(list, zip(*(_file_facts(p) for p in paths))) if paths else ([], [])
+    todo = [i for i, r in enumerate(rows) if _needs_decoding(r)]
+    if cache is not None:
+        digests = cache.digests([Path(paths[i]) for i in todo], [stats[i] for i in todo])
+    else:
+        with ThreadPoolExecutor(max(1, min(4, len(todo)))) as pool:
+            digests = list(pool.map(lambda i: sha256_file(Path(paths[i])), todo))
+    keys = {}
+    for i, digest in zip(todo, digests):
+        rows[i]["sha256"] = digest
+        keys[i] = (digest, Path(paths[i]).suffix.lower())
+    settings, prober = json.dumps({"decode_frames": decode_frames}), prober_version()
+    known = cache.probe_facts(list(keys.values()), settings, prober) if cache is not None else {}
+    first_path = {}
+    for i, key in keys.items():
+        if key not in known:
+            first_path.setdefault(key, paths[i])  # the same bytes under the same suffix decode once
+    jobs = [(path, decode_frames) for path in first_path.values()]
     bar = dict(total=len(jobs), desc="probe videos", unit="file", disable=not progress)
     if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(workers, mp_context=_worker_context()) as pool:
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=_worker_context()) as pool:
             chunk = max(1, min(16, len(jobs) // (workers * 8)))
-            rows = list(tqdm(pool.map(_probe_job, jobs, chunksize=chunk), **bar))
+            decoded = list(tqdm(pool.map(_probe_job, jobs, chunksize=chunk), **bar))
     else:
-        rows = [_probe_job(j) for j in tqdm(jobs, **bar)]
-    return pd.DataFrame(rows, columns=PROBE_COLUMNS)
+        decoded = [_probe_job(j) for j in tqdm(jobs, **bar)]
+    fresh = dict(zip(first_path, decoded))
+    if cache is not None:
+        cache.store_probe_facts([(sha, suffix, facts) for (sha, suffix), facts in fresh.items()], settings, prober)
+    hits = sum(key in known for key in keys.values())
+    (cache.count if cache is not None else STATS.add)(probed=len(jobs), probe_hits=hits)
+    for i, key in keys.items():
+        rows[i].update(known.get(key) or fresh[key])
+    return pd.DataFrame([_with_sides(r) for r in rows], columns=PROBE_COLUMNS)
