@@ -70,6 +70,8 @@ def data_synth(
 def validate(
     config: Path = typer.Option(DEMO_CONFIG, "--config", "-c", help="A data_validation config YAML."),
     no_fail: bool = typer.Option(False, "--no-fail", help="Report but exit 0 when reject thresholds are exceeded."),
+    rehash: bool = typer.Option(False, "--rehash", help="Read and hash every file again instead of trusting the "
+                                "stat-keyed hash cache (after a content change with size and mtime restored by hand)."),
     overrides: Optional[list[str]] = OVERRIDES,
 ) -> None:
     """Validate data against the contracts without ZenML/MLflow (a quick local check).
@@ -82,6 +84,10 @@ def validate(
     from hilight.data.ingest import DataRejectedError, DataValidationConfig, run_ingest
 
     cfg = load_config(resolve_path(config), DataValidationConfig, overrides or ())
+    if rehash:
+        from hilight.data.hashcache import request_rehash
+
+        request_rehash()  # fingerprint and probe each read a file once
     contracts = load_contracts(resolve_path(cfg.contracts_dir))
     try:
         result = run_ingest(cfg, contracts, check=not no_fail)
@@ -277,11 +283,17 @@ def retrain(
     if_new_data: bool = typer.Option(False, "--if-new-data", help="Only retrain when a watched dataset changed."),
     schedule: bool = typer.Option(False, "--schedule", help="Register the selection pipeline with the config's cron "
                                   "schedule on the active stack (orchestrators that run schedules only)."),
+    rehash: bool = typer.Option(False, "--rehash", help="Read and hash every file again (the check and the validation "
+                                "it runs) instead of trusting the stat-keyed hash cache; same as HILIGHT_REHASH=1."),
 ) -> None:
     """Retrain when new data arrives: fingerprint the watched datasets, compare with the champion's, and run
     validation → training → selection when they differ. Exit 0: done or nothing to do; 1: a run failed;
     75: another retrain holds the lock."""
+    from hilight.data.hashcache import request_rehash
     from pipelines.run import PipelineFailedError, RetrainLockedError, run_retrain, schedule_selection
+
+    if rehash:  # through the environment: it reaches every step of the pipelines this command runs in-process
+        request_rehash()
 
     path = resolve_path(config)
     try:
