@@ -14,13 +14,59 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import click
 import typer
+import typer.core
 
-from hilight.env import apply_offline_defaults, project_root, resolve_path
+from hilight.env import apply_offline_defaults, cli_path, project_root, resolve_path
 from pipelines import PIPELINES
 
+
+
+class _Commands(typer.core.TyperGroup):
+    """Runs the commands; bad input (``hilight.config.InputError``: configs, paths, names, videos, manifests, and
+    the model loaders' input errors) becomes one message and exit 2, the traceback only with ``-v``."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except ValueError as exc:  # every input error is a ValueError; anything else is re-raised as it is
+            if not isinstance(exc, _input_errors()):
+                raise
+            if ctx.params.get("verbose"):
+                log.error("bad input", exc_info=exc)
+            typer.secho(f"error: {exc}", fg="red", err=True)
+            raise typer.Exit(2) from None
+
+
+def _input_errors() -> tuple[type[ValueError], ...]:
+    """The exception types that mean bad input. A loader's type counts only once its module is imported (it cannot
+    have raised before), so ``hilight --help`` imports no torch."""
+    from hilight.config import InputError
+
+    loaders = {"hilight.models.checkpoints": "CheckpointError", "hilight.models.tokenizers": "TokenizerError",
+               "hilight.eval.caption_scores": "EvalDataError"}
+    return (InputError, *(getattr(sys.modules[m], name) for m, name in loaders.items() if m in sys.modules))
+
+
+def _config_file(path: Path | None, default: Path | None = None) -> Path:
+    """A ``-c`` path: relative to the working directory, as the shell means it (``hilight.env``: paths inside a
+    config are relative to the project root); ``default`` (relative to the project root) when not given."""
+    from hilight.config import ConfigError
+
+    if path is None:
+        return project_root() / default
+    found = cli_path(path)
+    if not found.exists():
+        other = resolve_path(path)
+        hint = (f"; did you mean {other}? (paths on the command line are relative to the working directory, "
+                f"{Path.cwd()})" if other != found and other.is_file() else "")
+        raise ConfigError(f"config file {found} does not exist{hint}")
+    return found
+
+
 app = typer.Typer(help="HiLight Pipelines: tracked, reproducible pipelines for the HiLight billiards video-language model.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False, cls=_Commands)
 data_app = typer.Typer(help="Create and inspect datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 log = logging.getLogger("hilight")
@@ -31,6 +77,7 @@ DEMO_TRAINING = [("general pretraining", Path("configs/pretrain_general_demo.yam
 DEMO_ABLATION = Path("configs/ablation_demo.yaml")
 DEMO_LLM = Path("configs/llm_pretrain_demo.yaml")
 DEMO_SELECTION = Path("configs/select_vision_weights_demo.yaml")
+DEMO_RETRAIN = Path("configs/retrain_demo.yaml")
 CHAMPION_URI = "models:/hilight-vlm@champion"
 ASK_CACHE = Path("outputs/models")  # registered models downloaded by `hilight ask`
 OVERRIDES = typer.Argument(None, metavar="[KEY.PATH=VALUE]...", show_default=False,
@@ -68,8 +115,13 @@ def data_synth(
 
 @app.command("validate")
 def validate(
-    config: Path = typer.Option(DEMO_CONFIG, "--config", "-c", help="A data_validation config YAML."),
-    no_fail: bool = typer.Option(False, "--no-fail", help="Report but exit 0 when reject thresholds are exceeded."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="A data_validation config YAML (default: "
+                                          f"the project's {DEMO_CONFIG})."),
+    no_fail: bool = typer.Option(False, "--no-fail", help="Report but exit 0 when reject thresholds are exceeded (the "
+                                 "run is still not made the current manifest)."),
+    allow_rejects: bool = typer.Option(False, "--allow-rejects", help="Accept a dataset whose reject fraction exceeds a "
+                                       "contract's threshold: its accepted rows become the current manifest (status "
+                                       "accepted_with_rejects). A dataset with 0 accepted rows still fails."),
     rehash: bool = typer.Option(False, "--rehash", help="Read and hash every file again instead of trusting the "
                                 "stat-keyed hash cache (after a content change with size and mtime restored by hand)."),
     overrides: Optional[list[str]] = OVERRIDES,
@@ -80,15 +132,17 @@ def validate(
     data_validation pipeline, and prints the summary.
     """
     from hilight.config import load_config
-    from hilight.data.contracts import load_contracts
     from hilight.data.ingest import DataRejectedError, DataValidationConfig, run_ingest
+    from pipelines.run import contracts_of
 
-    cfg = load_config(resolve_path(config), DataValidationConfig, overrides or ())
+    cfg = load_config(_config_file(config, DEMO_CONFIG), DataValidationConfig, overrides or ())
+    if allow_rejects:
+        cfg = cfg.model_copy(update={"allow_rejects": True})
     if rehash:
         from hilight.data.hashcache import request_rehash
 
         request_rehash()  # fingerprint and probe each read a file once
-    contracts = load_contracts(resolve_path(cfg.contracts_dir))
+    contracts = contracts_of(cfg)
     try:
         result = run_ingest(cfg, contracts, check=not no_fail)
     except DataRejectedError as exc:
@@ -96,6 +150,17 @@ def validate(
         raise typer.Exit(1) from None
     typer.echo(result.summary.to_string(index=False))
     typer.echo(f"\nfingerprint {result.fingerprints['combined']}\nreport      {result.report_path}")
+    typer.echo(f"status      {result.status}; current manifest {result.current or 'none (no run has passed)'}")
+
+
+def _checked_config(path: Path, model, overrides):
+    """The config at ``path`` and the inputs it names (manifests, ``init`` weights) checked before a job starts."""
+    from hilight.config import load_config
+    from pipelines.run import check_inputs
+
+    cfg = load_config(path, model, overrides)
+    check_inputs(cfg)
+    return cfg
 
 
 @app.command("train")
@@ -106,30 +171,29 @@ def train(
 ) -> None:
     """Train without ZenML/MLflow (quick local iteration, or under `accelerate launch`). Re-running the same command
     resumes from the last checkpoint; `hilight run <pipeline> -c ...` is the tracked equivalent."""
-    import yaml
+    from hilight.config import read_yaml_mapping
 
-    from hilight.config import load_config
-
-    path = resolve_path(config)
+    path = _config_file(config)
     overrides = overrides or []
-    kind = (yaml.safe_load(path.read_text()) or {}).get("pipeline", "clipvip_alignment")
+
+    kind = read_yaml_mapping(path).get("pipeline", "clipvip_alignment")
     if kind == "clipvip_alignment":
         from hilight.train.alignment import AlignmentConfig, run_alignment
 
-        result = run_alignment(load_config(path, AlignmentConfig, overrides))
+        result = run_alignment(_checked_config(path, AlignmentConfig, overrides))
         summary = "held-out text->video R@1: aligned {:.3f}, random init {:.3f}".format(
             result.retrieval["t2v_r1"], result.baseline["t2v_r1"])
         best = result.best_model
     elif kind == "llm_pretrain":
         from hilight.train.text_lm import LLMPretrainConfig, run_llm_pretrain
 
-        result = run_llm_pretrain(load_config(path, LLMPretrainConfig, overrides))
+        result = run_llm_pretrain(_checked_config(path, LLMPretrainConfig, overrides))
         summary = f"held-out text loss {result.val_loss:.4f} (untrained {result.val_loss_init:.4f})"
         best = result.model_dir
     elif kind == "tokenmining_pretrain":
         from hilight.train.tokenmining import TokenMiningPretrainConfig, run_tokenmining_pretrain
 
-        result = run_tokenmining_pretrain(load_config(path, TokenMiningPretrainConfig, overrides))
+        result = run_tokenmining_pretrain(_checked_config(path, TokenMiningPretrainConfig, overrides))
         m = result.metrics
         summary = (f"held-out answer loss {m['lm_loss']:.4f} (before training {m['lm_loss_initial']:.4f}, another clip's "
                    f"video {m['lm_loss_wrong_video']:.4f}, video tokens "
@@ -138,7 +202,7 @@ def train(
     elif kind == "lora_finetune":
         from hilight.train.lora import LoRAFinetuneConfig, run_lora_finetune
 
-        result = run_lora_finetune(load_config(path, LoRAFinetuneConfig, overrides))
+        result = run_lora_finetune(_checked_config(path, LoRAFinetuneConfig, overrides))
         m = result.metrics
         summary = f"held-out answer loss {m['lm_loss']:.4f} (before stage 2 {m['lm_loss_initial']:.4f})"
         best = result.best_dir
@@ -169,7 +233,7 @@ def run(
     from pipelines.run import PipelineFailedError, run_pipeline
 
     try:
-        result = run_pipeline(pipeline, resolve_path(config), enable_cache=False if no_cache else None, run_name=run_name,
+        result = run_pipeline(pipeline, _config_file(config), enable_cache=False if no_cache else None, run_name=run_name,
                               overrides=overrides or ())
     except PipelineFailedError as exc:
         typer.secho(str(exc), fg="red", err=True)
@@ -279,7 +343,8 @@ def _held_out_video(root: Path) -> Path:
 
 @app.command("retrain")
 def retrain(
-    config: Path = typer.Option(Path("configs/retrain_demo.yaml"), "--config", "-c", help="A retrain config YAML."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="A retrain config YAML (default: the project's "
+                                          f"{DEMO_RETRAIN})."),
     if_new_data: bool = typer.Option(False, "--if-new-data", help="Only retrain when a watched dataset changed."),
     schedule: bool = typer.Option(False, "--schedule", help="Register the selection pipeline with the config's cron "
                                   "schedule on the active stack (orchestrators that run schedules only)."),
@@ -289,31 +354,40 @@ def retrain(
     """Retrain when new data arrives: fingerprint the watched datasets, compare with the champion's, and run
     validation → training → selection when they differ. Exit 0: done or nothing to do; 1: a run failed;
     75: another retrain holds the lock."""
+    from pipelines.lock import RetrainLockedError, take_retrain_lock
+
+    path = _config_file(config, DEMO_RETRAIN)
+    if not schedule:
+        try:  # before the heavy imports below, so a second retrain exits 75 at once
+            lock = take_retrain_lock(path)
+        except RetrainLockedError as exc:
+            typer.secho(str(exc), fg="yellow", err=True)
+            raise typer.Exit(75) from None
+
     from hilight.data.hashcache import request_rehash
-    from pipelines.run import PipelineFailedError, RetrainLockedError, run_retrain, schedule_selection
+    from pipelines.run import PipelineFailedError, run_retrain, schedule_selection
 
     if rehash:  # through the environment: it reaches every step of the pipelines this command runs in-process
         request_rehash()
-
-    path = resolve_path(config)
     try:
         if schedule:
             schedule_selection(path)
             typer.echo(f"scheduled select_vision_weights on the active stack ({path})")
             return
-        out = run_retrain(path, if_new_data=if_new_data)
-    except RetrainLockedError as exc:
-        typer.secho(str(exc), fg="yellow", err=True)
-        raise typer.Exit(75) from None
+        out = run_retrain(path, if_new_data=if_new_data, lock_held=True)
     except PipelineFailedError as exc:
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(1) from None
+    finally:
+        if not schedule:
+            lock.release()
     if not out["runs"]:
         typer.echo(f"no retrain: {out['reason']}")
         return
     d = out["decision"]
     typer.echo(f"retrained ({out['reason']}): runs {', '.join(out['runs'])}")
-    typer.echo(f"champion {d['registry']['champion_uri']} = version {d['registry']['champion']} ({d['winner']})")
+    typer.echo(f"champion {d['registry']['champion_uri']} = version {d['registry']['champion']} ({d['champion']}); "
+               f"{d['status']}: {d['explanation']}")
 
 
 @app.command("ask")
@@ -323,22 +397,22 @@ def ask(
     model: str = typer.Option(CHAMPION_URI, "--model", "-m",
                               help="A registered model URI (models:/name@alias, models:/name/N) or a merged model dir."),
     temperature: Optional[float] = typer.Option(None, help="Sampling temperature (default: the model's, 0.1)."),
-    max_new_tokens: Optional[int] = typer.Option(None, help="Answer length limit (default: the model's, 128)."),
+    max_new_tokens: Optional[int] = typer.Option(None, min=1, help="Answer length limit (default: the model's, 128)."),
+    device: Optional[str] = typer.Option(None, help="Where the model runs: cuda, cuda:1, cpu (default: cuda when "
+                                                    "available, else cpu)."),
 ) -> None:
     """Answer a question about a video with a HiLight model, streaming the tokens as they are generated; the
-    prompt uses the training chat template."""
+    prompt uses the training chat template. The video is checked with the validation rules (data_contracts/
+    video_files.yaml) and the prompt against the model's context before the model is loaded."""
     import threading
 
-    from transformers import TextIteratorStreamer
-    from transformers.utils import logging as transformers_logging
+    from hilight.config import InputError
+    from hilight.data.videocheck import check_video
 
-    from hilight.models.export import load_vlm_dir
-
-    if not video.is_file():
-        typer.secho(f"video {video} does not exist", fg="red", err=True)
-        raise typer.Exit(2)
+    video = cli_path(video)
+    check_video(video, project_root() / "data_contracts")  # seconds, where loading the model takes many more
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    local = resolve_path(model) if not model.startswith(("models:/", "runs:/")) else None
+    local = cli_path(model) if not model.startswith(("models:/", "runs:/")) else None
     if local is None:
         import mlflow
 
@@ -354,12 +428,25 @@ def ask(
             typer.secho(f"cannot resolve {model}: {exc.message}\nrun `make demo` (or `hilight run select_vision_weights "
                         "-c ...`) to register a champion, or pass --model <merged model dir>", fg="red", err=True)
             raise typer.Exit(1) from None
+    elif not (local / "hilight.json").is_file():
+        what = "does not exist" if not local.exists() else "is not a HiLight model directory (no hilight.json)"
+        raise InputError(f"--model {model}: {local} {what}; pass a merged model directory (e.g. "
+                         f"outputs/selection/<candidate>/merged) or a registered model URI such as {CHAMPION_URI}")
+    meta = json.loads((local / "hilight.json").read_text())
+    limit = max_new_tokens or meta["generation"]["max_new_tokens"]
+    _check_prompt_length(local, question, video_tokens=meta["video_tokens"], max_new_tokens=limit)
+
+    from transformers import TextIteratorStreamer
+    from transformers.utils import logging as transformers_logging
+
+    from hilight.models.export import load_vlm_dir
+
     transformers_logging.disable_progress_bar()
-    bundle = load_vlm_dir(local)
+    bundle = load_vlm_dir(local, device=device)
     updates = {k: v for k, v in (("temperature", temperature), ("max_new_tokens", max_new_tokens)) if v is not None}
     generation = bundle.generation.model_copy(update=updates)
     streamer = TextIteratorStreamer(bundle.tokenizer, skip_special_tokens=True)
-    clip = bundle.clip(video)[None]
+    clip = bundle.clip(video)[None]  # decoded at most at 4x the model's frame size (hilight.data.frames)
     failed: list[BaseException] = []
 
     def generate() -> None:
@@ -377,6 +464,25 @@ def ask(
     if failed:
         raise failed[0]
     typer.echo("")
+
+
+def _check_prompt_length(model_dir: Path, question: str, *, video_tokens: int, max_new_tokens: int) -> None:
+    """Refuse a question whose prompt (chat template + video tokens) and answer do not fit the LLM's context, with
+    the token counts; only the tokenizer and ``llm/config.json`` are read."""
+    from hilight.config import InputError
+    from hilight.data.conversations import encode_prompt
+    from hilight.models.tokenizers import load_llm_tokenizer
+
+    context = json.loads((model_dir / "llm" / "config.json").read_text())["max_position_embeddings"]
+    tokenizer = load_llm_tokenizer(model_dir / "llm")
+    prompt = len(encode_prompt(question, tokenizer, video_tokens=video_tokens).input_ids)
+    if prompt + max_new_tokens > context:
+        question_tokens = len(tokenizer(question, add_special_tokens=False)["input_ids"])
+        room = context - max_new_tokens - (prompt - question_tokens)
+        raise InputError(f"the question is {question_tokens} tokens; with the chat template and {video_tokens} video "
+                         f"tokens the prompt is {prompt} tokens, and with up to {max_new_tokens} answer tokens that "
+                         f"exceeds the model's context of {context} tokens. Shorten the question to at most "
+                         f"{max(room, 0)} tokens, or lower --max-new-tokens")
 
 
 @app.command("estimate")
@@ -424,7 +530,20 @@ def ui(
     port: int = typer.Option(5000, help="Port to listen on."),
     host: str = typer.Option("127.0.0.1", help="Interface to bind (default: local only)."),
 ) -> None:
-    """Start the MLflow UI on the project's tracking store (Ctrl-C to stop)."""
+    """Start the MLflow UI on the project's tracking store (Ctrl-C or SIGTERM stops it and its workers)."""
+    import signal
+    import socket
+    import time
+
+    from hilight.config import InputError
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:  # mlflow's server exits 0 after "Address already in use"; ask the OS first
+            probe.bind((host, port))
+        except OSError as exc:
+            raise InputError(f"cannot listen on {host}:{port}: {exc.strerror} (another `hilight ui` or MLflow "
+                             f"server?); stop it or pass --port <free port>") from None
+
     from pipelines.stack import configure_zenml, ensure_stack, mlflow_tracking_uri
 
     configure_zenml()
@@ -435,7 +554,38 @@ def ui(
         artifacts = Path(uri[len("sqlite:///"):]).parent / "mlflow_artifacts"
         cmd += ["--default-artifact-root", artifacts.as_uri()]
     typer.echo(f"MLflow UI on http://{host}:{port}  (store {uri})")
-    raise typer.Exit(subprocess.call(cmd))
+    # its own process group: the server's workers are its children, and a signal to the group reaches them all
+    server = subprocess.Popen(cmd, start_new_session=True)
+    stopping: list[int] = []
+
+    def forward(signum: int, _frame) -> None:
+        stopping.append(signum)
+        try:
+            os.killpg(server.pid, signum)
+        except ProcessLookupError:  # already gone
+            pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        deadline = None
+        while (code := server.poll()) is None:
+            if stopping and deadline is None:
+                deadline = time.monotonic() + 10
+            if deadline is not None and time.monotonic() > deadline:  # it ignores the signal: end the group
+                os.killpg(server.pid, signal.SIGKILL)
+            time.sleep(0.2)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stopping:
+        try:  # workers that outlived the server would keep the port
+            os.killpg(server.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        raise typer.Exit(0)
+    if code != 0:
+        typer.secho(f"the MLflow server exited with status {code}", fg="red", err=True)
+    raise typer.Exit(code)
 
 
 @app.command("stack")

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import importlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from hilight.config import import_object, load_config
-from hilight.data.contracts import load_contracts
+from pydantic import BaseModel
+
+from hilight.config import ConfigError, InputError, import_object, load_config, read_yaml_mapping
+from hilight.data.contracts import DataContract, load_contracts
+from hilight.data.manifest import ManifestError, open_manifest
 from hilight.env import resolve_path
 from pipelines import PIPELINES
+from pipelines.lock import take_retrain_lock
 from pipelines.stack import configure_zenml, ensure_stack
 
 log = logging.getLogger(__name__)
@@ -22,17 +28,21 @@ def run_pipeline(name: str, config_path: Path, *, enable_cache: bool | None = No
     receive, MLflow records and the run directories hash), make sure the stack exists, run the pipeline; returns the
     ZenML run."""
     if name not in PIPELINES:
-        raise KeyError(f"unknown pipeline {name!r}; choose one of {sorted(PIPELINES)}")
+        close = difflib.get_close_matches(name, PIPELINES, n=1)
+        raise InputError(f"unknown pipeline {name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                         + f" Known pipelines: {', '.join(PIPELINES)}")
     module_name, config_ref = PIPELINES[name]
     config = load_config(config_path, import_object(config_ref), overrides)
     if getattr(config, "pipeline", name) != name:
-        raise ValueError(f"{config_path} is a config for pipeline {config.pipeline!r}, not {name!r}")
+        raise ConfigError(f"{config_path} is a config for pipeline {config.pipeline!r}, not {name!r}; run "
+                          f"`hilight run {config.pipeline} -c {config_path}`")
+    check_inputs(config)  # before ZenML starts: a wrong path is a message, not a failed step
     configure_zenml()
     ensure_stack()
     pipeline = getattr(importlib.import_module(module_name), name)
     kwargs = {"config": config}
     if name == "data_validation":
-        kwargs["contracts"] = {t: c.model_dump(mode="json") for t, c in load_contracts(resolve_path(config.contracts_dir)).items()}
+        kwargs["contracts"] = {t: c.model_dump(mode="json") for t, c in contracts_of(config).items()}
     options = {
         "enable_cache": config.enable_cache if enable_cache is None else enable_cache,
         "settings": {"experiment_tracker.mlflow": {"experiment_name": getattr(config, "experiment_name", name)}},
@@ -45,9 +55,89 @@ def run_pipeline(name: str, config_path: Path, *, enable_cache: bool | None = No
         options["model"] = Model(name=config.registry.model_name,
                                  description="HiLight VLM; versions come from select_vision_weights runs")
     try:
-        return pipeline.with_options(**options)(**kwargs)
+        with _one_failure_message():
+            return pipeline.with_options(**options)(**kwargs)
     except RuntimeError as exc:
         raise PipelineFailedError(_failure_message(name, exc)) from exc
+
+
+class _StepFailureRecords(logging.Filter):
+    """Drops ZenML's records of a failed step: its step launcher and its orchestrator each log the step's exception
+    before the run raises, and ``run_pipeline`` raises it once more with the step's message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and record.name.startswith("zenml.orchestrators"))
+
+
+@contextlib.contextmanager
+def _one_failure_message():
+    """While a pipeline runs from the CLI, its console shows a failed step's error once (in ``PipelineFailedError``);
+    with ``-v`` (ZenML at INFO) ZenML's own records stay. Only the CLI's console handler (``hilight.logs``) is
+    filtered: ZenML's step-log storage and other handlers keep every record."""
+    if logging.getLogger("zenml").isEnabledFor(logging.INFO):
+        yield
+        return
+    console = [h for h in logging.getLogger().handlers if getattr(h, "_hilight", False)]
+    drop = _StepFailureRecords()
+    for handler in console:
+        handler.addFilter(drop)
+    try:
+        yield
+    finally:
+        for handler in console:
+            handler.removeFilter(drop)
+
+
+def contracts_of(config) -> dict[str, DataContract]:
+    """The data contracts a data_validation config names (``contracts_dir``), or ``ConfigError`` saying why not."""
+    directory = resolve_path(config.contracts_dir)
+    if not directory.is_dir():
+        raise ConfigError(f"contracts_dir: {directory} is not a directory; point contracts_dir at the folder of "
+                          "contract YAMLs (the project's is data_contracts/)")
+    try:
+        return load_contracts(directory)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"contracts_dir: {exc}") from None
+
+
+def check_inputs(config: BaseModel) -> None:
+    """Check the input paths a config names, before anything runs: every ``manifest_dir`` must hold a validated
+    manifest, every ``init`` must exist, a ``contracts_dir`` must hold valid contracts. Raises one ``ConfigError``
+    listing every problem with its key path (paths inside a config are relative to the project root)."""
+    problems = []
+    for where, key, value in _fields(config):
+        if value is None:
+            continue
+        if key == "manifest_dir":
+            try:
+                open_manifest(value)
+            except ManifestError as exc:
+                problems.append(f"  - {where}: {exc}")
+        elif key == "init" and isinstance(value, str) and not resolve_path(value).exists():
+            problems.append(f"  - {where}: {resolve_path(value)} does not exist (relative paths in a config are "
+                            "relative to the project root); train or download it first, or fix the path")
+        elif key == "contracts_dir":
+            try:
+                contracts_of(config)
+            except ConfigError as exc:
+                problems.append(f"  - {where}: {str(exc).removeprefix('contracts_dir: ')}")
+    if problems:
+        raise ConfigError(f"the config names {len(problems)} input(s) that cannot be used:\n" + "\n".join(problems))
+
+
+def _fields(model: BaseModel, prefix: str = ""):
+    """(key path, field name, value) of every field of ``model`` and of the models nested in it."""
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        path = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            yield from _fields(value, path + ".")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, BaseModel):
+                    yield from _fields(item, f"{path}.{i}.")
+        else:
+            yield path, name, value
 
 
 class PipelineFailedError(RuntimeError):
@@ -74,33 +164,21 @@ def step_output(run, step_name: str, output_name: str):
     return (output[0] if isinstance(output, list) else output).load()
 
 
-class RetrainLockedError(RuntimeError):
-    """Another retrain holds the lock."""
-
-
-def run_retrain(config_path: Path, *, if_new_data: bool) -> dict:
-    """``hilight retrain``: under a lock, check the watched datasets against the champion; when new (or not
-    ``if_new_data``), run data_validation → each training config → select_vision_weights. Returns what happened."""
+def run_retrain(config_path: Path, *, if_new_data: bool, lock_held: bool = False) -> dict:
+    """``hilight retrain``: under a lock (taken here unless the caller holds it: ``pipelines.lock``), check the
+    watched datasets against the champion; when new (or not ``if_new_data``), run data_validation → each training
+    config → select_vision_weights. Returns what happened."""
     import mlflow
-    import yaml
-    from filelock import FileLock, Timeout
 
     from hilight.retrain import RetrainConfig, check_new_data, selection_model_name
     from pipelines.stack import mlflow_tracking_uri
 
-    config = load_config(config_path, RetrainConfig)
-    configure_zenml()
-    ensure_stack()
-    mlflow.set_tracking_uri(mlflow_tracking_uri())
-    lock_path = resolve_path(config.lock_file)
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(lock_path, timeout=0)
+    lock = None if lock_held else take_retrain_lock(config_path)
     try:
-        lock.acquire()
-    except Timeout:
-        raise RetrainLockedError(f"another retrain holds {lock_path}; it runs one at a time. Wait for it to finish "
-                                 "(a lock left by a killed process is released by the OS with the process)") from None
-    try:
+        config = load_config(config_path, RetrainConfig)
+        configure_zenml()
+        ensure_stack()
+        mlflow.set_tracking_uri(mlflow_tracking_uri())
         check = check_new_data(config, selection_model_name(config))
         out = {"due": check.due, "reason": check.reason, "current": check.current, "recorded": check.recorded, "runs": []}
         if if_new_data and not check.due:
@@ -108,13 +186,14 @@ def run_retrain(config_path: Path, *, if_new_data: bool) -> dict:
         out["runs"].append(run_pipeline("data_validation", resolve_path(config.data_validation)).name)
         for cfg in config.training:
             path = resolve_path(cfg)
-            out["runs"].append(run_pipeline(yaml.safe_load(path.read_text())["pipeline"], path).name)
+            out["runs"].append(run_pipeline(str(read_yaml_mapping(path).get("pipeline")), path).name)
         selection = run_pipeline("select_vision_weights", resolve_path(config.selection))
         out["runs"].append(selection.name)
         out["decision"] = step_output(selection, "select_and_promote", "selection_decision")
         return out
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def schedule_selection(config_path: Path):
