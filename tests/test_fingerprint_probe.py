@@ -38,7 +38,8 @@ def test_parallel_probe_matches_sequential(billiards_dir):
     paths = [str(p) for p in sorted((billiards_dir / "videos").glob("*.mp4"))] + [None]
     seq = probe_files(paths, workers=1, progress=False)
     par = probe_files(paths, workers=2, progress=False)
-    assert seq.equals(par)
+    threads = probe_files(paths, workers=2, progress=False, executor="threads")
+    assert seq.equals(par) and seq.equals(threads)
     assert seq["decodable"].iloc[:-1].all() and seq["n_frames"].iloc[0] == 16 and seq["fps"].iloc[0] == 8.0
     assert len(seq["sha256"].iloc[0]) == 64 and seq["exists"].iloc[-1] is None
 

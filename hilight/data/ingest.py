@@ -60,6 +60,9 @@ class ProbeSettings(BaseModel):
 
     workers: int = Field(2, ge=1, le=256)
     decode_frames: int = Field(12, ge=0, le=256)  # frames decoded per video; 0 = header only
+    # processes: a decoder crash on a hostile file kills one worker, not the run; threads: no start-up cost (decord
+    # releases the GIL), see hilight.data.probe.probe_files and benchmarks/ingest.py --realistic
+    executor: Literal["processes", "threads"] = "processes"
 
 
 class DataValidationConfig(BaseModel):
@@ -246,7 +249,7 @@ def probe_videos(videos: pd.DataFrame, settings: ProbeSettings, progress: bool =
     paths = [p if isinstance(p, str) else None for p in videos["abs_path"]]
     with HashCache(rehash=rehash, workers=max(2, settings.workers)) as cache:
         facts = probe_files(paths, workers=settings.workers, decode_frames=settings.decode_frames,
-                            progress=progress, cache=cache)
+                            progress=progress, cache=cache, executor=settings.executor)
     facts = facts.drop(columns=["path_error"])  # the resolver's path_error is authoritative
     out = pd.concat([videos.reset_index(drop=True), facts], axis=1)
     for col in ("n_frames", "width", "height", "min_side", "max_side", "size_bytes"):

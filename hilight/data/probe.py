@@ -166,13 +166,18 @@ def prober_version() -> str:
 
 
 def probe_files(paths: list[str | None], *, workers: int = 2, decode_frames: int = 12, progress: bool = True,
-                cache: HashCache | None = None) -> pd.DataFrame:
+                cache: HashCache | None = None, executor: str = "processes") -> pd.DataFrame:
     """Probe ``paths`` (None = unresolvable); one row per path, same order.
 
     Every file is ``stat``-ed; files to decode are content-hashed (through ``cache`` when given, so unchanged
-    files are not read) and decoded in ``workers`` processes, once per distinct (content, suffix). With ``cache``,
+    files are not read) and decoded by ``workers`` workers, once per distinct (content, suffix). With ``cache``,
     decode results are also looked up and stored by (content hash, suffix, ``decode_frames``, prober version):
     only new or changed files are decoded.
+
+    ``executor``: ``"processes"`` (default) isolates the decoder: a crash in FFmpeg on a hostile file kills one
+    worker, not the run. ``"threads"`` starts nothing (decord calls FFmpeg through ctypes, which releases the GIL,
+    so threads decode in parallel), faster on small batches (``benchmarks/ingest.py --realistic``), but a decoder
+    crash then ends the process.
     """
     rows, stats = map(list, zip(*(_file_facts(p) for p in paths))) if paths else ([], [])
     todo = [i for i, r in enumerate(rows) if _needs_decoding(r)]
@@ -193,7 +198,12 @@ def probe_files(paths: list[str | None], *, workers: int = 2, decode_frames: int
             first_path.setdefault(key, paths[i])  # the same bytes under the same suffix decode once
     jobs = [(path, decode_frames) for path in first_path.values()]
     bar = dict(total=len(jobs), desc="probe videos", unit="file", disable=not progress)
-    if workers > 1 and len(jobs) > 1:
+    if executor not in ("processes", "threads"):
+        raise ValueError(f"executor must be 'processes' or 'threads', got {executor!r}")
+    if workers > 1 and len(jobs) > 1 and executor == "threads":
+        with ThreadPoolExecutor(min(workers, len(jobs))) as threads:
+            decoded = list(tqdm(threads.map(_probe_job, jobs), **bar))
+    elif workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=_worker_context()) as pool:
             chunk = max(1, min(16, len(jobs) // (workers * 8)))
             decoded = list(tqdm(pool.map(_probe_job, jobs, chunksize=chunk), **bar))
