@@ -66,7 +66,7 @@ def test_converts_original_layout_and_matches_frame_vectors(tmp_path):
     torch.manual_seed(0)
     visual = _OpenAIVisual(width=128, heads=2)  # OpenAI CLIP: heads = width // 64
     path, _ = _original_file(tmp_path, visual)
-    tower = LongCLIPImageTower.from_original(path).eval()
+    tower = LongCLIPImageTower.from_original(path, preset=None).eval()  # the file's own (test-sized) architecture
     cfg = tower.model.config
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.image_size, cfg.patch_size, cfg.projection_dim) == (128, 2, 32, 8, 24)
     frames = torch.randn(2, 3, 3, 32, 32)  # [B, T, C, H, W]
@@ -83,12 +83,33 @@ def test_conversion_is_strict(tmp_path):
     path, sd = _original_file(tmp_path, _OpenAIVisual())
     torch.save({k: v for k, v in sd.items() if k != "visual.ln_post.bias"}, tmp_path / "missing.pt")
     with pytest.raises(CheckpointError, match="post_layernorm.bias"):
-        LongCLIPImageTower.from_original(tmp_path / "missing.pt")
+        LongCLIPImageTower.from_original(tmp_path / "missing.pt", preset=None)
     torch.save({**sd, "visual.extra.weight": torch.zeros(1)}, tmp_path / "extra.pt")
     with pytest.raises(CheckpointError, match="visual.extra.weight"):
-        LongCLIPImageTower.from_original(tmp_path / "extra.pt")
+        LongCLIPImageTower.from_original(tmp_path / "extra.pt", preset=None)
     with pytest.raises(ValueError, match=r"\[B, T, C, H, W\]"):
-        LongCLIPImageTower.from_original(path)(torch.randn(2, 3, 32, 32))
+        LongCLIPImageTower.from_original(path, preset=None)(torch.randn(2, 3, 32, 32))
+
+
+def test_a_file_of_another_depth_or_width_than_the_preset_is_refused_with_both_numbers(tmp_path):
+    """A truncated (fewer blocks) or other-size file would otherwise load as a smaller tower without error."""
+    from transformers import CLIPVisionConfig
+
+    configured = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=1,
+                                  image_size=32, patch_size=8, projection_dim=24, hidden_act="quick_gelu")
+    torch.manual_seed(3)
+    path, _ = _original_file(tmp_path, _OpenAIVisual())
+    assert LongCLIPImageTower.from_original(path, preset=configured).model.config.num_hidden_layers == 2
+    (tmp_path / "shallow").mkdir(), (tmp_path / "wide").mkdir()
+    shallow, _ = _original_file(tmp_path / "shallow", _OpenAIVisual(layers=1))
+    with pytest.raises(CheckpointError, match="depth \\(blocks\\) 1 in the file vs 2 in the configured tower"):
+        LongCLIPImageTower.from_original(shallow, preset=configured)
+    wide, _ = _original_file(tmp_path / "wide", _OpenAIVisual(width=128, heads=2))
+    with pytest.raises(CheckpointError, match="width 128 in the file vs 64 in the configured tower"):
+        LongCLIPImageTower.from_original(wide, preset=configured)
+    with pytest.raises(CheckpointError) as err:  # the default: LongCLIP-B, ViT-B/16
+        LongCLIPImageTower.from_original(path)
+    assert "depth (blocks) 2 in the file vs 12 in longclip-b16; width 64 in the file vs 768 in longclip-b16" in str(err.value)
 
 
 class _OpenAIText(nn.Module):

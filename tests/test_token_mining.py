@@ -100,3 +100,15 @@ def test_loads_reference_bin_and_pt_strictly(tmp_path):
                tmp_path / "mixed.bin")
     with pytest.raises(CheckpointError, match="not a TokenMining file"):
         load_token_mining(TokenMining(TokenMiningConfig(**TINY)), tmp_path / "mixed.bin")
+
+
+def test_an_unknown_key_prefix_is_named_not_taken_for_a_depth(tmp_path):
+    sd = TokenMining(TokenMiningConfig(**TINY)).state_dict()
+    torch.save({f"module.mm_projector.{k}": v for k, v in sd.items()}, tmp_path / "ddp.pt")
+    with pytest.raises(CheckpointError) as err:
+        load_token_mining(TokenMining(TokenMiningConfig(**TINY)), tmp_path / "ddp.pt")
+    msg = str(err.value)
+    assert "unknown prefix(es) ['module.mm_projector.']" in msg and "depth" not in msg
+    torch.save({"text_model.embeddings.weight": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match=r"unknown prefix\(es\) \['text_model.embeddings.weight'\]"):
+        load_token_mining(TokenMining(TokenMiningConfig(**TINY)), tmp_path / "other.pt")

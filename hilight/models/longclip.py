@@ -35,6 +35,7 @@ LAYER_RENAMES = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": 
                  "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
 
 
+DEFAULT_PRESET = "longclip-b16"  # the VLM's tower: LongCLIP-B (reference §5)
 KEEP_POSITIONS = 20  # Long-CLIP keeps CLIP's first 20 positions (positional_embedding); 20..247 are stretched
 
 
@@ -99,6 +100,20 @@ def longclip_preset(name: str) -> CLIPVisionConfig:
     return CLIPVisionConfig(**{k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")})
 
 
+ARCHITECTURE = {"num_hidden_layers": "depth (blocks)", "hidden_size": "width", "intermediate_size": "MLP width",
+                "patch_size": "patch size", "image_size": "image size", "projection_dim": "projection size"}
+
+
+def check_architecture(found: CLIPVisionConfig, expected: CLIPVisionConfig, source: str, preset: str) -> None:
+    """Refuse a file whose vision tower differs from the configured one (a truncated or other-size checkpoint would
+    otherwise load as a smaller tower without error), naming each difference with both numbers."""
+    diffs = [f"{what} {getattr(found, key)} in the file vs {getattr(expected, key)} in {preset}"
+             for key, what in ARCHITECTURE.items() if getattr(found, key) != getattr(expected, key)]
+    if diffs:
+        raise CheckpointError(f"{source} is not the configured Long-CLIP tower: {'; '.join(diffs)}. Use the matching "
+                              "file (longclip-B.pt for LongCLIP-B), or configure the preset the file was trained as")
+
+
 def convert_longclip_text(sd: dict[str, torch.Tensor], source: str = "longclip") -> dict[str, torch.Tensor]:
     """Original text keys → ``CLIPTextModelWithProjection`` keys (float32), the two position tables folded."""
     out: dict[str, torch.Tensor] = {}
@@ -158,10 +173,16 @@ class LongCLIPImageTower(nn.Module):
         self.model = CLIPVisionModelWithProjection(config)
 
     @classmethod
-    def from_original(cls, path) -> LongCLIPImageTower:
-        """Build from an original-layout file (``longclip-B.pt``), loading the vision half strictly."""
+    def from_original(cls, path, preset: str | CLIPVisionConfig | None = DEFAULT_PRESET) -> LongCLIPImageTower:
+        """Build from an original-layout file (``longclip-B.pt``), loading the vision half strictly. The file's
+        architecture (read from its shapes) must be the ``preset``'s (a name in ``presets/longclip`` or a config);
+        ``None`` takes whatever the file holds."""
         sd = read_state_dict(path)
-        tower = cls(longclip_config(sd))
+        found = longclip_config(sd)
+        if preset is not None:
+            check_architecture(found, longclip_preset(preset) if isinstance(preset, str) else preset, str(path),
+                               preset if isinstance(preset, str) else "the configured tower")
+        tower = cls(found)
         load_strict(tower.model, convert_longclip_visual(sd, str(path)), str(path))
         return tower
 

@@ -34,6 +34,8 @@ from hilight.models.checkpoints import (MODEL_FILE, CheckpointError, load_strict
 Depth = Literal["attn_linear", "attn_mlp", "reference"]
 PREFIXES = ("model.token_mining.", "token_mining.")
 REFERENCE_FILE = "token_mining.bin"
+MODULES = ("LongCLIP_projector", "CLIP_VIP_projector", "query_projector", "key_projector", "val_projector",
+           "tokenizer_projector")  # the top-level names of every depth's state dict
 
 
 class TokenMiningConfig(BaseModel):
@@ -117,7 +119,22 @@ def token_mining_state_dict(sd: dict[str, torch.Tensor], source: str) -> dict[st
                 raise CheckpointError(f"{source} mixes {prefix!r} keys with unprefixed keys ({other[:3]}); "
                                       "it is not a TokenMining file")
             return {k[len(prefix):]: v for k, v in sd.items()}
+    foreign = sorted({_prefix_before_modules(k) for k in sd if k.split(".", 1)[0] not in MODULES})
+    if foreign:
+        raise CheckpointError(f"{source} has keys under the unknown prefix(es) {foreign[:3]} (e.g. "
+                              f"{next(iter(sd))!r}); a TokenMining file holds {', '.join(MODULES)} weights, bare or "
+                              f"under one of {list(PREFIXES)}: re-save it with those names, or point at the "
+                              "TokenMining file itself")
     return dict(sd)
+
+
+def _prefix_before_modules(key: str) -> str:
+    """The part of ``key`` before its first TokenMining module name (the whole key when it has none)."""
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if part in MODULES:
+            return ".".join(parts[:i]) + "."
+    return key
 
 
 def detect_depth(sd: dict[str, torch.Tensor]) -> Depth:
