@@ -19,12 +19,8 @@ ROOTS = [
     "hilight.models.token_mining:TokenMiningConfig",
     "hilight.models.export:GenerationSpec",
 ]
-# Models that take free-form keys on purpose, with the reason.
-OPEN_ON_PURPOSE = {
-    # an expectation's extra keys are the Great Expectations arguments (value_set, min_value, ...), which differ per
-    # expectation type; unknown ones are rejected when the suite is compiled (hilight.data.contracts)
-    "hilight.data.contracts:ExpectationSpec",
-}
+# Models that take free-form keys on purpose, with the reason (none today).
+OPEN_ON_PURPOSE: set[str] = set()
 
 
 def _reachable() -> dict[str, type[BaseModel]]:
@@ -58,7 +54,7 @@ def test_every_config_model_forbids_unknown_keys(name):
      "did you mean `pkl_fallback_suffixes`?"),
     ("datasets: [{name: a, root: r}]\nprobe: {worker: 2}\n", "probe.worker: unknown key `worker`; did you mean `workers`?"),
     ("datasets: [{name: a, root: r}]\noutput_dri: x\n", "output_dri: unknown key `output_dri`; did you mean `output_dir`?"),
-    ("datasets: [{name: a, root: r}]\nzzz: 1\n", "zzz: unknown key `zzz`; valid keys here: contracts_dir, datasets,"),
+    ("datasets: [{name: a, root: r}]\nzzz: 1\n", "zzz: unknown key `zzz`; valid keys here: allow_rejects, contracts_dir, datasets,"),
 ])
 def test_unknown_key_names_the_closest_valid_one(tmp_path, yaml_text, expected):
     from hilight.data.ingest import DataValidationConfig
