@@ -79,6 +79,7 @@ DEMO_LLM = Path("configs/llm_pretrain_demo.yaml")
 DEMO_SELECTION = Path("configs/select_vision_weights_demo.yaml")
 DEMO_RETRAIN = Path("configs/retrain_demo.yaml")
 CHAMPION_URI = "models:/hilight-vlm@champion"
+ZENML_COMMANDS = {"run", "demo", "retrain", "ask", "ui", "stack", "serve"}  # import ZenML: its logging is adopted
 ASK_CACHE = Path("outputs/models")  # registered models downloaded by `hilight ask`
 OVERRIDES = typer.Argument(None, metavar="[KEY.PATH=VALUE]...", show_default=False,
                            help="Config overrides, each parsed as YAML and validated with the file: train.lr=1e-4 "
@@ -86,11 +87,21 @@ OVERRIDES = typer.Argument(None, metavar="[KEY.PATH=VALUE]...", show_default=Fal
 
 
 @app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+def _main(
+    ctx: typer.Context,
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More detail: -v other libraries' INFO "
+                                "records and the tracebacks of failed steps, -vv DEBUG."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings, errors and the command's result; no "
+                               "progress bars."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars (without a terminal, bars print "
+                                     "a line at most every 10 s)."),
+) -> None:
+    from hilight.logs import adopt_zenml_logging, setup_logging
+
     apply_offline_defaults()
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("great_expectations", "alembic", "urllib3", "mlflow", "zenml"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging(-1 if quiet else verbose, progress="off" if no_progress else "auto")
+    if ctx.invoked_subcommand in ZENML_COMMANDS:
+        adopt_zenml_logging()
 
 
 @data_app.command("synth")
@@ -239,6 +250,21 @@ def run(
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"pipeline {pipeline} finished: run {getattr(result, 'name', result)}")
+    if pipeline == "data_validation":
+        _print_validation_summary(resolve_path(config), overrides or ())
+
+
+def _print_validation_summary(config: Path, overrides: list[str]) -> None:
+    """Accepted / rejected counts per table and where the report is, from the manifest the run wrote."""
+    from hilight.config import load_config
+    from hilight.data.ingest import DataValidationConfig
+
+    manifest_dir = resolve_path(load_config(config, DataValidationConfig, overrides).output_dir)
+    counts = json.loads((manifest_dir / "manifest.json").read_text())["counts"]
+    tables = dict.fromkeys(k.rsplit("_", 1)[0] for k in counts)
+    typer.echo("accepted / rejected   " + ", ".join(f"{t} {counts.get(f'{t}_accepted', 0)} / "
+                                                    f"{counts.get(f'{t}_rejected', 0)}" for t in tables))
+    typer.echo(f"report                {manifest_dir / 'report.md'}")
 
 
 @app.command("demo")
