@@ -46,15 +46,20 @@ Imports: torch, transformers, peft, accelerate, pydantic (hilight's presets and 
 
 On the lent GPU machine (no registry there; pydantic and its dependencies travel as wheels in ``.whl``, see
 ``/work/.library/device/README.md``, Notes), the ``run`` tool's command, with ``carry: [".whl"]`` and
-``timeout_s: 540``::
+``timeout_s: 450`` (the JSON is rewritten after every section, so a cut-short run still returns what it measured;
+rerun a part with ``--skip``)::
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit; nvidia-smi --query-gpu=name,memory.total --format=csv; PYTHONUNBUFFERED=1 timeout 500 python3 benchmarks/gpu.py --json-out $OUT/gpu.json 2>&1 | tee $OUT/gpu.log
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit; nvidia-smi --query-gpu=name,memory.total --format=csv; PYTHONUNBUFFERED=1 timeout 420 python3 benchmarks/gpu.py --json-out $OUT/gpu.json 2>&1 | tee $OUT/gpu.log
 
-Fill ``.whl`` first, here (``/.whl/`` is in ``.git/info/exclude``): for each of pydantic==2.12.5 pydantic-core==2.41.5
-typing-extensions==4.16.0 annotated-types==0.8.0 typing-inspection==0.4.5, ``python3 -m pip download --no-deps
---only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform
-manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl NAME==VERSION``; for the ZeRO-2 row also a
-``deepspeed`` wheel and ``hjson`` (``pip wheel --no-deps deepspeed -w .whl`` builds the pure-Python one).
+Fill ``.whl`` first, here, once (``echo /.whl/ >> .git/info/exclude``; 4.7 MB): pydantic==2.12.5 pydantic-core==2.41.5
+typing-extensions==4.16.0 annotated-types==0.8.0 typing-inspection==0.4.5 hjson==3.1.0, each with ``python3 -m pip
+download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
+--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl NAME==VERSION``, and DeepSpeed, which PyPI
+ships as source only: ``pip download --no-deps --no-binary=:all: deepspeed==0.19.8`` then ``.venv/bin/python -m pip
+wheel --no-deps --no-build-isolation deepspeed-0.19.8.tar.gz -w .whl`` (a pure-Python wheel; its other needs are on
+the GPU machine). Rehearsed on CPU (2026-12-02) in a clean venv holding only torch, transformers, accelerate, peft,
+safetensors, pandas, pyarrow (+ einops, msgpack, ninja, py-cpuinfo, as there): the line above with ``--smoke``, and
+the ZeRO-2 worker under ``accelerate launch`` with DeepSpeed's CPU accelerator.
 """
 
 from __future__ import annotations
@@ -66,7 +71,6 @@ import importlib.util
 import itertools
 import json
 import logging
-import os
 import platform
 import socket
 import subprocess
@@ -516,6 +520,21 @@ def zero2(shapes: Shapes, device: torch.device, smoke: bool, stage2_flops: int |
     return result
 
 
+def frozen_scalars_to_buffers(model: torch.nn.Module) -> list[str]:
+    """Turn frozen 0-dim parameters into buffers: DeepSpeed 0.19's engine broadcasts every parameter as bytes
+    (``p.data.view(torch.uint8)``), which raises on a 0-dim bf16 tensor — CLIP-ViP's ``logit_scale``, which the
+    VLM never uses. Returns the names moved."""
+    moved = []
+    for prefix, module in model.named_modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.dim() == 0 and not p.requires_grad:
+                delattr(module, name)
+                module.register_buffer(name, p.detach())
+                moved.append(f"{prefix}.{name}" if prefix else name)
+    log.info("ZeRO-2: frozen 0-dim parameters kept as buffers: %s", moved)
+    return moved
+
+
 def zero2_worker(shapes: Shapes, out: Path) -> None:
     """Run inside ``accelerate launch`` (DeepSpeed config from the environment): stage 2 through the accelerator."""
     from accelerate import Accelerator
@@ -531,6 +550,8 @@ def zero2_worker(shapes: Shapes, out: Path) -> None:
     device = accelerator.device
     vlm = build_vlm(shapes, device)
     apply_lora(vlm, LoRASpec.model_validate(raw["lora"]), seed=0)
+    if plugin is not None:
+        frozen_scalars_to_buffers(vlm)
     vlm.train()
     params = [p for p in vlm.parameters() if p.requires_grad]
     model, optimizer = accelerator.prepare(vlm, adamw(params, raw["train"]))
@@ -607,7 +628,6 @@ def main(argv: list[str] | None = None) -> None:
     shapes = SMOKE if args.smoke else FULL
     if args.steps:
         shapes = Shapes(**{**asdict(shapes), "steps": args.steps})
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.zero2_worker:
         zero2_worker(shapes, args.zero2_worker)
         return
