@@ -79,7 +79,8 @@ DEMO_LLM = Path("configs/llm_pretrain_demo.yaml")
 DEMO_SELECTION = Path("configs/select_vision_weights_demo.yaml")
 DEMO_RETRAIN = Path("configs/retrain_demo.yaml")
 CHAMPION_URI = "models:/hilight-vlm@champion"
-ZENML_COMMANDS = {"run", "demo", "retrain", "ask", "ui", "stack", "serve"}  # import ZenML: its logging is adopted
+# import ZenML: its logging is adopted (retrain adopts it itself, after taking its lock)
+ZENML_COMMANDS = {"run", "demo", "ask", "ui", "stack", "serve"}
 ASK_CACHE = Path("outputs/models")  # registered models downloaded by `hilight ask`
 OVERRIDES = typer.Argument(None, metavar="[KEY.PATH=VALUE]...", show_default=False,
                            help="Config overrides, each parsed as YAML and validated with the file: train.lr=1e-4 "
@@ -251,7 +252,7 @@ def run(
         raise typer.Exit(1) from None
     typer.echo(f"pipeline {pipeline} finished: run {getattr(result, 'name', result)}")
     if pipeline == "data_validation":
-        _print_validation_summary(resolve_path(config), overrides or ())
+        _print_validation_summary(_config_file(config), overrides or ())
 
 
 def _print_validation_summary(config: Path, overrides: list[str]) -> None:
@@ -276,8 +277,11 @@ def demo(
     """Synthetic billiards + general data → validation → general pretraining ("original") → billiards alignment
     ("table1k") → ablation of the four local-loss placements → the demo LLM → weight selection (per candidate: stage 1,
     stage 2, merge, evaluation; then the champion in the MLflow registry), each a tracked ZenML pipeline run."""
+    import time
+
     from hilight.data.synth import GENERATOR_VERSION, generate_dataset
 
+    started = time.monotonic()
     root = project_root()
     for domain in ("billiards", "general"):
         out = root / "data" / "synth" / domain
@@ -305,59 +309,40 @@ def demo(
         selection_run = run_pipeline("select_vision_weights", root / DEMO_SELECTION)
         decision = step_output(selection_run, "select_and_promote", "selection_decision")
         evidence = step_output(selection_run, "select_and_promote", "selection_evidence")
-        stage1 = {c: step_output(selection_run, f"stage1_{c}", "stage1_heldout") for c in evidence["candidate"]}
+        stage1 = {r["candidate"]: step_output(selection_run, f"stage1_{r['candidate']}", "stage1_heldout")
+                  for r in decision["ranking"]}  # the new candidates (the evidence also lists the incumbent)
     except PipelineFailedError as exc:
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(1) from None
+    from hilight.experiments.demo_summary import ablation_summary, render_demo_summary, selection_summary
+
     manifest = json.loads((root / "outputs" / "data_validation" / "manifest.json").read_text())
-    typer.echo("\n" + "=" * 72)
-    typer.echo(f"data_validation run   {result.name}")
-    typer.echo(f"data fingerprint      {manifest['data_fingerprint']}")
-    typer.echo(f"accepted / rejected   {manifest['counts']}")
-    typer.echo(f"manifest              {root / 'outputs/data_validation'}/{{videos,captions,qa}}.parquet")
-    typer.echo(f"report                {root / 'outputs/data_validation/report.md'}")
-    for label, (run_name, m) in trained.items():
-        typer.echo(f"{label:<22}run {run_name}: held-out text->video R@1 {m['t2v_r1']:.3f} "
-                   f"(random init {m['random_init/t2v_r1']:.3f}), median rank {m['t2v_median_rank']:.0f} "
-                   f"(random init {m['random_init/t2v_median_rank']:.0f})")
-    typer.echo(f"models                {root / 'outputs/pretrain_general/best'}  (\"original\"),  "
-               f"{root / 'outputs/alignment/best'}  (\"table1k\")")
-    chosen = [f"{r['variant']}@{r['step']}" for r in selection["ranking"]] + [r["variant"] for r in selection["references"]]
-    cols = ["caption/top1_accuracy", "caption/hard_negative_accuracy", "say_more/short_wins", "retrieval/t2v_r1"]
-    shown = comparison.set_index("label").loc[chosen, cols]
-    shown.columns = [c.split("/", 1)[1] for c in cols]
-    typer.echo(f"ablation run          {ablation.name} (held-out billiards; each variant at its best checkpoint):")
-    typer.echo("    " + shown.round(3).to_string().replace("\n", "\n    "))
-    rule = selection["rule"]
-    typer.echo(f"selected variant      {selection['winner']['variant']} at {selection['winner']['checkpoint']} "
-               f"({rule['mode']} {rule['metric']}); report {root / 'outputs/ablation/report'}")
-    typer.echo(f"demo LLM              run {llm_run.name}: held-out text loss {llm_loss['lm_loss']:.3f} "
-               f"(untrained {llm_loss['lm_loss_untrained']:.3f}); {root / 'outputs/llm_pretrain/model'}")
-    typer.echo(f"selection run         {selection_run.name} (each candidate: stage 1 -> stage 2 -> merge -> evaluation)")
-    for c, m in stage1.items():
-        typer.echo(f"    stage 1 {c:<10}held-out answer loss {m['lm_loss']:.3f} (before training {m['lm_loss_initial']:.3f}; "
-                   f"another clip's video {m['lm_loss_wrong_video']:.3f}; no video {m['lm_loss_no_video']:.3f})")
-    cols = [c for c in ("billiards/fact_accuracy", "billiards/fact/colour", "billiards/fact/action", "billiards/fact/pocket",
-                        "billiards/describe/rougeL", "billiards/describe/clip_similarity", "general/fact_accuracy",
-                        "general/describe/rougeL") if c in evidence.columns]
-    shown = evidence.set_index("candidate")[["rank", "passed_guards", *cols]].T
-    typer.echo("    " + shown.map(lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)).to_string()
-               .replace("\n", "\n    "))
-    diff = decision.get("primary_difference", {})
-    reg = decision["registry"]
-    typer.echo(f"decision              {decision['winner']} wins by the rule: {decision['rule_text']}")
-    if diff:
-        typer.echo(f"                      {decision['winner']} - {decision['runner_up']} on {decision['rule']['primary']['metric']}: "
-                   f"{diff['mean']:+.3f} (95% bootstrap interval {diff['ci95'][0]:+.3f} .. {diff['ci95'][1]:+.3f})")
-    typer.echo(f"champion              {reg['champion_uri']} = version {reg['champion']}"
-               f" ({root / 'outputs/selection' / decision['winner'] / 'merged'}); challenger = version {reg['challenger']}")
-    typer.echo(f"MLflow store          {mlflow_tracking_uri()}")
-    typer.echo("MLflow UI             hilight ui   (then open http://127.0.0.1:5000: experiments 'select_vision_weights', "
-               "'clipvip_alignment', 'alignment_ablation', 'llm_pretrain', 'data_validation'; Models -> hilight-vlm)")
-    example = _held_out_video(root)
+    runs = {label: {"run": name, "t2v_r1": m["t2v_r1"], "random_t2v_r1": m["random_init/t2v_r1"],
+                    "t2v_median_rank": m["t2v_median_rank"], "random_t2v_median_rank": m["random_init/t2v_median_rank"]}
+            for label, (name, m) in trained.items()}
     exe = Path(sys.argv[0]).resolve()
     command = exe.relative_to(root) if exe.is_relative_to(root) else "hilight"
-    typer.echo(f"ask the champion      {command} ask {example} \"What's happened in this video?\"")
+    path = root / "outputs" / "demo_summary.json"
+    summary = {
+        "seconds": round(time.monotonic() - started, 1), "path": str(path),
+        "data": {"run": result.name, "fingerprint": manifest["data_fingerprint"], "counts": manifest["counts"],
+                 "manifest": str(root / "outputs/data_validation"), "report": str(root / "outputs/data_validation/report.md")},
+        "alignment": {"billiards_t2v_r1": runs["billiards alignment"]["t2v_r1"],
+                      "billiards_t2v_r1_random": runs["billiards alignment"]["random_t2v_r1"], "runs": runs,
+                      "models": f"{root / 'outputs/pretrain_general/best'}  (\"original\"),  "
+                                f"{root / 'outputs/alignment/best'}  (\"table1k\")"},
+        "ablation": ablation_summary(ablation.name, comparison, selection, str(root / "outputs/ablation/report")),
+        "llm": {"run": llm_run.name, "lm_loss": llm_loss["lm_loss"], "lm_loss_untrained": llm_loss["lm_loss_untrained"],
+                "model": str(root / "outputs/llm_pretrain/model")},
+        "selection": {**selection_summary(selection_run.name, decision, evidence, stage1, str(root / "outputs/selection")),
+                      "report": str(root / "outputs/selection/decision/decision.md")},
+        "mlflow": {"store": mlflow_tracking_uri(),
+                   "ui": "hilight ui   (then open http://127.0.0.1:5000: experiments 'select_vision_weights', "
+                         "'clipvip_alignment', 'alignment_ablation', 'llm_pretrain', 'data_validation'; Models -> hilight-vlm)"},
+        "ask": f"{command} ask {_held_out_video(root)} \"What's happened in this video?\"",
+    }
+    path.write_text(json.dumps(summary, indent=1, default=str))
+    typer.echo("\n" + render_demo_summary(json.loads(path.read_text())))
 
 
 def _held_out_video(root: Path) -> Path:
@@ -391,7 +376,10 @@ def retrain(
             raise typer.Exit(75) from None
 
     from hilight.data.hashcache import request_rehash
+    from hilight.logs import adopt_zenml_logging
     from pipelines.run import PipelineFailedError, run_retrain, schedule_selection
+
+    adopt_zenml_logging()
 
     if rehash:  # through the environment: it reaches every step of the pipelines this command runs in-process
         request_rehash()
@@ -549,6 +537,34 @@ def estimate_cmd(
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(2) from None
     typer.echo(json.dumps(result.to_json(), indent=1) if as_json else format_table(result))
+
+
+@app.command("serve")
+def serve(
+    model: str = typer.Option(CHAMPION_URI, "--model", "-m", help="A registered model URI (models:/name@alias, "
+                              "models:/name/N) or runs:/ URI."),
+    port: int = typer.Option(5001, help="Port to listen on."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind (default: local only; the server has no "
+                             "authentication)."),
+    workers: int = typer.Option(1, min=1, help="Server processes (each loads the model)."),
+    timeout: int = typer.Option(300, min=1, help="Seconds one request may take (generation on CPU is slow)."),
+) -> None:
+    """Serve a HiLight model over HTTP with MLflow's scoring server (`mlflow models serve`, local environment):
+    POST /invocations with {"dataframe_records": [{"video": PATH, "question": TEXT}]} answers
+    {"predictions": [...]}; a video the server cannot read is a 400 with the reason; GET /ping says when it is ready."""
+    from pipelines.stack import configure_zenml, ensure_stack, mlflow_tracking_uri
+
+    configure_zenml()
+    ensure_stack()
+    uri = mlflow_tracking_uri()
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model, "--env-manager", "local", "-h", host,
+           "-p", str(port), "-w", str(workers), "-t", str(timeout)]
+    typer.echo(f"serving {model} on http://{host}:{port}  (store {uri}); ask with\n  curl -s http://{host}:{port}"
+               "/invocations -H 'Content-Type: application/json' -d '{\"dataframe_records\": [{\"video\": "
+               "\"/abs/path/clip.mp4\", \"question\": \"What is happening in this video?\"}]}'")
+    sys.stdout.flush()
+    # the server replaces this process, so stopping `hilight serve` stops the server
+    os.execve(sys.executable, cmd, {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri})
 
 
 @app.command("ui")

@@ -1,20 +1,22 @@
-"""Weight selection: for each CLIP-ViP candidate, stage 1 → stage 2 → merge → evaluation (each cached per
-candidate, each in its own nested MLflow run); then the declared rule picks the champion, which is registered as
-``hilight-vlm@champion`` (the runner-up as ``@challenger``) and linked to this run's ZenML model version."""
+"""Weight selection: for each candidate (CLIP-ViP weights and/or stage-1/stage-2 overrides), stage 1 → stage 2 →
+merge → evaluation (each cached per candidate, each in its own nested MLflow run); the incumbent
+``hilight-vlm@champion``, when there is one, is evaluated on the same sets (cached by its version, digest and the
+evaluation fingerprints); then the declared rule decides: the best candidate takes ``@champion`` only when it beats
+the incumbent by a margin whose interval clears ``rule.min_effect``, else it becomes ``@challenger``."""
 
 from __future__ import annotations
 
 from zenml import pipeline
 
 from hilight.experiments.selection import SelectionConfig
-from steps.selection import locate_eval_inputs, select_and_promote
+from steps.selection import evaluate_incumbent, locate_eval_inputs, locate_incumbent, select_and_promote
 from steps.vlm import evaluate_model, locate_vlm_inputs, merge_model, train_lora, train_token_mining
 
 
 @pipeline
 def select_vision_weights(config: SelectionConfig):
     nested = {"experiment_tracker.mlflow": {"experiment_name": config.experiment_name, "nested": True}}
-    eval_inputs = locate_eval_inputs(config.evaluation)
+    eval_inputs = locate_eval_inputs(config.evaluation, config.contracts_dir, config.output_dir)
     models, metrics, answers = [], [], []
     for name in config.candidates:
         stage1, stage2 = config.candidate_configs(name)
@@ -29,4 +31,7 @@ def select_vision_weights(config: SelectionConfig):
         models.append(model)
         metrics.append(m)
         answers.append(a)
-    select_and_promote(config, models, metrics, answers)
+    incumbent = locate_incumbent(config.registry)
+    inc_metrics, inc_answers = evaluate_incumbent.with_options(settings=nested)(
+        config.evaluation, incumbent, eval_inputs, f"{config.output_dir}/incumbent")
+    select_and_promote(config, models, metrics, answers, incumbent, inc_metrics, inc_answers)

@@ -16,8 +16,10 @@ from hilight.env import resolve_path
 from hilight.experiments.ablation import (
     AblationConfig,
     Evaluation,
+    check_significance,
     eval_fingerprints,
     eval_suite,
+    validate_eval_files,
     evaluate_models,
     reference_model,
     variant_models,
@@ -32,14 +34,18 @@ LOSS_KEYS = ("train/loss", "train/global_loss", "train/local_loss")
 
 @step(enable_cache=False)
 def locate_eval_data(config: AblationConfig) -> Annotated[dict[str, str], "eval_inputs"]:
-    """Hashes of the held-out manifest, negative/probe files and reference weights. Never cached: its value keys
-    the evaluation steps' cache."""
-    return eval_fingerprints(config)
+    """Hashes of the held-out manifest, negative/probe files and reference weights, and the negative/probe records
+    their data contracts accepted (rejects quarantined and reported). Never cached: its value keys the evaluation
+    steps' cache."""
+    validated = validate_eval_files(config)
+    rejected = {k.removeprefix("rejected:"): int(v) for k, v in validated.items() if k.startswith("rejected:")}
+    log_metadata({"eval_file_rejects": rejected})
+    return {**eval_fingerprints(config), **validated}
 
 
 @step(experiment_tracker=EXPERIMENT_TRACKER)
 def evaluate_variant(config: AblationConfig, variant: str, training_run: dict[str, str],
-                     eval_inputs: dict[str, str]) -> tuple[
+                     eval_inputs: dict[str, str], seed: int | None = None) -> tuple[
     Annotated[pd.DataFrame, "checkpoint_metrics"],
     Annotated[pd.DataFrame, "caption_scores"],
     Annotated[np.ndarray, "attention_maps"],
@@ -49,9 +55,9 @@ def evaluate_variant(config: AblationConfig, variant: str, training_run: dict[st
     if variant in config.eval.references:
         models = [reference_model(variant, config.eval.references[variant])]
     else:
-        models = variant_models(variant, training_run, config.eval.checkpoints)
-    result = evaluate_models(models, eval_suite(config), config.eval)
-    mlflow.set_tags({"hilight.ablation": config.name, "hilight.variant": variant,
+        models = variant_models(variant, training_run, config.eval.checkpoints, seed)
+    result = evaluate_models(models, eval_suite(config, eval_inputs), config.eval)
+    mlflow.set_tags({"hilight.ablation": config.name, "hilight.variant": variant, "hilight.seed": str(seed),
                      "hilight.data_fingerprint": eval_inputs["data_fingerprint"],
                      "hilight.zenml_run_id": str(get_step_context().pipeline_run.id),
                      "hilight.training_mlflow_run": training_run.get("mlflow_run_id", "")})
@@ -63,17 +69,21 @@ def evaluate_variant(config: AblationConfig, variant: str, training_run: dict[st
 
 @step(experiment_tracker=EXPERIMENT_TRACKER)
 def compare_variants(config: AblationConfig, metrics: list[pd.DataFrame], scores: list[pd.DataFrame],
-                     attention: list[np.ndarray], training_runs: list[dict[str, str]]) -> tuple[
+                     attention: list[np.ndarray], training_runs: list[dict[str, str]],
+                     eval_inputs: dict[str, str] | None = None) -> tuple[
     Annotated[pd.DataFrame, "ablation_comparison"],
     Annotated[dict, "ablation_selection"],
 ]:
     """Comparison table (MLflow table + Parquet), plots, attention GIFs and grids, and the selected variant with
-    its evidence, all in the pipeline's MLflow run."""
+    its evidence (bootstrap intervals over clips, "inconclusive" when the top two overlap, per-seed winners), all in
+    the pipeline's MLflow run. With ``selection.require_significance`` an inconclusive selection fails the step after
+    the report is logged."""
     run = get_step_context().pipeline_run
     log_lineage(config, fingerprint=None, zenml_run_id=str(run.id), pipeline=run.pipeline.name)
     history = _loss_history(config, training_runs)
     evaluations = [Evaluation(m, s, a) for m, s, a in zip(metrics, scores, attention, strict=True)]
-    report = write_report(config, evaluations, eval_suite(config), resolve_path(config.output_dir) / "report", history)
+    report = write_report(config, evaluations, eval_suite(config, eval_inputs), resolve_path(config.output_dir) / "report",
+                          history)
 
     mlflow.log_table(report.table, artifact_file="ablation/comparison.json")
     mlflow.log_artifacts(str(report.out_dir), artifact_path="ablation")
@@ -83,9 +93,17 @@ def compare_variants(config: AblationConfig, metrics: list[pd.DataFrame], scores
                      "hilight.selected_model": winner["path"],
                      "hilight.selection_rule": f"{rule.mode} {rule.metric} ({rule.checkpoint} checkpoint per variant)"})
     mlflow.log_metric(f"selected/{rule.metric}", float(winner[rule.metric]))
-    log.info("selected %s at %s: %s = %.4f", winner["variant"], winner["checkpoint"], rule.metric, winner[rule.metric])
+    interval = report.selection.get("intervals", {}).get(winner["variant"])
+    if interval:
+        mlflow.log_metrics({f"selected/{rule.metric}/ci_low": interval["low"], f"selected/{rule.metric}/ci_high": interval["high"]})
+    inconclusive = report.selection.get("inconclusive")
+    mlflow.set_tag("hilight.selection_inconclusive", str(inconclusive))
+    log.info("selected %s at %s: %s = %.4f; %s", winner["variant"], winner["checkpoint"], rule.metric,
+             winner[rule.metric], report.selection.get("significance", ""))
     log_metadata({"selected_variant": winner["variant"], "selected_checkpoint": winner["checkpoint"],
-                  "selected_model": winner["path"], rule.metric: float(winner[rule.metric])})
+                  "selected_model": winner["path"], rule.metric: float(winner[rule.metric]),
+                  "inconclusive": str(inconclusive), "significance": report.selection.get("significance", "")})
+    check_significance(report.selection, rule)
     return report.table, report.selection
 
 
@@ -93,7 +111,8 @@ def _loss_history(config: AblationConfig, training_runs: list[dict[str, str]]) -
     """Per-step training losses of each variant, read back from its MLflow run."""
     client = mlflow.MlflowClient()
     rows = []
-    for variant, run in zip((v.name for v in config.variants), training_runs, strict=True):
+    labels = [name if seed is None else f"{name}#s{seed}" for name, seed, _ in config.training_runs()]
+    for variant, run in zip(labels, training_runs, strict=True):
         for key in LOSS_KEYS:
             rows += [{"variant": variant, "key": key, "step": m.step, "value": m.value}
                      for m in client.get_metric_history(run["mlflow_run_id"], key)]

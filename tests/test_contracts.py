@@ -11,7 +11,7 @@ from tests.conftest import REPO
 
 def test_shipped_contracts_load_and_compile():
     contracts = load_contracts(REPO / "data_contracts")
-    assert set(contracts) == {"videos", "captions", "qa"}
+    assert set(contracts) == {"videos", "captions", "qa", "hard_negatives", "probes", "events"}
     for c in contracts.values():
         suite = build_suite(c)
         assert len(suite.expectations) == len(c.expectations)

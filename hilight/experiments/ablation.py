@@ -24,13 +24,24 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hilight.config import deep_merge
 from hilight.data.captions import read_caption_manifest
+from hilight.data.contracts import load_contracts
+from hilight.data.eval_files import contract_for, validate_eval_file
 from hilight.data.probe import sha256_file
 from hilight.env import resolve_path
 from hilight.eval.attention import frame_attention
-from hilight.eval.caption_scores import EvalSuite, build_suite, caption_metrics, probe_metrics
+from hilight.eval.caption_scores import (
+    EvalSuite,
+    build_suite,
+    caption_metrics,
+    hard_negative_pairs,
+    per_video,
+    probe_metrics,
+)
 from hilight.eval.retrieval import retrieval_metrics
+from hilight.experiments.bootstrap import Interval, ratio_interval
 from hilight.models.checkpoints import CheckpointError, load_clipvip_weights, load_saved_clipvip, weights_digest
 from hilight.models.clipvip import CLIPViPModel, build_clipvip, load_preset
+from hilight.models.export import default_device
 from hilight.models.tokenizers import load_clip_tokenizer
 from hilight.train.alignment import AlignmentConfig
 from hilight.train.checkpoint import STATE_FILE, list_checkpoints
@@ -89,6 +100,7 @@ class EvalSpec(BaseModel):
     attention: AttentionSpec = Field(default_factory=AttentionSpec)
     heatmap_videos: int = Field(4, ge=0)  # per-video score heatmaps for the first N videos
     seed: int = 0
+    contracts_dir: str = "data_contracts"  # negatives and probes files are validated by its contracts
 
 
 class MetricOrder(BaseModel):
@@ -100,11 +112,21 @@ class MetricOrder(BaseModel):
 
 class SelectionRule(MetricOrder):
     """Each variant is represented by its best evaluated checkpoint (``checkpoint: best``) or its last one
-    (``final``); variants are ranked by ``metric``, then each tie-breaker; references are never selected."""
+    (``final``); variants are ranked by ``metric``, then each tie-breaker; references are never selected. With
+    several training seeds, a variant's value is its mean over seeds. Each variant's ``metric`` gets a bootstrap
+    interval over held-out clips; when the top two overlap the selection is "inconclusive", and
+    ``require_significance`` then refuses to select."""
 
     metric: str = "caption/top1_accuracy"
     checkpoint: Literal["best", "final"] = "best"
     tie_breakers: list[MetricOrder] = Field(default_factory=lambda: [MetricOrder(metric="caption/margin")])
+    confidence: float = Field(0.95, gt=0, lt=1)
+    bootstrap_samples: int = Field(2000, ge=100)
+    require_significance: bool = False
+
+
+class SelectionInconclusive(ValueError):
+    """``require_significance`` is set and the top two variants' intervals overlap."""
 
 
 class AblationConfig(BaseModel):
@@ -119,6 +141,7 @@ class AblationConfig(BaseModel):
     base_overrides: dict = Field(default_factory=dict)  # applied to every variant before its own overrides
     output_dir: str = "outputs/ablation"  # variant V trains under <output_dir>/<V>
     variants: list[Variant] = Field(min_length=1)
+    seeds: list[int] | None = Field(None, min_length=1)  # train every variant once per seed (train.seed)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     selection: SelectionRule = Field(default_factory=SelectionRule)
     enable_cache: bool = True
@@ -129,13 +152,17 @@ class AblationConfig(BaseModel):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"variant names must be unique; repeated: {dupes}")
+        if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds {self.seeds} repeat a value; list each seed once")
         clash = sorted(set(names) & set(self.eval.references))
         if clash:
             raise ValueError(f"{clash} name both a variant and a reference; rename one")
         self.variant_configs()  # every variant must be a valid alignment config; fail now, naming it
         return self
 
-    def variant_configs(self) -> dict[str, AlignmentConfig]:
+    def variant_configs(self, seed: int | None = None) -> dict[str, AlignmentConfig]:
+        """One alignment config per variant; with ``seed``, trained with ``train.seed: seed`` under
+        ``<output_dir>/<variant>/seed<seed>``."""
         path = resolve_path(self.base)
         if not path.is_file():
             raise ValueError(f"base alignment config {path} does not exist")
@@ -144,13 +171,21 @@ class AblationConfig(BaseModel):
         out = {}
         for v in self.variants:
             raw = deep_merge(base, v.overrides)
-            raw.update(name=f"{self.name}-{v.name}", output_dir=f"{self.output_dir}/{v.name}",
+            suffix = "" if seed is None else f"/seed{seed}"
+            if seed is not None:
+                raw = deep_merge(raw, {"train": {"seed": seed}})
+            raw.update(name=f"{self.name}-{v.name}{suffix.replace('/', '-')}", output_dir=f"{self.output_dir}/{v.name}{suffix}",
                        experiment_name=self.experiment_name, enable_cache=self.enable_cache)
             try:
                 out[v.name] = AlignmentConfig.model_validate(raw)
             except ValueError as exc:
                 raise ValueError(f"variant {v.name!r} is not a valid alignment config: {exc}") from exc
         return out
+
+    def training_runs(self) -> list[tuple[str, int | None, AlignmentConfig]]:
+        """(variant, seed, config) of every training: one per variant, or one per (variant, seed) with ``seeds``."""
+        seeds = self.seeds if self.seeds is not None else [None]
+        return [(name, seed, cfg) for seed in seeds for name, cfg in self.variant_configs(seed).items()]
 
     def eval_datasets(self) -> list[str] | None:
         if self.eval.datasets is not None:
@@ -170,9 +205,11 @@ class ModelRef:
     tokenizer_dir: Path
     is_best: bool = False  # the training run's own best checkpoint (by its validation metric)
     reference: Reference | None = None
+    seed: int | None = None  # the training seed, when the ablation repeats training per seed
 
 
-def variant_models(variant: str, training_run: dict[str, str], checkpoints: Literal["all"] | list[int]) -> list[ModelRef]:
+def variant_models(variant: str, training_run: dict[str, str], checkpoints: Literal["all"] | list[int],
+                   seed: int | None = None) -> list[ModelRef]:
     """The checkpoints of a finished training run (``train_clipvip``'s ``training_run`` output) to evaluate."""
     run_dir = Path(training_run["run_dir"])
     found = dict(list_checkpoints(run_dir / "checkpoints"))
@@ -186,7 +223,7 @@ def variant_models(variant: str, training_run: dict[str, str], checkpoints: Lite
                               "evaluate kept steps or raise train.keep_last in the base config")
     best = json.loads((found[max(found)] / STATE_FILE).read_text()).get("best_step")
     tok = Path(training_run["tokenizer_dir"])
-    return [ModelRef(variant, found[s].name, s, found[s], tok, is_best=s == best) for s in steps]
+    return [ModelRef(variant, found[s].name, s, found[s], tok, is_best=s == best, seed=seed) for s in steps]
 
 
 def reference_model(label: str, ref: Reference) -> ModelRef:
@@ -208,14 +245,35 @@ def load_model(ref: ModelRef) -> CLIPViPModel:
     return model
 
 
-def eval_suite(config: AblationConfig) -> EvalSuite:
-    """The held-out candidate sets every model is scored on."""
+def eval_suite(config: AblationConfig, eval_inputs: dict[str, str] | None = None) -> EvalSuite:
+    """The held-out candidate sets every model is scored on. With ``eval_inputs`` (``locate_eval_data``'s output),
+    the negatives and probes are the records their contracts accepted."""
     base = next(iter(config.variant_configs().values()))
     rows = read_caption_manifest(base.data.manifest_dir).select(config.eval_datasets(), config.eval.splits)
-    e = config.eval
-    return build_suite(rows, negatives={d: resolve_path(p) for d, p in e.negatives.items()},
-                       probes={d: resolve_path(p) for d, p in e.probes.items()}, unrelated=e.unrelated,
-                       other_videos=e.other_videos, max_videos=e.max_videos, seed=e.seed)
+    e, found = config.eval, eval_inputs or {}
+
+    def files(kind: str, paths: dict[str, str]) -> dict[str, Path]:
+        return {d: Path(found[f"validated:{kind}:{d}"]) if f"validated:{kind}:{d}" in found else resolve_path(p)
+                for d, p in paths.items()}
+
+    return build_suite(rows, negatives=files("negatives", e.negatives), probes=files("probes", e.probes),
+                       unrelated=e.unrelated, other_videos=e.other_videos, max_videos=e.max_videos, seed=e.seed)
+
+
+def validate_eval_files(config: AblationConfig) -> dict[str, str]:
+    """Put the negatives and probes files through their data contracts (``hard_negatives``, ``probe_pairs``):
+    accepted records and the quarantine go under ``<output_dir>/eval_data``; returns, per file, the accepted
+    file (``validated:<kind>:<dataset>``) and the reject count (``rejected:<kind>:<dataset>``). Raises
+    ``EvalFileRejected`` when a file has more rejects than its contract allows."""
+    contracts = load_contracts(resolve_path(config.eval.contracts_dir))
+    out = {}
+    for kind, files in (("negatives", config.eval.negatives), ("probes", config.eval.probes)):
+        for dataset, path in files.items():
+            result = validate_eval_file(kind, dataset, resolve_path(path), contract_for(kind, contracts),
+                                        resolve_path(config.output_dir) / "eval_data")
+            out[f"validated:{kind}:{dataset}"] = str(result.accepted)
+            out[f"rejected:{kind}:{dataset}"] = str(result.counts["rejected"])
+    return out
 
 
 def eval_fingerprints(config: AblationConfig) -> dict[str, str]:
@@ -264,12 +322,12 @@ def evaluate_models(models: list[ModelRef], suite: EvalSuite, spec: EvalSpec) ->
     frames = _Frames(suite, spec.cache_frames)
     metric_rows, score_tables, maps = [], [], []
     for ref in models:
-        model = load_model(ref).eval()
+        model = load_model(ref).eval().to(default_device())  # the GPU when there is one
         metrics, scores, attention = _evaluate_one(model, ref, suite, spec, frames)
-        metric_rows.append({"variant": ref.variant, "checkpoint": ref.checkpoint, "step": ref.step,
+        metric_rows.append({"variant": ref.variant, "seed": ref.seed, "checkpoint": ref.checkpoint, "step": ref.step,
                             "is_best": ref.is_best, "path": str(ref.path), "num_frames": model.config.num_frames,
                             "image_size": model.config.vision.image_size, **metrics})
-        score_tables.append(scores.assign(variant=ref.variant, checkpoint=ref.checkpoint, step=ref.step))
+        score_tables.append(scores.assign(variant=ref.variant, seed=ref.seed, checkpoint=ref.checkpoint, step=ref.step))
         maps.append(attention)
         log.info("%s %s: caption top-1 %.3f, hard-negative acc %.3f, short wins %.3f, t2v R@1 %.3f", ref.variant,
                  ref.checkpoint, metrics["caption/top1_accuracy"], metrics.get("caption/hard_negative_accuracy", np.nan),
@@ -283,26 +341,27 @@ def _evaluate_one(model: CLIPViPModel, ref: ModelRef, suite: EvalSuite, spec: Ev
     cfg = model.config
     tokenizer = load_clip_tokenizer(ref.tokenizer_dir, cfg.text.max_position_embeddings)
     n_frames, size, bs = cfg.num_frames, cfg.vision.image_size, spec.batch_size
+    device = next(model.parameters()).device
 
     videos, maps = [], []
     n_att = min(spec.attention.videos, len(suite.videos))
     for start in range(0, len(suite.videos), bs):
         idx = range(start, min(start + bs, len(suite.videos)))
-        pix = torch.stack([frames.get(i, n_frames, size) for i in idx])
+        pix = torch.stack([frames.get(i, n_frames, size) for i in idx]).to(device)
         want_att = start < n_att
         out = model.encode_video(pix, output_proxy_attentions=want_att)
-        videos.append(model.video_embeds(out).float())
+        videos.append(model.video_embeds(out).float().cpu())
         if want_att:
             maps.append(frame_attention(out.proxy_attentions, num_frames=n_frames, layer=spec.attention.layer,
-                                        queries=spec.attention.queries))
+                                        queries=spec.attention.queries).cpu())
     v = torch.cat(videos)
     attention = torch.cat(maps)[:n_att].numpy() if maps else np.zeros((0,), np.float32)
 
     texts = suite.texts()
     embeds = []
     for start in range(0, len(texts), bs):
-        enc = tokenizer(texts[start:start + bs], padding=True, truncation=True, return_tensors="pt")
-        embeds.append(model.text_embeds(model.encode_text(enc["input_ids"], enc["attention_mask"])).float())
+        enc = tokenizer(texts[start:start + bs], padding=True, truncation=True, return_tensors="pt").to(device)
+        embeds.append(model.text_embeds(model.encode_text(enc["input_ids"], enc["attention_mask"])).float().cpu())
     t = torch.cat(embeds)
     text_index = {s: i for i, s in enumerate(texts)}
     video_index = {vid: i for i, vid in enumerate(suite.videos["video_id"])}
@@ -335,18 +394,60 @@ def _evaluate_one(model: CLIPViPModel, ref: ModelRef, suite: EvalSuite, spec: Ev
 # ------------------------------------------------------------------------------------------------ selection
 
 
-def select_variant(table: pd.DataFrame, rule: SelectionRule, variants: list[str]) -> dict:
-    """Apply ``rule`` to the comparison table (one row per evaluated model); returns the winner and the evidence."""
+def clip_items(scores: pd.DataFrame, metric: str) -> pd.DataFrame | None:
+    """Each held-out clip's share of ``metric`` in one model's score table, as (``num``, ``den``) indexed by
+    ``video_id``: the metric over any set of clips is sum(num) / sum(den), the number ``caption_metrics`` /
+    ``probe_metrics`` report over all of them. ``None`` for metrics that do not decompose over clips (retrieval
+    ranks depend on the whole gallery)."""
+    group, _, name = metric.partition("/")
+    cands = scores[scores["kind"] == "candidate"]
+    if group == "caption" and name in ("top1_accuracy", "margin", "mrr"):
+        v = per_video(cands).set_index("video_id")
+        value = {"top1_accuracy": v["top1"].astype(float), "margin": v["margin"].replace(np.inf, np.nan),
+                 "mrr": 1.0 / v["best_gt_rank"]}[name]
+        return pd.DataFrame({"num": value.fillna(0.0), "den": value.notna().astype(float)})
+    if group == "caption" and name.partition("/")[0] == "hard_negative_accuracy":
+        pairs = hard_negative_pairs(cands)
+        if "/" in name:
+            pairs = pairs[pairs["changed"] == name.partition("/")[2]]
+        return _ratio_by_video(pairs["correct"].astype(float), pairs["video_id"])
+    if group == "caption" and name.startswith("score/"):
+        sel = cands[cands["category"] == name.removeprefix("score/")]
+        return _ratio_by_video(sel["score"].astype(float), sel["video_id"])
+    if group == "say_more" and name.partition("/")[0] == "short_wins":
+        probes = scores[scores["kind"].isin(["probe_short", "probe_long"])]
+        wide = probes.pivot_table(index=["video_id", "pair", "changed"], columns="kind", values="score").reset_index()
+        if "/" in name:
+            wide = wide[wide["changed"] == name.partition("/")[2]]
+        return _ratio_by_video((wide["probe_short"] > wide["probe_long"]).astype(float), wide["video_id"])
+    return None
+
+
+def _ratio_by_video(values: pd.Series, video_ids: pd.Series) -> pd.DataFrame:
+    g = values.groupby(video_ids.to_numpy())
+    return pd.DataFrame({"num": g.sum(), "den": g.count().astype(float)}).rename_axis("video_id")
+
+
+def select_variant(table: pd.DataFrame, rule: SelectionRule, variants: list[str],
+                   scores: pd.DataFrame | None = None) -> dict:
+    """Apply ``rule`` to the comparison table (one row per evaluated model); returns the winner and the evidence.
+
+    Each training run (a variant, or a (variant, seed) pair) is represented by its best or final checkpoint; a
+    variant's value is the mean over its seeds (``<metric>/sd`` their standard deviation, ``seeds`` each seed's
+    checkpoint and value, ``per_seed_winners`` the winner of each seed alone). With the per-model ``scores``, each
+    variant and reference gets a bootstrap interval of ``rule.metric`` over held-out clips (pooled over seeds), and
+    ``inconclusive`` says whether the top two intervals overlap."""
     orders = [MetricOrder(metric=rule.metric, mode=rule.mode), *rule.tie_breakers]
     missing = [o.metric for o in orders if o.metric not in table.columns]
     if missing:
         metrics = sorted(c for c in table.columns if "/" in c)
         raise ValueError(f"selection metrics {missing} are not in the comparison table; choose from {metrics}")
+    table = table if "seed" in table.columns else table.assign(seed=None)
     candidates = table[table["variant"].isin(variants)]
     if candidates.empty:
         raise ValueError(f"no evaluated checkpoints of variants {variants}")
 
-    def key(row: pd.Series) -> tuple:
+    def key(row) -> tuple:
         # NaN ranks last; later keys only break ties; an earlier step wins a full tie (cheaper to reach)
         out = []
         for o in orders:
@@ -354,13 +455,24 @@ def select_variant(table: pd.DataFrame, rule: SelectionRule, variants: list[str]
             out.append((True, 0.0) if np.isnan(x) else (False, -x if o.mode == "max" else x))
         return (*out, row["step"])
 
-    chosen = []
-    for _, g in candidates.groupby("variant", sort=False):
+    chosen = []  # one row per training run
+    for _, g in candidates.groupby(["variant", "seed"], sort=False, dropna=False):
         rows = [r for _, r in g.iterrows()]
         chosen.append(max(rows, key=lambda r: r["step"]) if rule.checkpoint == "final" else min(rows, key=key))
-    ranking = sorted(chosen, key=key)
-    cols = ["variant", "checkpoint", "step", "path"] + [o.metric for o in orders]
-    ranked = [{c: _plain(r[c]) for c in cols} for r in ranking]
+    runs = pd.DataFrame(chosen)
+    runs["label"] = label_of(runs)
+    metric_cols = [o.metric for o in orders]
+    cols = ["variant", "checkpoint", "step", "path"] + metric_cols
+    ranked = []
+    for variant, g in runs.groupby("variant", sort=False):
+        best = min((r for _, r in g.iterrows()), key=key)  # the variant's representative run: its best seed
+        entry = {**{c: _plain(best[c]) for c in cols}, **{m: float(g[m].astype(float).mean()) for m in metric_cols}}
+        entry[f"{rule.metric}/sd"] = float(g[rule.metric].astype(float).std(ddof=1)) if len(g) > 1 else None
+        entry["seeds"] = [{"seed": _seed(r["seed"]), "checkpoint": r["checkpoint"], "step": _plain(r["step"]),
+                           "label": r["label"], rule.metric: _plain(r[rule.metric])}
+                          for _, r in g.iterrows()]
+        ranked.append(entry)
+    ranked.sort(key=key)
     winner = ranked[0]
     refs = table[~table["variant"].isin(variants)]
     evidence = {
@@ -369,8 +481,68 @@ def select_variant(table: pd.DataFrame, rule: SelectionRule, variants: list[str]
         "ranking": ranked,
         "margin_over_runner_up": (abs(winner[rule.metric] - ranked[1][rule.metric]) if len(ranked) > 1 else None),
         "references": [{c: _plain(r[c]) for c in cols} for _, r in refs.iterrows()],
+        "per_seed_winners": _per_seed_winners(runs, key),
     }
+    if scores is not None:
+        evidence.update(_intervals(rule, ranked, evidence["references"], runs, refs, scores))
     return evidence
+
+
+def _seed(x) -> int | None:
+    return None if x is None or (isinstance(x, float) and np.isnan(x)) else int(x)
+
+
+def _per_seed_winners(runs: pd.DataFrame, key) -> dict[str, str] | None:
+    if runs["seed"].isna().all():
+        return None
+    return {str(_seed(seed)): min((r for _, r in g.iterrows()), key=key)["variant"]
+            for seed, g in runs.groupby("seed", sort=True)}
+
+
+def _intervals(rule: SelectionRule, ranked: list[dict], references: list[dict], runs: pd.DataFrame,
+               refs: pd.DataFrame, scores: pd.DataFrame) -> dict:
+    """Bootstrap intervals of ``rule.metric`` over clips per variant (its runs' chosen checkpoints pooled) and per
+    reference, and whether the top two variants' intervals overlap."""
+    scores = scores if "seed" in scores.columns else scores.assign(seed=None)
+
+    def items(rows: pd.DataFrame) -> pd.DataFrame | None:
+        parts = []
+        for _, r in rows.iterrows():
+            sel = ((scores["variant"] == r["variant"]) & (scores["step"] == r["step"])
+                   & (scores["seed"].isna() if _seed(r["seed"]) is None else scores["seed"] == r["seed"]))
+            part = clip_items(scores[sel], rule.metric)
+            if part is None:
+                return None
+            parts.append(part)
+        return pd.concat(parts).groupby(level=0).sum()
+
+    intervals = {}
+    for name, rows in [*((e["variant"], runs[runs["variant"] == e["variant"]]) for e in ranked),
+                       *((r["variant"], refs[refs["variant"] == r["variant"]]) for r in references)]:
+        it = items(rows)
+        intervals[name] = (None if it is None else ratio_interval(it, confidence=rule.confidence,
+                                                                  n=rule.bootstrap_samples).as_dict())
+    top = [e["variant"] for e in ranked[:2]]
+    if len(top) < 2:
+        return {"intervals": intervals, "inconclusive": False, "significance": "a single variant: nothing to compare"}
+    a, b = (intervals[t] for t in top)
+    if a is None or b is None:
+        return {"intervals": intervals, "inconclusive": None,
+                "significance": f"{rule.metric} has no per-clip decomposition, so no interval; rank by a caption/ or "
+                                "say_more/ metric to get one"}
+    overlap = Interval(**a).overlaps(Interval(**b))
+    text = (f"{top[0]} {Interval(**a).text()} vs {top[1]} {Interval(**b).text()} on {rule.metric}: "
+            + ("the intervals overlap, inconclusive" if overlap else "the intervals do not overlap"))
+    return {"intervals": intervals, "inconclusive": bool(overlap), "significance": text}
+
+
+def check_significance(selection: dict, rule: SelectionRule) -> None:
+    """Refuse the selection when ``rule.require_significance`` is set and it is not significant."""
+    if rule.require_significance and selection.get("inconclusive") is not False:
+        raise SelectionInconclusive(
+            f"selection.require_significance is set and the selection is not significant: {selection.get('significance')}. "
+            "Evaluate on more held-out clips, train longer or with more seeds, or unset require_significance to "
+            "accept the point ranking")
 
 
 def _plain(x):
@@ -384,7 +556,10 @@ KEY_METRICS = ["caption/top1_accuracy", "caption/margin", "caption/hard_negative
 
 
 def label_of(frame: pd.DataFrame) -> pd.Series:
-    return frame["variant"].where(frame["checkpoint"] == "reference", frame["variant"] + "@" + frame["step"].astype(str))
+    """``variant@step`` (``variant#s<seed>@step`` when training repeats per seed); a reference keeps its name."""
+    seed = frame["seed"] if "seed" in frame.columns else pd.Series(None, index=frame.index, dtype=object)
+    tag = seed.map(lambda x: "" if _seed(x) is None else f"#s{_seed(x)}")
+    return frame["variant"].where(frame["checkpoint"] == "reference", frame["variant"] + tag + "@" + frame["step"].astype(str))
 
 
 @dataclass
@@ -408,10 +583,10 @@ def write_report(config: AblationConfig, evaluations: list[Evaluation], suite: E
     table.to_parquet(out_dir / "comparison.parquet", index=False)
     scores.to_parquet(out_dir / "caption_scores.parquet", index=False)
 
-    selection = select_variant(table, config.selection, [v.name for v in config.variants])
+    selection = select_variant(table, config.selection, [v.name for v in config.variants], scores)
     (out_dir / "selection.json").write_text(json.dumps(selection, indent=1))
 
-    chosen = [f"{r['variant']}@{r['step']}" for r in selection["ranking"]] + [r["variant"] for r in selection["references"]]
+    chosen = chosen_labels(selection)
     shown = table.set_index("label").loc[chosen].reset_index()
     metrics = list(dict.fromkeys([config.selection.metric, *[t.metric for t in config.selection.tie_breakers],
                                   *[m for m in KEY_METRICS if m in table.columns]]))
@@ -445,6 +620,11 @@ def write_report(config: AblationConfig, evaluations: list[Evaluation], suite: E
                       title=f"{video_id}: attention of encoder layer {config.eval.attention.layer} "
                             f"({config.eval.attention.queries} proxy queries -> each frame's patches)")
     return Report(table, selection, out_dir)
+
+
+def chosen_labels(selection: dict) -> list[str]:
+    """The comparison-table labels of each variant's chosen checkpoint(s), in ranking order, then the references."""
+    return [sd["label"] for r in selection["ranking"] for sd in r["seeds"]] + [r["variant"] for r in selection["references"]]
 
 
 def _slug(video_id: str) -> str:

@@ -1,0 +1,65 @@
+"""The demo's machine-readable summary (issue 15, item 5): the keys the issue lists, filled from the ablation's
+selection and the selection decision, and the printed text rendered from the JSON alone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hilight.experiments.ablation import SelectionRule as AblationRule
+from hilight.experiments.ablation import select_variant
+from hilight.experiments.demo_summary import ablation_summary, render_demo_summary, selection_summary
+from hilight.experiments.selection import decide
+from tests.test_ablation_intervals import evaluated
+from tests.test_selection_gate import INCUMBENT, RULE, model, table
+
+
+def _summary() -> dict:
+    abl_table, scores = evaluated({("BP_WithMask", None): (0.8, 0), ("AE_WithMask", None): (0.5, 1)})
+    abl_table["label"] = abl_table["variant"] + "@100"
+    ablation = select_variant(abl_table, AblationRule(metric="caption/hard_negative_accuracy", tie_breakers=[]),
+                              ["BP_WithMask", "AE_WithMask"], scores)
+    tables = {"champion-v1": model(0.5, 0.6, 0), "table1k": model(0.85, 0.6, 1), "original": model(0.4, 0.6, 2)}
+    evidence = table(tables)
+    evidence["billiards/fact/colour"] = evidence["billiards/fact_accuracy"]
+    decision = decide(evidence, RULE, answers=tables, incumbent=INCUMBENT)
+    decision["registry"] = {"champion": "3", "challenger": "2", "champion_uri": "models:/hilight-vlm@champion"}
+    decision["changes"] = ["champion: version 1 -> 3"]
+    stage1 = {c: {"lm_loss": 1.0, "lm_loss_initial": 2.0, "lm_loss_wrong_video": 1.5, "lm_loss_no_video": 1.8}
+              for c in ("table1k", "original")}
+    return {
+        "seconds": 812.4, "path": "outputs/demo_summary.json",
+        "data": {"run": "dv", "fingerprint": "abc", "counts": {"videos_accepted": 400}, "manifest": "m", "report": "r"},
+        "alignment": {"billiards_t2v_r1": 0.12, "billiards_t2v_r1_random": 0.01, "models": "x",
+                      "runs": {"billiards alignment": {"run": "a", "t2v_r1": 0.12, "random_t2v_r1": 0.01,
+                                                       "t2v_median_rank": 4, "random_t2v_median_rank": 40}}},
+        "ablation": ablation_summary("abl", abl_table, ablation, "outputs/ablation/report"),
+        "llm": {"run": "llm", "lm_loss": 1.2, "lm_loss_untrained": 6.0, "model": "outputs/llm_pretrain/model"},
+        "selection": selection_summary("sel", decision, evidence, stage1, "outputs/selection"),
+        "mlflow": {"store": "sqlite:///x", "ui": "hilight ui"}, "ask": "hilight ask v.mp4 \"What's happened?\"",
+    }
+
+
+def test_summary_has_the_issues_keys_and_values():
+    s = json.loads(json.dumps(_summary()))  # JSON-able as written
+    assert {"billiards_t2v_r1", "billiards_t2v_r1_random"} <= set(s["alignment"])
+    ab = s["ablation"]
+    assert ab["selected"] == "BP_WithMask" and ab["inconclusive"] is False
+    assert 0.6 < ab["colour_hard_negative_accuracy"] < 1.0 and ab["interval"]["low"] < ab["value"] < ab["interval"]["high"]
+    sel = s["selection"]
+    assert {"champion", "incumbent", "primary_metric", "margin", "ci_low", "ci_high", "colour_fact_accuracy"} <= set(sel)
+    assert sel["champion"] == "table1k" and sel["incumbent"]["label"] == "champion-v1" and sel["status"] == "promoted"
+    assert sel["ci_low"] > 0 and sel["margin_of"] == "table1k - champion-v1"
+    assert set(sel["colour_fact_accuracy"]) == {"champion-v1", "table1k", "original"}
+    assert s["seconds"] == pytest.approx(812.4)
+
+
+def test_printed_summary_is_rendered_from_the_json():
+    text = render_demo_summary(json.loads(json.dumps(_summary())))
+    assert "selected variant      BP_WithMask at step-00000100: caption/hard_negative_accuracy" in text
+    assert "significant (the top two intervals are apart)" in text and "colour hard-negative accuracy 0." in text
+    assert "decision              promoted: table1k beats the champion (champion-v1)" in text
+    assert "margin over the incumbent champion-v1: table1k - champion-v1 on billiards/fact_accuracy +0." in text
+    assert "champion              models:/hilight-vlm@champion = version 3 (table1k); challenger = version 2" in text
+    assert text.rstrip().endswith("(812 s)")

@@ -1,0 +1,136 @@
+"""Promotion gated against the incumbent champion (issue 15, item 1): the decision logic on synthetic per-answer
+tables, its record (JSON, Markdown, plot), and the bootstrap helpers it stands on. Fast: no model, no pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hilight.experiments.bootstrap import paired_ratio_difference, ratio_interval
+from hilight.experiments.selection import Guard, MetricOrder, SelectionRule, decide, write_decision_report
+
+RULE = SelectionRule(primary=MetricOrder(metric="billiards/fact_accuracy"),
+                     guards=[Guard(metric="general/fact_accuracy", tolerance=0.05)], tie_breakers=[])
+N = 200  # questions per dataset
+
+
+def answers(billiards_correct: np.ndarray, general_correct: np.ndarray) -> pd.DataFrame:
+    """One colour check per question, on the same questions for every model (so answers pair up)."""
+    n_b, n_g = len(billiards_correct), len(general_correct)
+    return pd.DataFrame({
+        "dataset": ["billiards"] * n_b + ["general"] * n_g,
+        "video_id": [f"b{i}" for i in range(n_b)] + [f"g{i}" for i in range(n_g)], "kind": "qa", "question": "q",
+        "fact_colour": pd.array(np.concatenate([billiards_correct, general_correct]).astype(bool), dtype="boolean")})
+
+
+def model(p_billiards: float, p_general: float, seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return answers(rng.random(N) < p_billiards, rng.random(N) < p_general)
+
+
+def table(tables: dict[str, pd.DataFrame], digests: dict[str, str] | None = None) -> pd.DataFrame:
+    rows = []
+    for name, a in tables.items():
+        m = {f"{d}/fact_accuracy": float(g["fact_colour"].astype(float).mean()) for d, g in a.groupby("dataset")}
+        rows.append({"candidate": name, "digest": (digests or {}).get(name, name), **m})
+    return pd.DataFrame(rows)
+
+
+INCUMBENT = {"label": "champion-v1", "version": "1", "digest": "champion-v1"}
+
+
+def test_a_clearly_better_candidate_takes_champion():
+    tables = {"champion-v1": model(0.5, 0.6, 0), "new": model(0.85, 0.6, 1), "other": model(0.4, 0.6, 2)}
+    d = decide(table(tables), RULE, answers=tables, incumbent=INCUMBENT)
+    assert (d["status"], d["promoted"], d["champion"], d["challenger"]) == ("promoted", True, "new", "other")
+    margin = d["against_incumbent"]["new"]
+    assert margin["low"] > 0.2 and margin["estimate"] == pytest.approx(
+        table(tables).set_index("candidate")["billiards/fact_accuracy"].pipe(lambda s: s["new"] - s["champion-v1"]))
+    assert d["held_back"] == [] and "beats the champion" in d["explanation"]
+    # every model, the incumbent included, has an interval on the primary metric
+    assert set(d["intervals"]) == set(tables) and all(i["low"] <= i["estimate"] <= i["high"] for i in d["intervals"].values())
+
+
+def test_a_worse_or_not_significantly_better_candidate_stays_challenger():
+    inc = model(0.6, 0.6, 0)
+    worse = {"champion-v1": inc, "new": model(0.4, 0.6, 1), "other": model(0.3, 0.6, 2)}
+    d = decide(table(worse), RULE, answers=worse, incumbent=INCUMBENT)
+    assert (d["status"], d["promoted"], d["champion"], d["challenger"]) == ("held_back", False, "champion-v1", "new")
+    assert d["held_back"][0].startswith("margin:") and "min_effect 0" in d["held_back"][0]
+
+    # the same answers as the champion but for 3 of 200 questions: a point gain whose interval includes 0
+    flipped = inc.copy()
+    wrong = np.flatnonzero((flipped["dataset"] == "billiards") & ~flipped["fact_colour"].astype(bool))[:3]
+    flipped.loc[wrong, "fact_colour"] = True
+    close = {"champion-v1": inc, "new": flipped, "other": model(0.3, 0.6, 2)}
+    d = decide(table(close), RULE, answers=close, incumbent=INCUMBENT)
+    m = d["against_incumbent"]["new"]
+    assert m["estimate"] == pytest.approx(3 / N) and m["low"] <= 0 < m["high"]
+    assert d["status"] == "held_back" and d["champion"] == "champion-v1" and d["challenger"] == "new"
+
+    # a declared minimum effect holds back a significant but small gain
+    better = {"champion-v1": inc, "new": model(0.8, 0.6, 1), "other": model(0.3, 0.6, 2)}
+    strict = RULE.model_copy(update={"min_effect": 0.5})
+    d = decide(table(better), strict, answers=better, incumbent=INCUMBENT)
+    assert d["against_incumbent"]["new"]["low"] > 0 and d["status"] == "held_back" and "min_effect 0.5" in d["held_back"][0]
+
+
+def test_guards_count_the_incumbent_and_name_the_failing_metric():
+    tables = {"champion-v1": model(0.5, 0.8, 0), "new": model(0.9, 0.5, 1), "other": model(0.2, 0.5, 2)}
+    d = decide(table(tables), RULE, answers=tables, incumbent=INCUMBENT)
+    assert d["status"] == "held_back" and d["champion"] == "champion-v1"
+    assert any(r.startswith("guards: new fails general/fact_accuracy") for r in d["held_back"])
+    # without the incumbent the same candidates rank as before, and the first one is the champion
+    first = {k: v for k, v in tables.items() if k != "champion-v1"}
+    d = decide(table(first), RULE, answers=first)
+    assert (d["status"], d["champion"], d["challenger"]) == ("first", "new", "other")
+    assert d["primary_difference"]["of"] == "new" and d["primary_difference"]["low"] > 0
+
+
+def test_the_champion_itself_leaves_the_aliases_alone():
+    tables = {"champion-v1": model(0.5, 0.6, 0), "new": model(0.5, 0.6, 0), "other": model(0.3, 0.6, 2)}
+    d = decide(table(tables, {"new": "champion-v1"}), RULE, answers=tables, incumbent=INCUMBENT)
+    assert (d["status"], d["champion"], d["challenger"]) == ("unchanged", "new", "other")
+
+
+def test_min_mode_margins_are_positive_when_lower_is_better():
+    rule = SelectionRule(primary=MetricOrder(metric="billiards/fact_accuracy", mode="min"), guards=[], tie_breakers=[])
+    tables = {"champion-v1": model(0.8, 0.6, 0), "new": model(0.2, 0.6, 1), "other": model(0.9, 0.6, 2)}
+    d = decide(table(tables), rule, answers=tables, incumbent=INCUMBENT)
+    assert d["status"] == "promoted" and d["against_incumbent"]["new"]["low"] > 0.4
+
+
+def test_an_incumbent_needs_its_answers_and_its_row():
+    tables = {"champion-v1": model(0.5, 0.6, 0), "new": model(0.9, 0.6, 1)}
+    with pytest.raises(ValueError, match="per-answer tables"):
+        decide(table(tables), RULE, incumbent=INCUMBENT)
+    with pytest.raises(ValueError, match="no row"):
+        decide(table({"new": tables["new"]}), RULE, answers=tables, incumbent=INCUMBENT)
+
+
+def test_decision_record_has_the_evidence_table_and_the_plot(tmp_path):
+    tables = {"champion-v1": model(0.6, 0.6, 0), "new": model(0.4, 0.6, 1), "other": model(0.3, 0.6, 2)}
+    evidence = table(tables)
+    d = decide(evidence, RULE, answers=tables, incumbent=INCUMBENT)
+    d["changes"] = ["champion: version 1 -> 1 (unchanged)", "challenger: version none -> 2"]
+    evidence["passed_guards"] = True
+    paths = write_decision_report(d, evidence, tmp_path)
+    assert json.loads(paths["json"].read_text())["status"] == "held_back"
+    md = paths["markdown"].read_text()
+    assert md.startswith("# Selection decision: held_back") and "| champion-v1 | champion (incumbent) |" in md
+    assert "| new | challenger |" in md and "Held back by" in md and "challenger: version none -> 2" in md
+    assert paths["plot"].stat().st_size > 1000
+
+
+def test_bootstrap_intervals_cover_and_pair():
+    items = pd.DataFrame({"num": [1.0] * 30 + [0.0] * 70, "den": 1.0})
+    iv = ratio_interval(items, confidence=0.95)
+    assert iv.estimate == pytest.approx(0.3) and 0.2 < iv.low < 0.3 < iv.high < 0.4 and iv.items == 100
+    assert ratio_interval(items, confidence=0.5).high < iv.high  # a lower confidence gives a narrower interval
+    # identical models: the paired difference is exactly 0 with a zero-width interval
+    d = paired_ratio_difference(items, items)
+    assert (d.estimate, d.low, d.high) == (0.0, 0.0, 0.0)
+    assert np.isnan(ratio_interval(items.assign(den=0.0)).estimate)
