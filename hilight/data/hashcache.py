@@ -46,7 +46,7 @@ REHASH_ENV = "HILIGHT_REHASH"
 DB_NAME = "hashcache.sqlite"
 SCHEMA_VERSION = 1
 RACY_WINDOW_NS = 2_000_000_000  # coarsest common mtime granularity (FAT: 2 s); ext4/xfs/tmpfs are far finer
-_CHUNK = 500  # keys per SELECT (SQLite's default limit on bound parameters is 32766)
+_CHUNK = 5000  # keys per SELECT (SQLite's default limit on bound parameters is 32766 since 3.32)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -170,13 +170,12 @@ class HashCache:
 
     # ----------------------------------------------------------------------------------------- content hashes
 
-    def digests(self, paths: Sequence[Path], stats: Sequence[os.stat_result] | None = None) -> list[str]:
+    def digests(self, paths: Sequence[str | Path], stats: Sequence[os.stat_result] | None = None) -> list[str]:
         """SHA-256 of each regular file in ``paths`` (``stats``: their ``os.stat`` results when the caller has them).
 
         Files whose stat key matches a trusted entry are not read; the others are hashed in ``workers`` threads and
         their entries upserted in one transaction.
         """
-        paths = [Path(p) for p in paths]
         stats = list(stats) if stats is not None else [os.stat(p) for p in paths]
         for p, st in zip(paths, stats):
             if not stat_mod.S_ISREG(st.st_mode):
@@ -222,11 +221,9 @@ class HashCache:
         for dev, inos in by_dev.items():
             for start in range(0, len(inos), _CHUNK):
                 part = inos[start:start + _CHUNK]
-                marks = ",".join("?" * len(part))
-                for ino, size, mtime, sha, at in self._db.execute(
-                        f"SELECT ino, size, mtime_ns, sha256, hashed_at_ns FROM files WHERE dev = ? AND ino IN ({marks})",
-                        (dev, *part)):
-                    found[(dev, ino)] = (size, mtime, sha, at)
+                rows = self._db.execute(f"SELECT ino, size, mtime_ns, sha256, hashed_at_ns FROM files WHERE dev = ? "
+                                        f"AND ino IN ({','.join('?' * len(part))})", (dev, *part)).fetchall()
+                found.update({(dev, row[0]): row[1:] for row in rows})
         return found
 
     # ------------------------------------------------------------------------------------------ probe results
