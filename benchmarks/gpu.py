@@ -85,12 +85,11 @@ from typing import Any
 import torch
 import yaml
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
-from transformers import CLIPVisionConfig
 
 from hilight.config import deep_merge
 from hilight.data.conversations import IGNORE_INDEX, VIDEO_TOKEN_INDEX
 from hilight.models.clipvip import CLIPViPConfig, build_clipvip, load_preset
-from hilight.models.longclip import LongCLIPImageTower
+from hilight.models.longclip import LongCLIPImageTower, longclip_preset
 from hilight.models.token_mining import TokenMining, TokenMiningConfig
 from hilight.models.vlm import HiLightVLM, build_llm, freeze_all_but, gemma_config
 
@@ -103,9 +102,6 @@ DEFAULT_JSON = ROOT / "benchmarks" / "results" / "gpu.json"
 # H100 is the SXM figure; an H100 PCIe peaks at 756e12, so its MFU reads low by that ratio.
 PEAK_BF16_FLOPS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("4090", 165e12))
 EPOCH_SAMPLES = {"valley703k": 703_000, "videoinstruct100k": 100_000}
-LONGCLIP_B16 = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-                "image_size": 224, "patch_size": 16, "projection_dim": 512, "hidden_act": "quick_gelu",
-                "layer_norm_eps": 1e-5}  # longclip-B.pt's vision half (ViT-B/16, 512-d projection)
 GEMMA_IDS = {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}  # Gemma's tokenizer (hilight-reference §1.5)
 
 
@@ -114,7 +110,7 @@ class Shapes:
     """What one run measures. ``FULL`` is the recipes' shapes; ``SMOKE`` the same structure at test size."""
 
     clipvip_preset: str
-    longclip: dict
+    longclip_preset: str
     gemma_preset: str
     vocab_size: int | None  # None = the preset's
     tm_expand: int  # TokenMining query tokens per frame (32 -> 12 x 32 = 384 video tokens)
@@ -131,19 +127,18 @@ class Shapes:
     warmup: int  # >= 2: the first step counts FLOPs, the second measures memory
     steps: int
     loss_overrides: dict = field(default_factory=dict)  # deep-merged into the stage-0 loss block
+    longclip_overrides: dict = field(default_factory=dict)  # set on the Long-CLIP preset's config
 
 
-FULL = Shapes(clipvip_preset="clipvip-b16", longclip=LONGCLIP_B16, gemma_preset="gemma-2b", vocab_size=None,
+FULL = Shapes(clipvip_preset="clipvip-b16", longclip_preset="longclip-b16", gemma_preset="gemma-2b", vocab_size=None,
               tm_expand=32, caption_len=50, stage0_batch=None, stage1_batch=None, stage2_batch=None, stage1_text=128,
               stage2_text=256, gen_batch=16, gen_prompt=64, gen_new_tokens=128, attention_batches=(1, 8), warmup=3,
               steps=10)
-SMOKE = Shapes(clipvip_preset="tiny",
-               longclip={**LONGCLIP_B16, "hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 2,
-                         "num_attention_heads": 2, "image_size": 32, "patch_size": 8, "projection_dim": 32},
-               gemma_preset="tiny", vocab_size=512, tm_expand=4, caption_len=16, stage0_batch=4, stage1_batch=2,
-               stage2_batch=2, stage1_text=16, stage2_text=24, gen_batch=3, gen_prompt=12, gen_new_tokens=4,
-               attention_batches=(1, 2), warmup=2, steps=2,
-               loss_overrides={"local": {"keep": 8}})  # the tiny preset has 100 vision tokens, not 2356
+SMOKE = Shapes(clipvip_preset="tiny", longclip_preset="tiny", gemma_preset="tiny", vocab_size=512, tm_expand=4,
+               caption_len=16, stage0_batch=4, stage1_batch=2, stage2_batch=2, stage1_text=16, stage2_text=24,
+               gen_batch=3, gen_prompt=12, gen_new_tokens=4, attention_batches=(1, 2), warmup=2, steps=2,
+               loss_overrides={"local": {"keep": 8}},  # the tiny preset has 100 vision tokens, not 2356
+               longclip_overrides={"image_size": 32, "patch_size": 8})  # both towers read the same 32 px clip
 
 
 # ------------------------------------------------------------------------------------------------ measurement
@@ -319,7 +314,9 @@ def qa_batch(vlm: HiLightVLM, batch: int, text: int, device: torch.device, *, le
 def build_vlm(shapes: Shapes, device: torch.device) -> HiLightVLM:
     """Random-weight HiLight at ``shapes``: towers and LLM in bf16, TokenMining in fp32 (it is trained)."""
     clip_cfg = load_preset(shapes.clipvip_preset)
-    lc_cfg = CLIPVisionConfig(**shapes.longclip)
+    lc_cfg = longclip_preset(shapes.longclip_preset)
+    for key, value in shapes.longclip_overrides.items():
+        setattr(lc_cfg, key, value)
     llm_cfg = gemma_config(shapes.gemma_preset, vocab_size=shapes.vocab_size, hidden_act="gelu", **GEMMA_IDS)
     with torch.device(device):  # built where it runs: a 2.5B-parameter init on the CPU alone takes minutes
         clipvip = build_clipvip(clip_cfg, seed=0).to(torch.bfloat16)
