@@ -183,10 +183,10 @@ class HashCache:
         out: list[str | None] = [None] * len(paths)
         if self.rehash_since != _NEVER:
             since = self.rehash_since or 0
-            known = self._lookup([_key(st) for st in stats])
-            for i, st in enumerate(stats):
+            known = self._lookup(stats)
+            for i, st in enumerate(stats):  # the hot loop of a warm pass: attribute reads only
                 entry = known.get((st.st_dev, st.st_ino))
-                if (entry and entry[:2] == (st.st_size, st.st_mtime_ns)
+                if (entry is not None and entry[0] == st.st_size and entry[1] == st.st_mtime_ns
                         and st.st_mtime_ns < entry[3] - RACY_WINDOW_NS and entry[3] >= since):
                     out[i] = entry[2]
         todo = [i for i, d in enumerate(out) if d is None]
@@ -212,12 +212,12 @@ class HashCache:
     def digest(self, path: Path) -> str:
         return self.digests([path])[0]
 
-    def _lookup(self, keys: list[tuple[int, int, int, int]]) -> dict[tuple[int, int], tuple[int, int, str, int]]:
-        """(dev, ino) -> (size, mtime_ns, sha256, hashed_at_ns) for the stored entries among ``keys``."""
+    def _lookup(self, stats: Sequence[os.stat_result]) -> dict[tuple[int, int], tuple[int, int, str, int]]:
+        """(dev, ino) -> (size, mtime_ns, sha256, hashed_at_ns) for the stored entries of these files."""
         found: dict[tuple[int, int], tuple[int, int, str, int]] = {}
         by_dev: dict[int, list[int]] = {}
-        for dev, ino, _, _ in keys:
-            by_dev.setdefault(dev, []).append(ino)
+        for st in stats:
+            by_dev.setdefault(st.st_dev, []).append(st.st_ino)
         for dev, inos in by_dev.items():
             for start in range(0, len(inos), _CHUNK):
                 part = inos[start:start + _CHUNK]
