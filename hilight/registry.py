@@ -14,11 +14,13 @@ moves the aliases.
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
@@ -28,6 +30,7 @@ log = logging.getLogger(__name__)
 
 ARTIFACT_KEY = "hilight_vlm"
 DIGEST_TAG = "hilight.model_digest"
+EXAMPLE_QUESTION = "What's happened in this video?"  # the notes' evaluation question (hilight.data.qa)
 DATASET_TAG = "hilight.dataset_fingerprint."  # + dataset name: the raw data a registered model was trained on
 SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", "video"), ColSpec("string", "question")]),
                            outputs=Schema([ColSpec("string", "answer")]))
@@ -42,24 +45,48 @@ class HiLightPyfunc(mlflow.pyfunc.PythonModel):
         self.bundle = load_vlm_dir(context.artifacts[ARTIFACT_KEY])
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:
+        # MlflowException(INVALID_PARAMETER_VALUE): the scoring server answers 400 with this message, not a 500
         missing = [c for c in ("video", "question") if c not in model_input.columns]
         if missing:
-            raise ValueError(f"input lacks columns {missing}; give one row per question with 'video' (a path) and "
-                             "'question'")
+            raise MlflowException.invalid_parameter_value(
+                f"input lacks columns {missing}; give one row per question with 'video' (a path) and 'question'")
+        absent = [str(v) for v in model_input["video"] if not Path(str(v)).is_file()]
+        if absent:
+            raise MlflowException.invalid_parameter_value(
+                f"video file(s) not found on the serving machine: {absent[:5]}; 'video' is a path the model server "
+                "can read")
         pix = torch.stack([self.bundle.clip(v) for v in model_input["video"]])
         return self.bundle.generate(model_input["question"].tolist(), pixel_values=pix)
 
 
-def log_vlm_model(model_dir: str | Path, digest: str, *, name: str = "hilight_vlm"):
-    """Log ``model_dir`` as a pyfunc model in the active run; returns MLflow's ``ModelInfo``."""
+def log_vlm_model(model_dir: str | Path, digest: str, *, name: str = "hilight_vlm",
+                  example_video: str | Path | None = None):
+    """Log ``model_dir`` as a pyfunc model in the active run; returns MLflow's ``ModelInfo``.
+
+    The model is logged with an input example (one question about ``example_video``, or about a short synthetic
+    clip made for the purpose): MLflow stores it with the model, shows it in the UI, and checks at log time that
+    the model loads and answers it as a served model would."""
     import peft
     import transformers
 
     reqs = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}",
             f"peft=={peft.__version__}", f"mlflow=={mlflow.__version__}", "decord", "safetensors"]
     code = Path(__file__).with_name("pyfunc_model.py")  # models from code: loading unpickles nothing
-    return mlflow.pyfunc.log_model(name=name, python_model=str(code), artifacts={ARTIFACT_KEY: str(model_dir)},
-                                   signature=SIGNATURE, pip_requirements=reqs, tags={DIGEST_TAG: digest})
+    with tempfile.TemporaryDirectory(prefix="hilight_example_") as tmp:
+        video = example_video or _example_clip(Path(tmp))
+        example = pd.DataFrame({"video": [str(video)], "question": [EXAMPLE_QUESTION]})
+        return mlflow.pyfunc.log_model(name=name, python_model=str(code), artifacts={ARTIFACT_KEY: str(model_dir)},
+                                       signature=SIGNATURE, input_example=example, pip_requirements=reqs,
+                                       tags={DIGEST_TAG: digest})
+
+
+def _example_clip(out_dir: Path) -> Path:
+    """One short synthetic billiards clip (enough frames for the 12-frame sampler)."""
+    from hilight.data.synth import SynthSettings, generate_dataset
+
+    root = generate_dataset(out_dir / "example", n_videos=1, seed=0, progress=False,
+                            settings=SynthSettings(width=64, height=48, fps=8, duration_s=2.0))
+    return next((root / "videos").glob("*.mp4"))
 
 
 def register(model_uri: str, digest: str, model_name: str, tags: dict[str, str]) -> str:
