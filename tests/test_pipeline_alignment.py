@@ -40,8 +40,9 @@ def test_alignment_pipeline_tracks_everything_and_caches(zenml_project, caption_
     assert [m.step for m in history["train/loss"]] == [1, 2, 3, 4, 5, 6]
     assert len(client.get_metric_history(rid, "val/t2v_r1")) == 2
     assert "heldout/t2v_r1" in mrun.data.metrics and "heldout_random_init/t2v_r1" in mrun.data.metrics
+    # tracking.checkpoints defaults to best_and_final: the best and the last step's weights, nothing in between
     ckpts = {a.path for a in client.list_artifacts(rid, "checkpoints")}
-    assert {"checkpoints/step-00000004", "checkpoints/step-00000006"} <= ckpts
+    assert ckpts == {f"checkpoints/step-{int(tags['hilight.best_step']):08d}", "checkpoints/step-00000006"}
     assert "model/best/model.safetensors" in {a.path for a in client.list_artifacts(rid, "model/best")}
     assert "config/resolved_config.json" in {a.path for a in client.list_artifacts(rid, "config")}
 

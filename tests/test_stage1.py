@@ -65,10 +65,10 @@ def test_stage1_trains_only_token_mining_and_exports_both_layouts(caption_manife
     assert rerun.fit.resumed_from == 6 and rerun.run_dir == result.run_dir
 
 
-def test_feature_cache_changes_nothing_but_speed(caption_manifest, vlm_weights, tmp_path):
+def test_online_features_change_nothing_but_speed(caption_manifest, vlm_weights, tmp_path):
     cached = run_tokenmining_pretrain(_config(caption_manifest, vlm_weights, tmp_path / "on", max_steps=2, val_every=2))
     cfg = _config(caption_manifest, vlm_weights, tmp_path / "off", max_steps=2, val_every=2)
-    cfg.features.enabled = False
+    cfg.features.mode = "online"
     decoded = run_tokenmining_pretrain(cfg)
     assert decoded.metrics["lm_loss_initial"] == pytest.approx(cached.metrics["lm_loss_initial"], abs=1e-5)
     assert decoded.metrics["lm_loss"] == pytest.approx(cached.metrics["lm_loss"], abs=1e-4)
@@ -107,3 +107,29 @@ def test_clear_errors(caption_manifest, vlm_weights, tmp_path):
     small = TokenMiningPretrainConfig.model_validate({**raw, "data": {**raw["data"], "max_length": 20}})
     with pytest.raises(ValueError, match=r"QA samples were rejected, e.g. .*prompt alone.*raise data.max_length \(now 20\)"):
         run_tokenmining_pretrain(small)
+
+
+def test_feature_cache_projects_its_size_and_refuses_a_full_disk(caption_manifest, vlm_weights, tmp_path,
+                                                                 monkeypatch):
+    import shutil
+
+    from hilight.train import vlm_parts
+
+    cfg = _config(caption_manifest, vlm_weights, tmp_path / "run", max_steps=2, val_every=2)
+    # the projection is what the fill then writes (per clip, within the safetensors headers)
+    parts = build_vlm_parts(cfg.vision, cfg.llm, cfg.token_mining)
+    per_clip = vlm_parts.feature_bytes_per_clip(parts, torch.float32)
+    result = run_tokenmining_pretrain(cfg)
+    shards = list((tmp_path / "run" / "features").glob("*/shard-*.safetensors"))
+    stored = sum(p.stat().st_size for p in shards)
+    clips = result.samples["train"] + result.samples["val"]  # an upper bound on distinct clips
+    assert per_clip > 0 and stored >= per_clip  # at least one clip's worth, and
+    assert stored <= clips * per_clip * 1.1  # never more than the projection (+ headers)
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(vlm_parts.shutil, "disk_usage", lambda p: usage._replace(free=per_clip))  # one clip's room
+    full = _config(caption_manifest, vlm_weights, tmp_path / "full", max_steps=2, val_every=2)
+    with pytest.raises(vlm_parts.FeatureCacheSpaceError, match=r"features.mode: online.*larger disk") as err:
+        run_tokenmining_pretrain(full)
+    assert "GiB free" in str(err.value)
+    assert not list((tmp_path / "full" / "features").glob("*/shard-*"))  # refused before computing anything

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -177,4 +178,55 @@ def test_merge_refuses_changed_base_weights(stage2, tmp_path):
     (copy / "stage2.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="clipvip"):
         merge_stage2(copy, tmp_path / "merged", generation=GenerationSpec(), prompt="q")
+    assert not (tmp_path / "merged").exists()
+
+
+def _bf16_export(result, root: Path) -> Path:
+    """The stage-2 export as if the LLM had run in bf16 (the real config's dtype): same adapter, LLM digest of the
+    bf16 weights."""
+    import shutil
+
+    from hilight.models.checkpoints import module_digest
+    from hilight.models.vlm import load_llm
+
+    copy = root / "stage2_bf16"
+    shutil.copytree(result.best_dir, copy)
+    meta = json.loads((copy / "stage2.json").read_text())
+    meta["llm"]["dtype"] = "bfloat16"
+    llm = load_llm(Path(meta["llm"]["dir"]), hidden_act=meta["llm"]["hidden_act"], dtype=torch.bfloat16)
+    meta["digests"]["llm"] = module_digest(llm)
+    (copy / "stage2.json").write_text(json.dumps(meta))
+    return copy
+
+
+def test_bf16_merge_folds_in_float32_and_passes_its_check(stage2, tmp_path):
+    from hilight.models.export import GenerationSpec, read_meta
+    from hilight.train.merge import MERGE_TOLERANCE, merge_stage2
+
+    _, result = stage2
+    merged = merge_stage2(_bf16_export(result, tmp_path), tmp_path / "merged", generation=GenerationSpec(),
+                          prompt="q", device="cpu")
+    assert merged.max_abs_logit_diff < MERGE_TOLERANCE
+    assert read_meta(merged.out_dir)["dtype"] == "bfloat16"  # saved in the LLM's dtype after the float32 check
+
+
+def test_corrupted_merge_fails_its_check(stage2, tmp_path, monkeypatch):
+    from peft.tuners.lora import LoraModel
+
+    from hilight.models.export import GenerationSpec
+    from hilight.train.merge import merge_stage2
+
+    fold = LoraModel.merge_and_unload
+
+    def corrupted(self, *args, **kwargs):
+        model = fold(self, *args, **kwargs)
+        with torch.no_grad():  # one tensor off by a little: a wrong fold of one module
+            model.model.layers[0].mlp.down_proj.weight.add_(1e-2)
+        return model
+
+    monkeypatch.setattr(LoraModel, "merge_and_unload", corrupted)
+    _, result = stage2
+    with pytest.raises(RuntimeError, match="merge is wrong"):
+        merge_stage2(_bf16_export(result, tmp_path), tmp_path / "merged", generation=GenerationSpec(), prompt="q",
+                     device="cpu")
     assert not (tmp_path / "merged").exists()

@@ -232,3 +232,31 @@ def test_wrong_threshold_and_missing_manifest_fail_clearly(tmp_path, caption_man
     raw = alignment_config(tmp_path / "nowhere", tmp_path / "out")
     with pytest.raises(ManifestError, match="run `hilight run data_validation"):
         run_alignment(AlignmentConfig.model_validate(raw))
+
+
+@pytest.mark.parametrize("mode, uploaded", [("all", [5, 10, 15, 20]), ("best", ["best"]),
+                                            ("best_and_final", ["best", 20]), ("none", [])])
+def test_checkpoint_upload_policy(tmp_path, mode, uploaded):
+    from hilight.train.loop import TrackingSpec
+
+    class Recorder:
+        def __init__(self):
+            self.paths = []
+
+        def log_artifacts(self, local_path, artifact_path=None):
+            self.paths.append(artifact_path)
+
+        def __getattr__(self, name):  # metrics, tags, flush: not under test
+            return lambda *a, **k: None
+
+    torch.manual_seed(0)
+    model, data = torch.nn.Linear(4, 1), ToyData()
+    settings = TrainSettings(max_steps=20, batch_size=8, lr=0.3, weight_decay=0.0, ckpt_every=5, val_every=5,
+                             progress=False, select_metric="val/mse", select_mode="min")
+    sampler = CaptionBatchSampler(np.arange(len(data)), 8, mode="random", seed=1)
+    evaluate = lambda m: {"val/mse": toy_objective(m, data.collate([data[i] for i in range(8)]))["loss"].item()}  # noqa: E731
+    recorder = Recorder()
+    result = fit(model, toy_objective, data, sampler, settings, tmp_path, evaluate=evaluate, tracker=recorder,
+                 tracking=TrackingSpec(checkpoints=mode))
+    want = [f"checkpoints/step-{(result.best_step if s == 'best' else s):08d}" for s in uploaded]
+    assert recorder.paths == list(dict.fromkeys(want))

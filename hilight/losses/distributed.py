@@ -37,6 +37,16 @@ def gather_plain(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
+def tokens_per_rank(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """The divisor that makes a causal-LM loss exact under DDP: (supervised next-token targets over all ranks) /
+    world size. Each rank's summed token loss divided by it, averaged over ranks by DDP, is the token-weighted mean
+    over the global batch; a per-rank mean would weight ranks with few answer tokens as much as ranks with many.
+    Pass it as transformers' ``num_items_in_batch``. One process: the batch's own target count (the plain mean)."""
+    count = (labels[:, 1:] != ignore_index).sum()
+    _, size = world()
+    return global_sum(count) / size if size > 1 else count
+
+
 def global_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum of a (detached) count over all ranks, e.g. the tokens a token-weighted mean divides by."""
     _, size = world()

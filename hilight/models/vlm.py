@@ -168,16 +168,18 @@ class HiLightVLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None, *,
                 video_tokens: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
-                video_features: torch.Tensor | None = None, frame_features: torch.Tensor | None = None):
+                video_features: torch.Tensor | None = None, frame_features: torch.Tensor | None = None,
+                num_items_in_batch: torch.Tensor | None = None):
         """Gemma's causal-LM output (``.loss`` when ``labels`` are given). The video comes as ready ``video_tokens``,
-        as tower ``*_features`` (e.g. from the cache) or as ``pixel_values``; or not at all for text-only input."""
+        as tower ``*_features`` (e.g. from the cache) or as ``pixel_values``; or not at all for text-only input.
+        ``num_items_in_batch``: divide the summed token loss by this instead of taking the batch mean (DDP)."""
         if video_tokens is None and (video_features is not None or pixel_values is not None):
             if video_features is None:
                 video_features, frame_features = self.tower_features(pixel_values)
             video_tokens = self.token_mining(video_features, frame_features)
         s = self.splice(input_ids, attention_mask, video_tokens, labels)
         return self.llm(inputs_embeds=s.inputs_embeds, attention_mask=s.attention_mask, position_ids=s.position_ids,
-                        labels=s.labels)
+                        labels=s.labels, num_items_in_batch=num_items_in_batch)
 
     def token_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                    video_tokens: torch.Tensor | None) -> tuple[float, int]:

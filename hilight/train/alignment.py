@@ -25,7 +25,7 @@ from hilight.models.checkpoints import load_clipvip_weights, replace_dir, save_m
 from hilight.models.clipvip import AlignmentOutput, CLIPViPConfig, CLIPViPModel, build_clipvip, load_preset
 from hilight.models.tokenizers import build_clip_tokenizer, load_clip_tokenizer
 from hilight.tracking import ResilientTracker
-from hilight.train.loop import FitResult, TrainSettings
+from hilight.train.loop import FitResult, TrackingSpec, TrainSettings
 from hilight.train.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,7 @@ class AlignmentConfig(BaseModel):
     sampler: Literal["random", "grouped"] = "grouped"
     eval_batch_size: int = Field(32, ge=1)
     train: TrainSettings
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     enable_cache: bool = True
 
 
@@ -223,7 +224,9 @@ def build_model(spec: ModelSpec, tokenizer) -> CLIPViPModel:
     return model
 
 
-def prepare_tokenizer(config: AlignmentConfig, manifest: CaptionManifest, out_dir: Path):
+def prepare_tokenizer(config: AlignmentConfig, manifest: CaptionManifest, out_dir: Path, *, train: bool = True):
+    """The configured tokenizer, the initial model's, or one trained on the captions into ``out_dir/tokenizer``
+    (``train=False``: read the one another process trained there)."""
     if config.tokenizer.dir:
         return load_clip_tokenizer(resolve_path(config.tokenizer.dir), config.tokenizer.max_length), resolve_path(config.tokenizer.dir)
     if config.model.init is not None:
@@ -233,6 +236,8 @@ def prepare_tokenizer(config: AlignmentConfig, manifest: CaptionManifest, out_di
             return load_clip_tokenizer(saved / "tokenizer", config.tokenizer.max_length), saved / "tokenizer"
     texts = manifest.rows["caption"].tolist()
     tok_dir = out_dir / "tokenizer"
+    if not train:
+        return load_clip_tokenizer(tok_dir, config.tokenizer.max_length), tok_dir
     return build_clip_tokenizer(texts, tok_dir, vocab_size=config.tokenizer.vocab_size,
                                 max_length=config.tokenizer.max_length), tok_dir
 
@@ -249,7 +254,9 @@ class AlignmentRecipe(Recipe):
         self.open_run(data=manifest.fingerprint, init=init_digest(config.model))
 
         # build
-        tokenizer, tok_dir = prepare_tokenizer(config, manifest, self.run_dir)
+        with self.accelerator.main_process_first():  # one process trains the tokenizer, the others read it
+            tokenizer, tok_dir = prepare_tokenizer(config, manifest, self.run_dir,
+                                                   train=self.accelerator.is_main_process)
         model = build_model(config.model, tokenizer).to(self.device)
         mcfg = model.config
 
@@ -275,9 +282,9 @@ class AlignmentRecipe(Recipe):
 
         # export: the final weights and the best checkpoint's, each a standalone model directory with its tokenizer
         # (stable paths under output_dir, so a later stage's config can point at `<output_dir>/best`)
-        final_dir = _export(model, self.out_dir / "final", resolved, tok_dir)
+        final_dir = self.export(self.out_dir / "final", lambda d: _export(model, d, resolved, tok_dir))
         self.restore_best(model, fit)
-        best_dir = _export(model, self.out_dir / "best", resolved, tok_dir)
+        best_dir = self.export(self.out_dir / "best", lambda d: _export(model, d, resolved, tok_dir))
 
         # evaluate: the best model next to the random-init one
         retrieval = retrieval_eval(model, val_set, config.eval_batch_size)

@@ -61,7 +61,6 @@ class TrainSettings(BaseModel):
     max_nonfinite_in_row: int = Field(5, ge=1)
     select_metric: str = "val/t2v_r1"  # decides the best checkpoint
     select_mode: Literal["max", "min"] = "max"
-    log_checkpoints: Literal["model", "none"] = "model"  # upload each checkpoint's model weights to MLflow
     progress: bool = True
     resume: bool = True
 
@@ -72,15 +71,27 @@ class TrainSettings(BaseModel):
         return self
 
 
+class TrackingSpec(BaseModel):
+    """What a stage sends to MLflow besides metrics (the ``tracking:`` block of a stage config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # which checkpoints' model weights are uploaded: "all" at every save (at real shapes ~60 x 0.6 GB per
+    # alignment run), "best" / "best_and_final" once training ends, "none". Local checkpoints (train.keep_last)
+    # are kept either way.
+    checkpoints: Literal["best", "best_and_final", "all", "none"] = "best_and_final"
+
+
 # settings that do not change what a run computes; a run key ignores them so changing them resumes the same run
-NON_SEMANTIC_TRAIN_KEYS = ("progress", "resume", "num_workers", "log_checkpoints")
+NON_SEMANTIC_TRAIN_KEYS = ("progress", "resume", "num_workers")
+NON_SEMANTIC_KEYS = ("enable_cache", "experiment_name", "tracking")
 
 
 def run_key(config: BaseModel, **inputs: str) -> str:
     """Identifies a training run: the same config and inputs (data fingerprint, weight digests) resume the same run
     directory; anything that changes the result starts fresh. ``enable_cache``/``experiment_name`` and the
     non-semantic train settings do not count."""
-    relevant = config.model_dump(mode="json", exclude={"enable_cache", "experiment_name"})
+    relevant = config.model_dump(mode="json", exclude=set(NON_SEMANTIC_KEYS))
     relevant["train"] = {k: v for k, v in relevant["train"].items() if k not in NON_SEMANTIC_TRAIN_KEYS}
     blob = json.dumps({"config": relevant, **inputs}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -156,8 +167,9 @@ class Trainer:
 
     def __init__(self, accelerator: Accelerator, settings: TrainSettings, run_dir: Path, *,
                  tracker: ResilientTracker | None = None, config: dict | None = None,
-                 state: Literal["all", "trainable"] = "all"):
+                 state: Literal["all", "trainable"] = "all", tracking: TrackingSpec | None = None):
         self.accelerator, self.settings, self.run_dir = accelerator, settings, run_dir
+        self.tracking = tracking or TrackingSpec()
         self.tracker = tracker or ResilientTracker(None)
         self.config, self.state_mode = config or {}, state
         self.ckpt_root = run_dir / "checkpoints"
@@ -199,11 +211,12 @@ class Trainer:
                                            "hilight.best_checkpoint": f"checkpoints/step-{st.step:08d}",
                                            "hilight.best_metric": f"{settings.select_metric}={st.best_metric:.6g}"})
         bar.close()
-        self.tracker.flush()
         final = step_dir(self.ckpt_root, st.step)
         if not (final / "trainer_state.json").is_file():  # resumed at max_steps: nothing left to train
             final = self._checkpoint()
         best = step_dir(self.ckpt_root, st.best_step) if st.best_step else None
+        self._upload_kept(best, final)
+        self.tracker.flush()
         return FitResult(self.run_dir, st.step, final, best, st.best_step, st.best_metric, st.skipped_steps,
                          resumed_from, list(st.history))
 
@@ -323,17 +336,31 @@ class Trainer:
             path = save_checkpoint(self.ckpt_root, st.step, model_state=weights, optimizer=self.optimizer,
                                    trainer_state=trainer, config=self.config)
             prune_checkpoints(self.ckpt_root, self.settings.keep_last, protect={st.best_step} if st.best_step else set())
-            if self.settings.log_checkpoints == "model":
-                self.tracker.log_artifacts(path / "model.safetensors", f"checkpoints/step-{st.step:08d}")
+            if self.tracking.checkpoints == "all":
+                self._upload(path)
         acc.wait_for_everyone()
         return path
+
+    def _upload(self, path: Path) -> None:
+        self.tracker.log_artifacts(path / "model.safetensors", f"checkpoints/{path.name}")
+
+    def _upload_kept(self, best: Path | None, final: Path) -> None:
+        """``tracking.checkpoints: best | best_and_final``: the checkpoints worth keeping, once training is over."""
+        mode = self.tracking.checkpoints
+        if not self.accelerator.is_main_process or mode in ("all", "none"):
+            return
+        wanted = [best or final] + ([final] if mode == "best_and_final" else [])
+        for path in dict.fromkeys(wanted):  # best may be final
+            self._upload(path)
 
 
 def fit(model: torch.nn.Module, objective: Objective, dataset, sampler, settings: TrainSettings, run_dir: Path, *,
         accelerator: Accelerator | None = None, evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
         after_step: Callable[[torch.nn.Module], None] | None = None, tracker: ResilientTracker | None = None,
-        config: dict | None = None, state: Literal["all", "trainable"] = "all") -> FitResult:
+        config: dict | None = None, state: Literal["all", "trainable"] = "all",
+        tracking: TrackingSpec | None = None) -> FitResult:
     """``Trainer(...).fit(...)`` in one call (a fresh ``Accelerator`` unless one is given)."""
     accelerator = accelerator or Accelerator(mixed_precision=settings.mixed_precision)
-    return Trainer(accelerator, settings, run_dir, tracker=tracker, config=config, state=state).fit(
+    return Trainer(accelerator, settings, run_dir, tracker=tracker, config=config, state=state,
+                   tracking=tracking).fit(
         model, objective, dataset, sampler, evaluate=evaluate, after_step=after_step)

@@ -43,7 +43,7 @@ from hilight.data.samplers import MixtureBatchSampler
 from hilight.models.checkpoints import module_digest, replace_dir
 from hilight.models.token_mining import save_token_mining
 from hilight.tracking import ResilientTracker
-from hilight.train.loop import FitResult, TrainSettings
+from hilight.train.loop import FitResult, TrackingSpec, TrainSettings
 from hilight.train.recipe import Recipe, lm_objective
 from hilight.train.vlm_parts import (
     FeatureCacheSpec,
@@ -122,6 +122,7 @@ class LoRAFinetuneConfig(BaseModel):
     features: FeatureCacheSpec = Field(default_factory=FeatureCacheSpec)
     eval_batch_size: int = Field(16, ge=1)
     train: TrainSettings
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     enable_cache: bool = True
 
     @model_validator(mode="after")
@@ -290,9 +291,9 @@ class LoRARecipe(Recipe):
                 "token_mining": {**config.token_mining.model_dump(mode="json"), "init": None},
                 "lora": config.lora.model_dump(mode="json"), "digests": digests, "data_fingerprint": fingerprint,
                 "describe_prompt": spec.describe_prompt, "step": fit.step}
-        final_dir = export_stage2(vlm, self.out_dir / "final", meta)
+        final_dir = self.export(self.out_dir / "final", lambda d: export_stage2(vlm, d, meta))
         meta["step"] = self.restore_best(vlm, fit, state="trainable")
-        best_dir = export_stage2(vlm, self.out_dir / "best", meta)
+        best_dir = self.export(self.out_dir / "best", lambda d: export_stage2(vlm, d, meta))
         best = evaluate(vlm)
         metrics = {"lm_loss_initial": initial["val/lm_loss"], "lm_loss": best["val/lm_loss"],
                    **{f"lm_loss/{k.split('/', 2)[2]}": v for k, v in best.items() if k.count("/") >= 2}}

@@ -14,6 +14,7 @@ One code path: on a CPU box the accelerator's device is the CPU; with one GPU it
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from accelerate import Accelerator
 from pydantic import BaseModel
 
 from hilight.env import resolve_path
+from hilight.losses.distributed import tokens_per_rank
 from hilight.tracking import ResilientTracker
 from hilight.train.checkpoint import load_checkpoint
 from hilight.train.loop import FitResult, Objective, Trainer, load_trainable_state, run_key
@@ -29,8 +31,9 @@ log = logging.getLogger(__name__)
 
 
 def lm_objective(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Causal-LM loss of a model called with the batch (a text LM, or the HiLight VLM with its video inputs)."""
-    loss = model(**batch).loss
+    """Causal-LM loss of a model called with the batch (a text LM, or the HiLight VLM with its video inputs),
+    normalised by the global number of answer tokens so that DDP's average is the single-process loss."""
+    loss = model(**batch, num_items_in_batch=tokens_per_rank(batch["labels"])).loss
     return {"loss": loss, "lm_loss": loss.detach()}
 
 
@@ -63,8 +66,16 @@ class Recipe:
               evaluate=None, after_step=None, state: str = "all", settings=None) -> FitResult:
         """Train ``model`` (already on ``self.device``) with this recipe's accelerator and tracker."""
         trainer = Trainer(self.accelerator, settings or self.settings, self.run_dir, tracker=self.tracker,
-                          config=resolved, state=state)
+                          config=resolved, state=state, tracking=self.config.tracking)
         return trainer.fit(model, objective, dataset, sampler, evaluate=evaluate, after_step=after_step)
+
+    def export(self, out_dir: Path, write: Callable[[Path], object]) -> Path:
+        """``write(out_dir)`` on the main process only (the others would race on the same directory); every
+        process returns once it is written."""
+        if self.accelerator.is_main_process:
+            write(out_dir)
+        self.accelerator.wait_for_everyone()
+        return out_dir
 
     @staticmethod
     def restore_best(model: torch.nn.Module, fit: FitResult, *, state: str = "all") -> int:

@@ -32,10 +32,10 @@ from hilight.data.qa import read_qa_manifest
 from hilight.data.synth import general
 from hilight.data.samplers import CaptionBatchSampler
 from hilight.models.checkpoints import replace_dir
-from hilight.models.tokenizers import build_gemma_tokenizer
+from hilight.models.tokenizers import build_gemma_tokenizer, load_llm_tokenizer
 from hilight.models.vlm import build_llm, gemma_config, token_loss
 from hilight.tracking import ResilientTracker
-from hilight.train.loop import FitResult, TrainSettings
+from hilight.train.loop import FitResult, TrackingSpec, TrainSettings
 from hilight.train.recipe import Recipe, lm_objective
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ class LLMPretrainConfig(BaseModel):
     max_length: int = Field(96, ge=8)
     eval_batch_size: int = Field(32, ge=1)
     train: TrainSettings
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     enable_cache: bool = True
 
 
@@ -176,8 +177,11 @@ class LLMPretrainRecipe(Recipe):
         train_caps, train_convs = corpus_texts(config, config.data.train_splits)
         train_convs += reading_corpus(config.data.reading_scenes, config.data.reading_seed)
         val_caps, val_convs = corpus_texts(config, config.data.val_splits)
-        tokenizer = build_gemma_tokenizer(train_caps + [render(t) for t in train_convs], self.run_dir / "tokenizer",
-                                          vocab_size=config.vocab_size)
+        with self.accelerator.main_process_first():  # one process trains the tokenizer, the others read it
+            tok_dir = self.run_dir / "tokenizer"
+            tokenizer = (build_gemma_tokenizer(train_caps + [render(t) for t in train_convs], tok_dir,
+                                               vocab_size=config.vocab_size)
+                         if self.accelerator.is_main_process else load_llm_tokenizer(tok_dir))
         train_set = TextDataset(encode_corpus(tokenizer, train_caps, train_convs, config.max_length),
                                 tokenizer.pad_token_id)
         val_set = TextDataset(encode_corpus(tokenizer, val_caps, val_convs, config.max_length), tokenizer.pad_token_id)
@@ -199,7 +203,7 @@ class LLMPretrainRecipe(Recipe):
         fit = self.train(model, lm_objective, train_set, sampler, resolved=resolved,
                          evaluate=lambda m: {"val/lm_loss": corpus_loss(m, val_set, config.eval_batch_size)})
         self.restore_best(model, fit)
-        model_dir = export_hf(model, tokenizer, self.out_dir / "model")
+        model_dir = self.export(self.out_dir / "model", lambda d: export_hf(model, tokenizer, d))
         val_loss = corpus_loss(model, val_set, config.eval_batch_size)
         return LLMPretrainResult(self.run_dir, model_dir, fit, val_loss, val_loss_init)
 

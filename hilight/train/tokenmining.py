@@ -33,7 +33,7 @@ from hilight.models.checkpoints import module_digest
 from hilight.models.token_mining import save_token_mining
 from hilight.models.vlm import freeze_all_but
 from hilight.tracking import ResilientTracker
-from hilight.train.loop import FitResult, TrainSettings
+from hilight.train.loop import FitResult, TrackingSpec, TrainSettings
 from hilight.train.recipe import Recipe
 from hilight.train.vlm_parts import (
     FeatureCacheSpec,
@@ -79,6 +79,7 @@ class TokenMiningPretrainConfig(BaseModel):
     features: FeatureCacheSpec = Field(default_factory=FeatureCacheSpec)
     eval_batch_size: int = Field(16, ge=1)
     train: TrainSettings
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     enable_cache: bool = True
 
 
@@ -173,9 +174,11 @@ class TokenMiningRecipe(Recipe):
                          evaluate=evaluate, settings=settings)
 
         # export the final and the best weights; report the best with its controls
-        final_dir = save_token_mining(token_mining, self.out_dir / "final", {"stage1": resolved, "step": fit.step})
+        final_dir = self.export(self.out_dir / "final", lambda d: save_token_mining(
+            token_mining, d, {"stage1": resolved, "step": fit.step}))
         best_step = self.restore_best(token_mining, fit)
-        best_dir = save_token_mining(token_mining, self.out_dir / "best", {"stage1": resolved, "step": best_step})
+        best_dir = self.export(self.out_dir / "best", lambda d: save_token_mining(
+            token_mining, d, {"stage1": resolved, "step": best_step}))
         metrics = {"lm_loss_initial": initial, "lm_loss": answer_loss(vlm, val_set, bs),
                    "lm_loss_wrong_video": answer_loss(vlm, val_shuffled, bs, shuffle_video=True),
                    "lm_loss_zero_video": baselines["val/lm_loss_zero_video"],

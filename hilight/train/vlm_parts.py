@@ -8,16 +8,18 @@ fill runs the towers there and stores features on the host.
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from accelerate import PartialState
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hilight.data.feature_cache import FeatureCache, fill_cache
 from hilight.data.qa import FEATURE_NAMES, EncodedSet, VideoQADataset
 from hilight.env import resolve_path
+from hilight.losses.distributed import tokens_per_rank
 from hilight.models.checkpoints import load_clipvip_weights, load_saved_clipvip, module_digest
 from hilight.models.clipvip import CLIPViPModel, build_clipvip, load_preset
 from hilight.models.longclip import LongCLIPImageTower, longclip_preset
@@ -70,12 +72,26 @@ class TokenMiningSpec(BaseModel):
 
 
 class FeatureCacheSpec(BaseModel):
+    """Where the frozen towers' outputs come from (the ``features:`` block).
+
+    ``cache``: computed once per clip into ``dir`` and read every epoch — cheap per step, but ~3.5 MiB per clip in
+    bf16 at real shapes (2356 x 768 + 12 x 512 values; ~2.5 TB for Valley-703K per CLIP-ViP candidate). Before
+    filling, the projected size of the missing clips is compared with the free disk and the run refuses when it
+    would not fit. ``online``: the towers run on the accelerator at every step (no disk; the better choice on a GPU
+    with little disk, at the cost of the towers' forward pass per step)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    enabled: bool = True
+    mode: Literal["cache", "online"] = "cache"
     dir: str = "outputs/feature_cache"
-    dtype: DType = "float32"
+    dtype: DType = "float32"  # also "bf16" / "fp16"; bfloat16 halves the cache
     batch_size: int = Field(8, ge=1)  # clips per tower pass while filling
+    free_margin_gb: float = Field(1.0, ge=0)  # disk left free after the projected fill
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _short_names(cls, v):
+        return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(v, v)
 
 
 
@@ -157,11 +173,43 @@ def open_feature_cache(spec: FeatureCacheSpec, parts: VLMParts) -> FeatureCache:
     return FeatureCache(resolve_path(spec.dir), key, dtype=DTYPES[spec.dtype])
 
 
+class FeatureCacheSpaceError(RuntimeError):
+    """The feature cache would not fit on its disk."""
+
+
+def feature_bytes_per_clip(parts: VLMParts, dtype: torch.dtype) -> int:
+    """Bytes one clip's cached features take: CLIP-ViP's last hidden states [S', Dv] + Long-CLIP's frame vectors
+    [T, Di]."""
+    cv, lc = parts.vlm.clipvip.config, parts.vlm.longclip.model.config
+    values = cv.seq_len * cv.vision.hidden_size + parts.num_frames * lc.projection_dim
+    return values * torch.empty((), dtype=dtype).element_size()
+
+
+def check_cache_space(spec: FeatureCacheSpec, cache: FeatureCache, parts: VLMParts, missing: int,
+                      tracker: ResilientTracker) -> None:
+    """Print and log the projected size of the fill and the free disk; refuse when it would not fit."""
+    per_clip = feature_bytes_per_clip(parts, DTYPES[spec.dtype])
+    projected, free = missing * per_clip, shutil.disk_usage(cache.dir).free
+    log.info("feature cache %s: %d clips to compute x %.2f MiB = %.2f GiB; %.1f GiB free", cache.dir, missing,
+             per_clip / 2**20, projected / 2**30, free / 2**30)
+    tracker.log_metrics({"features/projected_gib": projected / 2**30, "features/free_gib": free / 2**30,
+                         "features/mib_per_clip": per_clip / 2**20}, 0)
+    if projected > free - spec.free_margin_gb * 2**30:
+        raise FeatureCacheSpaceError(
+            f"the feature cache needs {projected / 2**30:.1f} GiB for {missing} clips ({per_clip / 2**20:.2f} MiB "
+            f"each in {spec.dtype}) but {cache.dir} has {free / 2**30:.1f} GiB free (keeping "
+            f"{spec.free_margin_gb} GiB); set features.mode: online (towers on the accelerator every step), "
+            f"features.dtype: bf16, or features.dir on a larger disk")
+
+
 def cache_tower_features(spec: FeatureCacheSpec, parts: VLMParts, sets: list[EncodedSet],
                          tracker: ResilientTracker, progress: bool) -> FeatureCache | None:
-    """Fill the feature cache for every video of ``sets`` (under DDP one process fills, the others then find it
-    all) and drop the towers, which are not needed once every clip's features are cached. ``None`` when disabled."""
-    if not spec.enabled:
+    """``features.mode: cache``: fill the feature cache for every video of ``sets`` on the towers' device (under DDP
+    one process fills, the others then find it all) and drop the towers, which are not needed once every clip's
+    features are cached. ``online``: nothing to fill, the towers stay; returns ``None``."""
+    if spec.mode == "online":
+        log.info("features.mode online: the frozen towers run at every step on %s",
+                 next(parts.vlm.clipvip.parameters()).device)
         return None
     cache = open_feature_cache(spec, parts)
     videos = {}
@@ -169,6 +217,7 @@ def cache_tower_features(spec: FeatureCacheSpec, parts: VLMParts, sets: list[Enc
         videos.update(zip(encoded.rows["video_sha256"], encoded.rows["video_file"], strict=True))
     with PartialState().main_process_first():
         cache.refresh()
+        check_cache_space(spec, cache, parts, len(cache.missing(videos)), tracker)
         stats = fill_cache(cache, videos, tower_encoder(parts.vlm), num_frames=parts.num_frames,
                            image_size=parts.image_size, batch_size=spec.batch_size, progress=progress)
     tracker.log_metrics({"features/cached": stats["cached"], "features/computed": stats["computed"]}, 0)
@@ -200,7 +249,8 @@ class VideoAnswerObjective:
 
     def __call__(self, token_mining: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         tokens = self.video_tokens(token_mining, batch)
-        loss = self.vlm(batch["input_ids"], batch["attention_mask"], batch["labels"], video_tokens=tokens).loss
+        loss = self.vlm(batch["input_ids"], batch["attention_mask"], batch["labels"], video_tokens=tokens,
+                        num_items_in_batch=tokens_per_rank(batch["labels"])).loss
         return {"loss": loss, "lm_loss": loss.detach()}
 
 
