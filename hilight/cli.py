@@ -563,34 +563,6 @@ def serve(
                "/invocations -H 'Content-Type: application/json' -d '{\"dataframe_records\": [{\"video\": "
                "\"/abs/path/clip.mp4\", \"question\": \"What is happening in this video?\"}]}'")
     sys.stdout.flush()
-    # the server replaces this process, so stopping `hilight serve` stops the server
-    os.execve(sys.executable, cmd, {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri})
-
-
-@app.command("serve")
-def serve(
-    model: str = typer.Option(CHAMPION_URI, "--model", "-m", help="A registered model URI (models:/name@alias, "
-                              "models:/name/N) or runs:/ URI."),
-    port: int = typer.Option(5001, help="Port to listen on."),
-    host: str = typer.Option("127.0.0.1", help="Interface to bind (default: local only; the server has no "
-                             "authentication)."),
-    workers: int = typer.Option(1, min=1, help="Server processes (each loads the model)."),
-    timeout: int = typer.Option(300, min=1, help="Seconds one request may take (generation on CPU is slow)."),
-) -> None:
-    """Serve a HiLight model over HTTP with MLflow's scoring server (`mlflow models serve`, local environment):
-    POST /invocations with {"dataframe_records": [{"video": PATH, "question": TEXT}]} answers
-    {"predictions": [...]}; a video the server cannot read is a 400 with the reason; GET /ping says when it is ready."""
-    from pipelines.stack import configure_zenml, ensure_stack, mlflow_tracking_uri
-
-    configure_zenml()
-    ensure_stack()
-    uri = mlflow_tracking_uri()
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model, "--env-manager", "local", "-h", host,
-           "-p", str(port), "-w", str(workers), "-t", str(timeout)]
-    typer.echo(f"serving {model} on http://{host}:{port}  (store {uri}); ask with\n  curl -s http://{host}:{port}"
-               "/invocations -H 'Content-Type: application/json' -d '{\"dataframe_records\": [{\"video\": "
-               "\"/abs/path/clip.mp4\", \"question\": \"What is happening in this video?\"}]}'")
-    sys.stdout.flush()
     # MLflow starts `uvicorn` by name: this environment's bin first, also when the venv is not activated
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     # the server replaces this process, so stopping `hilight serve` stops the server
