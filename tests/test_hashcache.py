@@ -149,3 +149,17 @@ def test_validate_rehash_flag_reads_every_file_again(tree, tmp_path):
     # cold: 26 files hashed (fingerprint), 24 clips decoded; warm: nothing; --rehash: every file read once (the probe
     # step trusts what the fingerprint step of the same command just read), no clip decoded again (same content)
     assert counts == [(26, 24), (0, 0), (26, 0)]
+
+
+def test_a_tree_written_just_now_is_hashed_again(tmp_path, monkeypatch):
+    """The racy rule holds for the whole-tree memo too: files written within the window before a pass are read
+    again by the next one (a same-size rewrite in the same mtime tick would otherwise go unseen)."""
+    monkeypatch.setenv(hashcache.STATE_DIR_ENV, str(tmp_path / "state"))
+    monkeypatch.setenv(hashcache.REHASH_ENV, "0")
+    (tmp_path / "d" / "videos").mkdir(parents=True)
+    for i in range(5):
+        (tmp_path / "d" / "videos" / f"{i}.bin").write_bytes(bytes([i]) * 10)
+    spec = DatasetSpec(name="d", root=str(tmp_path / "d"))
+    first, n1, _ = _fingerprint(spec)
+    second, n2, _ = _fingerprint(spec)
+    assert first == second and n1 == n2 == 5

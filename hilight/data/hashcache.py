@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 STATE_DIR_ENV = "HILIGHT_STATE_DIR"
 REHASH_ENV = "HILIGHT_REHASH"
 DB_NAME = "hashcache.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: trees
 RACY_WINDOW_NS = 2_000_000_000  # coarsest common mtime granularity (FAT: 2 s); ext4/xfs/tmpfs are far finer
 _CHUNK = 5000  # keys per SELECT (SQLite's default limit on bound parameters is 32766 since 3.32)
 
@@ -55,7 +55,10 @@ CREATE TABLE IF NOT EXISTS files (
 CREATE TABLE IF NOT EXISTS probes (
     sha256 TEXT NOT NULL, suffix TEXT NOT NULL, settings TEXT NOT NULL, prober TEXT NOT NULL, facts TEXT NOT NULL,
     PRIMARY KEY (sha256, suffix, settings, prober)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS trees (
+    signature TEXT NOT NULL PRIMARY KEY, fingerprint TEXT NOT NULL, made_at_ns INTEGER NOT NULL) WITHOUT ROWID;
 """
+TREE_MEMO_DAYS = 30  # tree fingerprints not made again within this many days are dropped
 
 
 @dataclass
@@ -225,6 +228,28 @@ class HashCache:
                                         f"AND ino IN ({','.join('?' * len(part))})", (dev, *part)).fetchall()
                 found.update({(dev, row[0]): row[1:] for row in rows})
         return found
+
+    # ------------------------------------------------------------------------------------------ whole trees
+
+    def tree_fingerprint(self, signature: str, newest_mtime_ns: int, n_files: int) -> str | None:
+        """The fingerprint stored for a tree whose listing (every entry's name and stat key) hashes to
+        ``signature``, trusted by the same rules as a file's entry (not racily clean, not older than a rehash);
+        its ``n_files`` files count as hits. One lookup instead of one per file."""
+        if self.rehash_since == _NEVER:
+            return None
+        row = self._db.execute("SELECT fingerprint, made_at_ns FROM trees WHERE signature = ?", (signature,)).fetchone()
+        if row is None or newest_mtime_ns >= row[1] - RACY_WINDOW_NS or row[1] < (self.rehash_since or 0):
+            return None
+        self.count(lookups=n_files, hits=n_files)
+        return row[0]
+
+    def store_tree_fingerprint(self, signature: str, fingerprint: str, made_at_ns: int) -> None:
+        """Remember a tree's fingerprint; ``made_at_ns``: when its listing was taken (before any stat)."""
+        with self._write():
+            self._db.execute("INSERT INTO trees (signature, fingerprint, made_at_ns) VALUES (?, ?, ?) ON CONFLICT "
+                             "(signature) DO UPDATE SET fingerprint = excluded.fingerprint, made_at_ns = "
+                             "excluded.made_at_ns", (signature, fingerprint, made_at_ns))
+            self._db.execute("DELETE FROM trees WHERE made_at_ns < ?", (made_at_ns - TREE_MEMO_DAYS * 86_400 * 10**9,))
 
     # ------------------------------------------------------------------------------------------ probe results
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import stat
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -107,8 +108,7 @@ def _files_to_hash(spec: DatasetSpec) -> list[tuple[str, str, os.stat_result | N
     the stats. As ``os.walk`` (used before): hidden names are skipped, symlinks to directories are neither followed
     nor listed."""
     root = resolve_path(spec.root)
-    entries: list[tuple[str, str, os.stat_result | None]] = [
-        (f"ann/{a}", str(root / a), None) for a in [*spec.captions, *spec.qa]]
+    entries = [(f"ann/{a}", str(root / a), _lstat(root / a)) for a in [*spec.captions, *spec.qa]]
     video_root = str(root / spec.video_dir)
     if os.path.isdir(video_root):
         pending = [("", video_root)]
@@ -130,16 +130,34 @@ def _files_to_hash(spec: DatasetSpec) -> list[tuple[str, str, os.stat_result | N
     return sorted(entries, key=lambda e: e[0])
 
 
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _tree_signature(entries: list[tuple[str, str, os.stat_result | None]]) -> tuple[str, int, int]:
+    """(sha256 over every entry's key and stat key, newest mtime, number of regular files): what the hash cache's
+    whole-tree memo is keyed by. Any change the per-file cache would see changes it."""
+    lines, newest, n_files = [], 0, 0
+    for key, _, st in entries:
+        if st is None:
+            lines.append(f"{key}\0missing\n")
+            continue
+        lines.append(f"{key}\0{st.st_mode}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\n")
+        newest = max(newest, st.st_mtime_ns)
+        n_files += stat.S_ISREG(st.st_mode)
+    return hashlib.sha256("".join(lines).encode()).hexdigest(), newest, n_files
+
+
 def _entry_digests(entries: list[tuple[str, str, os.stat_result | None]], cache: HashCache) -> list[str]:
     """Per entry: the content hash of a regular file (through ``cache``), ``symlink:<target>`` or ``missing``."""
     out, files, paths, stats = [], [], [], []
     for i, (_, path, st) in enumerate(entries):
         if st is None:
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                out.append("missing")
-                continue
+            out.append("missing")
+            continue
         if stat.S_ISLNK(st.st_mode):
             out.append("symlink:" + os.readlink(path))  # never follow: the target may be outside the root
         elif stat.S_ISREG(st.st_mode):
@@ -162,14 +180,19 @@ def fingerprint_dataset(spec: DatasetSpec, workers: int = 4, *, cache: HashCache
     from the stat-keyed cache (``hilight.data.hashcache``): unchanged files are ``stat``-ed, not read; ``rehash``
     (default: ``HILIGHT_REHASH``) reads every file again.
     """
-    entries = _files_to_hash(spec)
     if cache is None:
         with HashCache(rehash=rehash, workers=workers) as own:
-            digests = _entry_digests(entries, own)
-    else:
-        digests = _entry_digests(entries, cache)
+            return fingerprint_dataset(spec, cache=own)
+    started = time.time_ns()  # before any stat: the memo is trusted only for files older than this (racy rule)
+    entries = _files_to_hash(spec)
+    signature, newest, n_files = _tree_signature(entries)
+    if (known := cache.tree_fingerprint(signature, newest, n_files)) is not None:
+        return known  # nothing changed since a pass that hashed this exact listing
+    digests = _entry_digests(entries, cache)
     lines = "".join(f"{rel}\0{digest}\n" for (rel, _, _), digest in zip(entries, digests))
-    return hashlib.sha256(lines.encode()).hexdigest()  # the bytes the per-entry updates hashed before
+    fingerprint = hashlib.sha256(lines.encode()).hexdigest()  # the bytes the per-entry updates hashed before
+    cache.store_tree_fingerprint(signature, fingerprint, started)
+    return fingerprint
 
 
 def fingerprint_datasets(config: DataValidationConfig) -> dict[str, str]:
