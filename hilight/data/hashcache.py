@@ -19,6 +19,10 @@ ZenML and MLflow stores (git-ignored). Deleting it only makes the next pass cold
 timeout and upserts: concurrent runs (two validations, a retrain check beside a pipeline) read and write it
 safely; it must be on a local disk (WAL needs shared memory, which network filesystems do not give).
 
+A whole tree is memoised as well: the SHA-256 of its listing (every entry's name and stat key) maps to the
+dataset fingerprint, under the same racy and rehash rules, so an unchanged dataset costs its directory walk, one
+``stat`` per file and one lookup.
+
 Probe results (``hilight.data.probe``) are cached in the same database by (content hash, file suffix, probe
 settings, prober version): a re-validation decodes only new or changed files.
 """
