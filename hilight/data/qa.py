@@ -4,8 +4,11 @@ The manifest's ``qa`` table (LLaVA/VideoInstruct conversations that passed the `
 column; a sample takes the split of its video in the caption table, and videos without captions (QA-only sets such
 as Valley) count as ``train`` — give held-out QA as its own dataset entry (e.g. ``valley_val``), as the reference did.
 
-Every conversation is encoded up front, so a sample the template cannot fit in ``max_length`` is rejected before
-training with its reason, never mid-epoch. Each sample holds exactly one video, as in the reference's training.
+Conversations are encoded either up front (``encode_samples``: a sample the template cannot fit in ``max_length``
+is rejected before training with its reason) or lazily (``lazy_samples``: each sample on first use, by the same
+rules, so start-up time and memory do not grow with the dataset — Valley-703K; a sample rejected then is left out
+of its batch and reported with its reason, optionally memoised in SQLite so later epochs and runs skip the work).
+Each sample holds exactly one video, as in the reference's training.
 
 A batch carries the video either as cached tower features (``video_features``, ``frame_features``) or as decoded
 clips (``pixel_values``) for the towers to run on.
@@ -13,9 +16,13 @@ clips (``pixel_values``) for the towers to run on.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from dataclasses import dataclass
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -87,31 +94,48 @@ def describe_rows(captions: pd.DataFrame, prompt: str = DESCRIBE_PROMPT) -> pd.D
     return pd.DataFrame(out, columns=["dataset", "id", "video_file", "video_sha256", "conversations", "split"])
 
 
+REJECTED_COLUMNS = ["dataset", "id", "reason"]
+
+
 @dataclass
 class EncodedSet:
-    rows: pd.DataFrame  # the kept samples
-    samples: list[Encoded]
-    rejected: pd.DataFrame  # dataset, id, reason
+    rows: pd.DataFrame  # the kept samples (lazily encoded: every row, rejections show on use)
+    samples: Sequence[Encoded | None]  # a list, or LazySamples / ChainedSamples (None = rejected on use)
+    rejected: pd.DataFrame  # dataset, id, reason (known up front)
     truncated: int
+
+    def rejections(self) -> pd.DataFrame:
+        """Every rejection known now: up front, plus those lazily encoded samples met so far."""
+        seen = getattr(self.samples, "rejected", None)
+        return self.rejected if not seen else pd.concat(
+            [self.rejected, pd.DataFrame(seen, columns=REJECTED_COLUMNS)], ignore_index=True)
+
+
+def encode_one(conversations: str, tokenizer, *, video_tokens: int, max_length: int,
+               text_only: bool = False) -> Encoded:
+    """One conversation with the chat template; ``ConversationError`` says why it cannot be a training sample.
+    ``text_only`` drops the video markers (the no-video baseline: the same answers without the video)."""
+    turns = parse_conversation(conversations, add_video=True)
+    if text_only:
+        turns = strip_video(turns)
+    enc = encode(turns, tokenizer, video_tokens=video_tokens, max_length=max_length)
+    if enc.num_videos != (0 if text_only else 1):
+        raise ConversationError(f"{enc.num_videos} <video> markers survive truncation; a training sample "
+                                "holds exactly one video")
+    if enc.answer_tokens == 0:
+        raise ConversationError("no answer token survives truncation")
+    return enc
 
 
 def encode_samples(rows: pd.DataFrame, tokenizer, *, video_tokens: int, max_length: int,
                    text_only: bool = False) -> EncodedSet:
-    """Encode each conversation; samples that break the template or do not fit are rejected with a reason.
-
-    ``text_only`` drops the video markers (the no-video baseline: the same answers without the video)."""
+    """Encode each conversation up front; samples that break the template or do not fit are rejected with a
+    reason."""
     kept, samples, rejected = [], [], []
     for i, row in enumerate(rows.itertuples(index=False)):
         try:
-            turns = parse_conversation(row.conversations, add_video=True)
-            if text_only:
-                turns = strip_video(turns)
-            enc = encode(turns, tokenizer, video_tokens=video_tokens, max_length=max_length)
-            if enc.num_videos != (0 if text_only else 1):
-                raise ConversationError(f"{enc.num_videos} <video> markers survive truncation; a training sample "
-                                        "holds exactly one video")
-            if enc.answer_tokens == 0:
-                raise ConversationError("no answer token survives truncation")
+            enc = encode_one(row.conversations, tokenizer, video_tokens=video_tokens, max_length=max_length,
+                             text_only=text_only)
         except ConversationError as exc:
             rejected.append({"dataset": row.dataset, "id": row.id, "reason": str(exc)})
             continue
@@ -123,7 +147,112 @@ def encode_samples(rows: pd.DataFrame, tokenizer, *, video_tokens: int, max_leng
     if truncated:
         log.info("%d of %d QA samples truncated to max_length=%d", truncated, len(samples), max_length)
     return EncodedSet(rows.iloc[kept].reset_index(drop=True), samples,
-                      pd.DataFrame(rejected, columns=["dataset", "id", "reason"]), truncated)
+                      pd.DataFrame(rejected, columns=REJECTED_COLUMNS), truncated)
+
+
+class LazySamples(Sequence):
+    """``rows``' conversations encoded on first access by ``encode_one``'s rules: an ``Encoded``, or ``None`` for a
+    rejected sample (its reason goes to ``rejected``, logged once). Holds only the rows and the tokenizer, so
+    construction is O(1) in work. With ``memo`` (a SQLite file) encodings persist across epochs, DataLoader workers
+    and runs; its key covers the tokenizer's vocabulary, the settings and the conversation text."""
+
+    def __init__(self, rows: pd.DataFrame, tokenizer, *, video_tokens: int, max_length: int,
+                 text_only: bool = False, memo: Path | None = None):
+        self.rows, self.tokenizer = rows, tokenizer
+        self.settings = {"video_tokens": video_tokens, "max_length": max_length, "text_only": text_only}
+        self.rejected: list[dict] = []
+        self._seen: set[int] = set()
+        self.memo = memo
+        self._db: sqlite3.Connection | None = None
+        vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False) if memo else ""
+        self._salt = hashlib.sha256((vocab + json.dumps(self.settings, sort_keys=True)).encode()).hexdigest()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Encoded | None:
+        conversations = self.rows["conversations"].iat[i]
+        cached = self._recall(conversations)
+        if cached is not None:
+            enc, reason = cached
+        else:
+            try:
+                enc, reason = encode_one(conversations, self.tokenizer, **self.settings), None
+            except ConversationError as exc:
+                enc, reason = None, str(exc)
+            self._remember(conversations, enc, reason)
+        if reason is not None and i not in self._seen:
+            self._seen.add(i)
+            row = {"dataset": self.rows["dataset"].iat[i], "id": self.rows["id"].iat[i], "reason": reason}
+            self.rejected.append(row)
+            log.warning("QA sample rejected on first use: %s", row)
+        return enc
+
+    # the memo: (salt, sha256 of the conversation) -> the encoding as JSON, or the rejection reason
+    def _key(self, conversations: str) -> str:
+        return hashlib.sha256((self._salt + conversations).encode()).hexdigest()
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._db is None:  # per process: DataLoader workers open their own
+            self.memo.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.memo, timeout=60)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS encoded (key TEXT PRIMARY KEY, sample TEXT, reason TEXT)")
+        return self._db
+
+    def _recall(self, conversations: str) -> tuple[Encoded | None, str | None] | None:
+        if self.memo is None:
+            return None
+        row = self._connect().execute("SELECT sample, reason FROM encoded WHERE key = ?",
+                                      (self._key(conversations),)).fetchone()
+        if row is None:
+            return None
+        if row[0] is None:
+            return None, row[1]
+        fields = json.loads(row[0])
+        fields.pop("answer_tokens", None)
+        return Encoded(**fields), None
+
+    def _remember(self, conversations: str, enc: Encoded | None, reason: str | None) -> None:
+        if self.memo is None:
+            return
+        sample = json.dumps(asdict(enc)) if enc is not None else None
+        with self._connect() as db:
+            db.execute("INSERT OR REPLACE INTO encoded VALUES (?, ?, ?)", (self._key(conversations), sample, reason))
+
+    def __getstate__(self) -> dict:  # DataLoader workers: no open connection crosses a process boundary
+        return {**self.__dict__, "_db": None}
+
+
+class ChainedSamples(Sequence):
+    """Several sample sequences as one, without encoding anything (stage 2's sources)."""
+
+    def __init__(self, parts: list[Sequence]):
+        self.parts = parts
+        self._starts = [0]
+        for p in parts:
+            self._starts.append(self._starts[-1] + len(p))
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def __getitem__(self, i: int):
+        for k, p in enumerate(self.parts):
+            if i < self._starts[k + 1]:
+                return p[i - self._starts[k]]
+        raise IndexError(i)
+
+    @property
+    def rejected(self) -> list[dict]:
+        return [r for p in self.parts for r in getattr(p, "rejected", [])]
+
+
+def lazy_samples(rows: pd.DataFrame, tokenizer, *, video_tokens: int, max_length: int, text_only: bool = False,
+                 memo: Path | None = None) -> EncodedSet:
+    """Like ``encode_samples`` but nothing is encoded now (see ``LazySamples``)."""
+    samples = LazySamples(rows.reset_index(drop=True), tokenizer, video_tokens=video_tokens, max_length=max_length,
+                          text_only=text_only, memo=memo)
+    return EncodedSet(samples.rows, samples, pd.DataFrame(columns=REJECTED_COLUMNS), 0)
 
 
 class VideoQADataset(Dataset):
@@ -144,8 +273,13 @@ class VideoQADataset(Dataset):
         return i
 
     def collate(self, items: list[int]) -> dict[str, torch.Tensor]:
-        ids = [torch.tensor(self.samples[i].input_ids) for i in items]
-        labels = [torch.tensor(self.samples[i].labels) for i in items]
+        encoded = {i: self.samples[i] for i in items}
+        items = [i for i in items if encoded[i] is not None]  # rejected on first use (lazy): left out, reported
+        if not items:
+            raise ConversationError(f"every sample of a batch was rejected, e.g. {self.samples.rejected[-1]}; fix "
+                                    "the data (hilight validate) or raise data.max_length")
+        ids = [torch.tensor(encoded[i].input_ids) for i in items]
+        labels = [torch.tensor(encoded[i].labels) for i in items]
         batch = {
             "input_ids": pad_sequence(ids, batch_first=True, padding_value=self.pad_token_id),
             "attention_mask": pad_sequence([torch.ones_like(x) for x in ids], batch_first=True, padding_value=0),

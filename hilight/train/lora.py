@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from hilight.data.captions import read_caption_manifest
 from hilight.data.qa import (
     DESCRIBE_PROMPT,
+    ChainedSamples,
     EncodedSet,
     VideoQADataset,
     describe_rows,
@@ -49,10 +50,12 @@ from hilight.train.vlm_parts import (
     FeatureCacheSpec,
     LLMSpec,
     TokenMiningSpec,
+    Tokenize,
     VisionSpec,
     answer_loss,
     build_vlm_parts,
     cache_tower_features,
+    encode_training_set,
 )
 
 log = logging.getLogger(__name__)
@@ -86,6 +89,8 @@ class MixtureDataSpec(BaseModel):
     describe_prompt: str = DESCRIBE_PROMPT
     max_length: int = Field(1024, ge=16)
     max_val_samples: int | None = Field(256, ge=1)  # per source
+    tokenize: Tokenize = "lazy"  # training samples: encoded on first use, or "upfront" (as stage 1)
+    memo_tokens: bool = False  # keep lazy encodings in <run_dir>/tokens.sqlite
 
     @model_validator(mode="after")
     def _unique(self) -> MixtureDataSpec:
@@ -164,7 +169,7 @@ def source_rows(spec: MixtureDataSpec, splits: list[str]) -> list[pd.DataFrame]:
 def concat_encoded(parts: list[EncodedSet]) -> tuple[EncodedSet, list[list[int]]]:
     """One set from several, plus each part's sample indices in it."""
     rows = pd.concat([p.rows for p in parts], ignore_index=True)
-    samples = [s for p in parts for s in p.samples]
+    samples = ChainedSamples([p.samples for p in parts])  # encodes nothing: lazy parts stay lazy
     rejected = pd.concat([p.rejected for p in parts], ignore_index=True)
     bounds, start = [], 0
     for p in parts:
@@ -231,7 +236,10 @@ class LoRARecipe(Recipe):
         def encode(rows: pd.DataFrame) -> EncodedSet:
             return encode_samples(rows, tokenizer, video_tokens=n_tokens, max_length=spec.max_length)
 
-        train_parts = [encode(r) for r in source_rows(spec, spec.train_splits)]
+        memo = self.run_dir / "tokens.sqlite" if spec.memo_tokens else None
+        train_parts = [encode_training_set(r, tokenizer, video_tokens=n_tokens, max_length=spec.max_length,
+                                           tokenize=spec.tokenize, memo=memo)
+                       for r in source_rows(spec, spec.train_splits)]
         val_parts = []
         for rows in source_rows(spec, spec.val_splits):
             if spec.max_val_samples and len(rows) > spec.max_val_samples:
@@ -243,7 +251,6 @@ class LoRARecipe(Recipe):
                                  f"{enc.rejected['reason'].iat[0]!r}; fix the data or raise data.max_length")
         train_enc, train_index = concat_encoded(train_parts)
         val_enc, _ = concat_encoded(val_parts)
-        rejected = pd.concat([train_enc.rejected, val_enc.rejected], ignore_index=True)
         cache = cache_tower_features(config.features, parts, [train_enc, val_enc], self.tracker,
                                      config.train.progress)
 
@@ -255,11 +262,8 @@ class LoRARecipe(Recipe):
         val_sets = {s.label: dataset(EncodedSet(p.rows, p.samples, p.rejected, p.truncated))
                     for s, p in zip(spec.sources, val_parts, strict=True) if p.samples}
         val_all = dataset(val_enc)
-        samples = {"train": len(train_set), "val": len(val_all), "rejected": len(rejected),
-                   "truncated": train_enc.truncated + val_enc.truncated,
-                   **{f"train/{s.label}": len(idx) for s, idx in zip(spec.sources, train_index, strict=True)}}
-        log.info("stage 2: %d training samples from %d sources (%s), %d held-out, %d rejected", samples["train"],
-                 len(spec.sources), spec.mode, samples["val"], samples["rejected"])
+        log.info("stage 2: %d training samples (%s) from %d sources (%s), %d held-out (%d rejected)",
+                 len(train_set), spec.tokenize, len(spec.sources), spec.mode, len(val_all), len(val_enc.rejected))
 
         # baselines: the held-out answer loss before stage 2, over all sources and per source
         bs = config.eval_batch_size
@@ -295,6 +299,10 @@ class LoRARecipe(Recipe):
         meta["step"] = self.restore_best(vlm, fit, state="trainable")
         best_dir = self.export(self.out_dir / "best", lambda d: export_stage2(vlm, d, meta))
         best = evaluate(vlm)
+        rejected = pd.concat([train_enc.rejections(), val_enc.rejected], ignore_index=True)  # lazy: as met
+        samples = {"train": len(train_set) - len(train_enc.rejections()), "val": len(val_all),
+                   "rejected": len(rejected), "truncated": train_enc.truncated + val_enc.truncated,
+                   **{f"train/{s.label}": len(idx) for s, idx in zip(spec.sources, train_index, strict=True)}}
         metrics = {"lm_loss_initial": initial["val/lm_loss"], "lm_loss": best["val/lm_loss"],
                    **{f"lm_loss/{k.split('/', 2)[2]}": v for k, v in best.items() if k.count("/") >= 2}}
         return Stage2Result(self.run_dir, best_dir, final_dir, fit, metrics, samples, rejected)

@@ -40,10 +40,12 @@ from hilight.train.vlm_parts import (
     LLMSpec,
     TokenMiningSpec,
     VideoAnswerObjective,
+    Tokenize,
     VisionSpec,
     answer_loss,
     build_vlm_parts,
     cache_tower_features,
+    encode_training_set,
 )
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,10 @@ class QADataSpec(BaseModel):
     val_splits: list[str] = ["val", "test"]
     max_length: int = Field(1024, ge=16)  # tokens the LLM sees, each video counting as its video tokens
     max_val_samples: int | None = Field(512, ge=1)  # a fixed random subset keeps validation cheap at scale
+    # training samples: "lazy" (encoded on first use, O(1) start-up; Valley-703K) or "upfront" (all rejections
+    # known before training); held-out samples are always encoded up front
+    tokenize: Tokenize = "lazy"
+    memo_tokens: bool = False  # keep lazy encodings in <run_dir>/tokens.sqlite (later epochs and runs skip them)
 
 
 
@@ -123,13 +129,15 @@ class TokenMiningRecipe(Recipe):
             val_rows = val_rows.sample(config.data.max_val_samples, random_state=0).reset_index(drop=True)
         enc = lambda rows, text_only=False: encode_samples(  # noqa: E731
             rows, tokenizer, video_tokens=n_tokens, max_length=config.data.max_length, text_only=text_only)
-        train_enc, val_enc, val_text = enc(train_rows), enc(val_rows), enc(val_rows, True)
+        train_enc = encode_training_set(train_rows, tokenizer, video_tokens=n_tokens, max_length=config.data.max_length,
+                                        tokenize=config.data.tokenize,
+                                        memo=self.run_dir / "tokens.sqlite" if config.data.memo_tokens else None)
+        val_enc, val_text = enc(val_rows), enc(val_rows, True)
         for name, encoded, total in (("training", train_enc, len(train_rows)), ("held-out", val_enc, len(val_rows))):
             if not encoded.samples:
                 raise ValueError(f"all {total} {name} QA samples were rejected, e.g. "
                                  f"{encoded.rejected['reason'].iat[0]!r}; fix the data or raise data.max_length "
                                  f"(now {config.data.max_length})")
-        rejected = pd.concat([train_enc.rejected, val_enc.rejected], ignore_index=True)
         cache = cache_tower_features(config.features, parts, [train_enc, val_enc], self.tracker, config.train.progress)
 
         def dataset(encoded: EncodedSet, with_video: bool = True) -> VideoQADataset:
@@ -141,10 +149,8 @@ class TokenMiningRecipe(Recipe):
         order = val_enc.rows.sample(frac=1.0, random_state=1).index
         val_shuffled = dataset(EncodedSet(val_enc.rows.loc[order].reset_index(drop=True),
                                           [val_enc.samples[i] for i in order], val_enc.rejected, 0))
-        samples = {"train": len(train_set), "val": len(val_set), "rejected": len(rejected),
-                   "truncated": train_enc.truncated + val_enc.truncated}
-        log.info("stage 1: %d training and %d held-out samples (%d rejected, %d truncated); %d video tokens per clip",
-                 samples["train"], samples["val"], samples["rejected"], samples["truncated"], n_tokens)
+        log.info("stage 1: %d training (%s) and %d held-out samples (%d held-out rejected); %d video tokens per clip",
+                 len(train_set), config.data.tokenize, len(val_set), len(val_enc.rejected), n_tokens)
 
         # baselines at step 0
         bs = config.eval_batch_size
@@ -179,6 +185,9 @@ class TokenMiningRecipe(Recipe):
         best_step = self.restore_best(token_mining, fit)
         best_dir = self.export(self.out_dir / "best", lambda d: save_token_mining(
             token_mining, d, {"stage1": resolved, "step": best_step}))
+        rejected = pd.concat([train_enc.rejections(), val_enc.rejected], ignore_index=True)  # lazy: as met
+        samples = {"train": len(train_set) - len(train_enc.rejections()), "val": len(val_set),
+                   "rejected": len(rejected), "truncated": train_enc.truncated + val_enc.truncated}
         metrics = {"lm_loss_initial": initial, "lm_loss": answer_loss(vlm, val_set, bs),
                    "lm_loss_wrong_video": answer_loss(vlm, val_shuffled, bs, shuffle_video=True),
                    "lm_loss_zero_video": baselines["val/lm_loss_zero_video"],

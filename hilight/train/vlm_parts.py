@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -17,7 +18,7 @@ from accelerate import PartialState
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hilight.data.feature_cache import FeatureCache, fill_cache
-from hilight.data.qa import FEATURE_NAMES, EncodedSet, VideoQADataset
+from hilight.data.qa import FEATURE_NAMES, EncodedSet, VideoQADataset, encode_samples, lazy_samples
 from hilight.env import resolve_path
 from hilight.losses.distributed import tokens_per_rank
 from hilight.models.checkpoints import load_clipvip_weights, load_saved_clipvip, module_digest
@@ -171,6 +172,18 @@ def open_feature_cache(spec: FeatureCacheSpec, parts: VLMParts) -> FeatureCache:
     key = {"clipvip": parts.digests["clipvip"], "longclip": parts.digests["longclip"], "num_frames": parts.num_frames,
            "image_size": parts.image_size, "frames": FRAME_PIPELINE}
     return FeatureCache(resolve_path(spec.dir), key, dtype=DTYPES[spec.dtype])
+
+
+Tokenize = Literal["lazy", "upfront"]
+
+
+def encode_training_set(rows, tokenizer, *, video_tokens: int, max_length: int, tokenize: Tokenize,
+                        memo: Path | None) -> EncodedSet:
+    """A training set: ``lazy`` (each sample on first use; start-up and memory independent of the dataset's size,
+    rejections reported as met) or ``upfront`` (everything encoded now, every rejection known before training)."""
+    if tokenize == "lazy":
+        return lazy_samples(rows, tokenizer, video_tokens=video_tokens, max_length=max_length, memo=memo)
+    return encode_samples(rows, tokenizer, video_tokens=video_tokens, max_length=max_length)
 
 
 class FeatureCacheSpaceError(RuntimeError):
