@@ -3,6 +3,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# Where the torch wheel comes from. Empty (default): pip's configured index, i.e. PyPI unless pip.conf or PIP_*
+# say otherwise; on Linux x86_64 PyPI serves the CUDA build (several GB with its nvidia-* packages), on macOS and
+# Windows a CPU build. Choose explicitly, e.g.
+#   make install TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu     # CPU-only (laptop, CI)
+#   make install TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128   # a given CUDA version
+TORCH_INDEX_URL ?=
 
 export ZENML_ANALYTICS_OPT_IN := false
 export MLFLOW_DISABLE_TELEMETRY := true
@@ -18,12 +24,12 @@ test: $(STAMP)
 
 install: $(STAMP)
 
-# torch first, from its CPU wheel: an unpinned resolve would pull gigabytes of CUDA packages
+# torch first, from TORCH_INDEX_URL when set (see above), so the resolve below keeps that build
 $(STAMP): pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; assert (3, 10) <= sys.version_info[:2] < (3, 14), f"need Python 3.10-3.13, got {sys.version}"'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) torch==2.13.0
 	$(PY) -m pip install --quiet -c requirements.lock -e ".[dev]"
 	touch $(STAMP)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 
 import mlflow
@@ -108,14 +109,25 @@ def register(model_uri: str, digest: str, model_name: str, tags: dict[str, str])
     return str(version)
 
 
-def set_alias(model_name: str, alias: str, version: str | None) -> None:
-    """Point ``alias`` at ``version``; ``None`` removes it."""
+def set_alias(model_name: str, alias: str, version: str | None, reason: str | None = None) -> None:
+    """Point ``alias`` at ``version``; ``None`` removes it. With ``reason`` (one or two lines: why this version holds
+    the alias), the version's description says so, and a version the alias leaves says until when it held it."""
     client = mlflow.MlflowClient()
+    aliases = client.get_registered_model(model_name).aliases
+    previous = aliases.get(alias)
     if version is None:
-        if alias in client.get_registered_model(model_name).aliases:
+        if alias in aliases:
             client.delete_registered_model_alias(model_name, alias)
+    else:
+        client.set_registered_model_alias(model_name, alias, version)
+    if reason is None:
         return
-    client.set_registered_model_alias(model_name, alias, version)
+    today = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    if version is not None:
+        client.update_model_version(model_name, version, description=f"{alias} since {today}: {reason}")
+    if previous is not None and str(previous) != str(version):
+        client.update_model_version(model_name, str(previous), description=(
+            f"was {alias} until {today}; then " + (f"version {version}: {reason}" if version else f"none: {reason}")))
 
 
 def local_model_dir(uri: str, cache_dir: str | Path) -> Path:

@@ -171,3 +171,57 @@ class ResilientTracker:
                         type(exc).__name__, exc, what)
         self._failing = True
         return False
+
+
+Roles = Mapping[str, tuple[list[str] | None, list[str] | None]]  # context -> (datasets or None = all, splits)
+
+
+def log_manifest_inputs(manifest_dir: str | Path, roles: Roles) -> list[str]:
+    """Record the validated data this run reads as MLflow dataset inputs, so the run page and the runs table's
+    Dataset column say which data each run (and each model logged in it) came from.
+
+    ``roles`` maps an MLflow input context (``"training"``, ``"evaluation"``) to the manifest's datasets read in
+    that role (``None``: all of them) and their splits. Each becomes a ``MetaDataset`` named ``dataset[splits]``
+    (MLflow keeps one input per name and digest, so the held-out splits of a training dataset stay a separate
+    input), whose source is the manifest file and whose digest is the dataset's content fingerprint (its first 32
+    hex digits: MLflow keeps 36 characters; the full value is the input's ``hilight.fingerprint`` tag). Returns
+    ``"context:name"`` per input."""
+    import warnings
+
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    from hilight.data.manifest import open_manifest
+
+    run_dir, meta = open_manifest(manifest_dir)
+    fingerprints: dict[str, str] = meta.get("dataset_fingerprints", {})
+    with warnings.catch_warnings():  # MLflow registers its local-file source twice ("" and "file:") and says so
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        source = resolve_dataset_source((run_dir / "manifest.json").as_uri())
+    datasets, contexts, tags, logged = [], [], [], []
+    for context, (names, splits) in roles.items():
+        for name in sorted(fingerprints) if names is None else names:
+            if name not in fingerprints:
+                raise ValueError(f"dataset {name!r} is not in the manifest {run_dir} (it has {sorted(fingerprints)})")
+            label = f"{name}[{'+'.join(splits)}]" if splits else name
+            datasets.append(MetaDataset(source=source, name=label, digest=fingerprints[name][:32]))
+            contexts.append(context)
+            tags.append({"hilight.fingerprint": fingerprints[name], "hilight.manifest": str(run_dir)})
+            logged.append(f"{context}:{label}")
+    if datasets:
+        mlflow.log_inputs(datasets=datasets, contexts=contexts, tags_list=tags)
+    return logged
+
+
+def data_roles(data: BaseModel) -> dict[str, tuple[list[str] | None, list[str] | None]]:
+    """The datasets and splits a stage's ``data:`` block trains and validates on: ``train_datasets`` /
+    ``val_datasets``, or the datasets of its ``sources`` (stage 2); ``None`` = every dataset in the manifest."""
+    training = getattr(data, "train_datasets", None)
+    if getattr(data, "sources", None):
+        training = sorted({s.dataset for s in data.sources})
+    roles = {"training": (training, getattr(data, "train_splits", None))}
+    if hasattr(data, "val_datasets") or hasattr(data, "val_splits"):
+        roles["evaluation"] = (getattr(data, "val_datasets", None) if not getattr(data, "sources", None) else training,
+                               getattr(data, "val_splits", None))
+    return roles

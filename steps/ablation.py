@@ -25,7 +25,7 @@ from hilight.experiments.ablation import (
     variant_models,
     write_report,
 )
-from hilight.tracking import log_lineage
+from hilight.tracking import log_lineage, log_manifest_inputs
 from steps import EXPERIMENT_TRACKER
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,8 @@ def evaluate_variant(config: AblationConfig, variant: str, training_run: dict[st
         models = [reference_model(variant, config.eval.references[variant])]
     else:
         models = variant_models(variant, training_run, config.eval.checkpoints, seed)
+    base = next(iter(config.variant_configs().values()))
+    log_manifest_inputs(base.data.manifest_dir, {"evaluation": (config.eval_datasets(), config.eval.splits)})
     result = evaluate_models(models, eval_suite(config, eval_inputs), config.eval)
     mlflow.set_tags({"hilight.ablation": config.name, "hilight.variant": variant, "hilight.seed": str(seed),
                      "hilight.data_fingerprint": eval_inputs["data_fingerprint"],

@@ -11,7 +11,7 @@ import pandas as pd
 from zenml import get_step_context, log_metadata, step
 
 from hilight.data.captions import read_caption_manifest
-from hilight.tracking import ResilientTracker, log_lineage
+from hilight.tracking import ResilientTracker, data_roles, log_lineage, log_manifest_inputs
 from hilight.train.alignment import AlignmentConfig, init_digest, run_alignment
 from steps import EXPERIMENT_TRACKER
 
@@ -37,6 +37,7 @@ def train_clipvip(config: AlignmentConfig, inputs: dict[str, str]) -> tuple[
     (run dir with its checkpoints, tokenizer, exports, MLflow run) for later evaluation steps."""
     run = get_step_context().pipeline_run
     log_lineage(config, fingerprint=inputs["data_fingerprint"], zenml_run_id=str(run.id), pipeline=run.pipeline.name)
+    log_manifest_inputs(config.data.manifest_dir, data_roles(config.data))
     mlflow.set_tags({"hilight.init_digest": inputs["init_digest"], "hilight.stage": "alignment"})
     mlflow.log_text(config.model_dump_json(indent=1), "config/alignment.json")
 

@@ -26,7 +26,7 @@ from hilight.experiments.selection import (
 )
 from hilight.registry import DATASET_TAG, DIGEST_TAG, local_model_dir, register, set_alias
 from hilight.retrain import dataset_fingerprints
-from hilight.tracking import log_lineage
+from hilight.tracking import log_lineage, log_manifest_inputs
 from steps import EXPERIMENT_TRACKER
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,8 @@ def select_and_promote(config: SelectionConfig, models: list[dict[str, str]], me
     run = ctx.pipeline_run
     names = list(config.candidates)
     log_lineage(config, fingerprint=models[0]["data_fingerprint"], zenml_run_id=str(run.id), pipeline=run.pipeline.name)
+    log_manifest_inputs(config.evaluation.manifest_dir, {"evaluation": (config.evaluation.datasets,
+                                                                        config.evaluation.splits)})
     rows = [{"candidate": n, "clipvip": m["clipvip"], "model_uri": m["model_uri"], "digest": m["digest"], **mt}
             for n, m, mt in zip(names, models, metrics, strict=True)]
     by_answers = dict(zip(names, answers, strict=True))
@@ -134,11 +136,16 @@ def select_and_promote(config: SelectionConfig, models: list[dict[str, str]], me
     champion, challenger = versions[decision["champion"]], versions.get(decision["challenger"])
     if challenger == champion:  # one model cannot be both; an "unchanged" champion keeps no challenger of itself
         challenger = None
-    set_alias(reg.model_name, reg.champion_alias, champion)
+    why = f"selection run {mlflow.active_run().info.run_id}, decision {decision['status']}"
+    set_alias(reg.model_name, reg.champion_alias, champion, reason=f"{decision['champion']} ({why}); rule: "
+              f"{decision['rule_text'][:300]}")
     # the data the champion was last judged on (a held-back retrain leaves its training fingerprints as they were)
     for d, fp in sources.items():
         client.set_model_version_tag(reg.model_name, champion, f"{CHECKED_TAG}{d}", fp)
-    set_alias(reg.model_name, reg.challenger_alias, challenger)
+    held = "; ".join(map(str, decision.get("held_back") or []))[:300]
+    set_alias(reg.model_name, reg.challenger_alias, challenger,
+              reason=f"{decision['challenger'] or 'no candidate'}, runner-up to {decision['champion']} ({why})"
+              + (f"; held back: {held}" if held else ""))
     after = {reg.champion_alias: champion, reg.challenger_alias: challenger}
     decision["registry"] = {"model_name": reg.model_name, **after, "before": before,
                             "champion_uri": f"models:/{reg.model_name}@{reg.champion_alias}"}

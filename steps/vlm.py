@@ -19,7 +19,7 @@ from hilight.eval.vlm import VLMEvalSpec, evaluate_vlm
 from hilight.models.checkpoints import directory_digest, weights_digest
 from hilight.models.export import GenerationSpec, load_vlm_dir
 from hilight.registry import log_vlm_model
-from hilight.tracking import ResilientTracker, log_lineage
+from hilight.tracking import ResilientTracker, data_roles, log_lineage, log_manifest_inputs
 from hilight.train.lora import LoRAFinetuneConfig, run_lora_finetune
 from hilight.train.merge import merge_stage2
 from hilight.train.text_lm import LLMPretrainConfig, run_llm_pretrain
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 def _lineage(config, fingerprint: str, stage: str) -> None:
     run = get_step_context().pipeline_run
     log_lineage(config, fingerprint=fingerprint, zenml_run_id=str(run.id), pipeline=run.pipeline.name)
+    log_manifest_inputs(config.data.manifest_dir, data_roles(config.data))
     mlflow.set_tag("hilight.stage", stage)
 
 
@@ -174,6 +175,7 @@ def evaluate_model(spec: VLMEvalSpec, candidate: str, model: dict[str, str], eva
     mlflow.set_tags({"hilight.stage": "evaluation", "hilight.candidate": candidate, "hilight.model_uri": model["model_uri"],
                      "hilight.data_fingerprint": eval_inputs["data_fingerprint"],
                      "hilight.zenml_run_id": str(get_step_context().pipeline_run.id)})
+    log_manifest_inputs(spec.manifest_dir, {"evaluation": (spec.datasets, spec.splits)})
     result = evaluate_vlm(load_vlm_dir(model["dir"]), spec)
     metrics = {k: v for k, v in result.metrics.items() if v == v}  # NaN-free
     mlflow.log_metrics(metrics)
