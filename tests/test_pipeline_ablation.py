@@ -73,6 +73,16 @@ def test_ablation_pipeline_compares_selects_and_logs(zenml_project, caption_mani
     assert winner["variant"] in {"BP_WithMask", "AE_WithMask"}
     assert winner["caption/top1_accuracy"] == trained["caption/top1_accuracy"].max()
     assert [r["variant"] for r in selection["references"]] == ["original"]
+    # the selection metric has a bootstrap interval over the held-out clips per variant (issue 15)
+    assert set(selection["intervals"]) == {"BP_WithMask", "AE_WithMask", "original"}
+    iv = selection["intervals"][winner["variant"]]
+    assert iv["low"] <= winner["caption/top1_accuracy"] <= iv["high"] and iv["items"] == table["caption/num_videos"].iloc[0]
+    assert isinstance(selection["inconclusive"], bool) and "caption/top1_accuracy" in selection["significance"]
+    # the negatives and probes went through their data contracts; evaluation read the accepted records
+    eval_inputs = step_output(run, "locate_eval_data", "eval_inputs")
+    assert eval_inputs["rejected:negatives:billiards"] == "0" and eval_inputs["rejected:probes:billiards"] == "0"
+    accepted = json.loads(open(eval_inputs["validated:negatives:billiards"]).read())
+    assert len(accepted) == len(json.loads((billiards_dir / "negatives.json").read_text()))
 
     client = mlflow.MlflowClient(mlflow_tracking_uri())
     exp = client.get_experiment_by_name("alignment_ablation").experiment_id
@@ -88,6 +98,7 @@ def test_ablation_pipeline_compares_selects_and_logs(zenml_project, caption_mani
 
     assert parent.data.tags["hilight.selected_variant"] == winner["variant"]
     assert parent.data.tags["hilight.selected_checkpoint"] == winner["checkpoint"]
+    assert parent.data.tags["hilight.selection_inconclusive"] == str(selection["inconclusive"])
     files = {a for d in ("ablation", "ablation/plots", "ablation/attention") for a in
              (f.path for f in client.list_artifacts(parent.info.run_id, d))}
     assert {"ablation/comparison.parquet", "ablation/comparison.json", "ablation/selection.json",

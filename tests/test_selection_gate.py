@@ -134,3 +134,46 @@ def test_bootstrap_intervals_cover_and_pair():
     d = paired_ratio_difference(items, items)
     assert (d.estimate, d.low, d.high) == (0.0, 0.0, 0.0)
     assert np.isnan(ratio_interval(items.assign(den=0.0)).estimate)
+
+
+def test_seeds_pool_into_one_entry_per_candidate():
+    from hilight.experiments.selection import SelectionConfig, pool_seeds, render_decision
+
+    rule = RULE.model_copy(update={"guards": []})
+    config = SelectionConfig.model_construct(candidates={"a": None, "b": None}, seeds=[0, 1], rule=rule)
+    assert config.runs() == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
+    tables = [model(0.8, 0.6, 0), model(0.5, 0.6, 1), model(0.6, 0.6, 2), model(0.7, 0.6, 3)]
+    metrics = [table({"x": t}).drop(columns=["candidate", "digest"]).iloc[0].to_dict() for t in tables]
+    models = [{"digest": f"d{i}"} for i in range(4)]
+    pooled = pool_seeds(config, models, metrics, tables)
+    p = RULE.primary.metric
+    assert [m["digest"] for m in pooled["models"]] == ["d0", "d3"]  # each candidate's best seed is its model
+    assert pooled["metrics"][0][p] == pytest.approx((metrics[0][p] + metrics[1][p]) / 2)
+    assert pooled["metrics"][0][f"{p}/sd"] == pytest.approx(np.std([metrics[0][p], metrics[1][p]], ddof=1))
+    assert {k: v["winner"] for k, v in pooled["per_seed"].items()} == {"0": "a", "1": "b"}
+    # the pooled answers pair by (seed, question): the paired margin is the difference of the seed means
+    evidence = pd.DataFrame([{"candidate": c, "digest": c, **m} for c, m in zip("ab", pooled["metrics"], strict=True)])
+    d = decide(evidence, rule, answers=dict(zip("ab", pooled["answers"], strict=True)))
+    assert d["primary_difference"]["items"] == 2 * N
+    assert d["primary_difference"]["estimate"] == pytest.approx(abs(evidence[p][0] - evidence[p][1]))
+    d.update(status="first", per_seed=pooled["per_seed"])
+    assert "- seed 1: winner b; a 0." in render_decision(d, evidence)
+
+
+def test_candidates_override_any_stage_setting_and_seeds_expand():
+    import yaml
+
+    from hilight.experiments.selection import SelectionConfig
+    from tests.conftest import REPO
+
+    raw = yaml.safe_load((REPO / "configs" / "compare_depth_demo.yaml").read_text())
+    config = SelectionConfig.model_validate({**raw, "seeds": [0, 1]})
+    s1, s2 = config.candidate_configs("attn_mlp", 1)
+    assert (s1.token_mining.depth, s2.token_mining.depth) == ("attn_mlp", "attn_mlp")  # stage 2 inherits stage 1's
+    assert (s1.train.seed, s2.train.seed) == (1, 1) and s1.output_dir == "outputs/compare_depth/attn_mlp/seed1/tokenmining"
+    assert s2.token_mining.init == f"{s1.output_dir}/best" and len(config.runs()) == 6
+    with pytest.raises(ValueError, match="stage 2 inherits"):
+        SelectionConfig.model_validate({**raw, "candidates": {"a": {"stage2": {"token_mining": {"depth": "attn_mlp"}}},
+                                                              "b": {}}})
+    with pytest.raises(ValueError, match="candidate 'a': not a valid stage-1 config"):
+        SelectionConfig.model_validate({**raw, "candidates": {"a": {"stage1": {"token_mining": {"dept": "x"}}}, "b": {}}})

@@ -100,7 +100,6 @@ class EvalSpec(BaseModel):
     attention: AttentionSpec = Field(default_factory=AttentionSpec)
     heatmap_videos: int = Field(4, ge=0)  # per-video score heatmaps for the first N videos
     seed: int = 0
-    contracts_dir: str = "data_contracts"  # negatives and probes files are validated by its contracts
 
 
 class MetricOrder(BaseModel):
@@ -142,6 +141,7 @@ class AblationConfig(BaseModel):
     output_dir: str = "outputs/ablation"  # variant V trains under <output_dir>/<V>
     variants: list[Variant] = Field(min_length=1)
     seeds: list[int] | None = Field(None, min_length=1)  # train every variant once per seed (train.seed)
+    contracts_dir: str = "data_contracts"  # eval.negatives / eval.probes files are validated by its contracts
     eval: EvalSpec = Field(default_factory=EvalSpec)
     selection: SelectionRule = Field(default_factory=SelectionRule)
     enable_cache: bool = True
@@ -265,7 +265,7 @@ def validate_eval_files(config: AblationConfig) -> dict[str, str]:
     accepted records and the quarantine go under ``<output_dir>/eval_data``; returns, per file, the accepted
     file (``validated:<kind>:<dataset>``) and the reject count (``rejected:<kind>:<dataset>``). Raises
     ``EvalFileRejected`` when a file has more rejects than its contract allows."""
-    contracts = load_contracts(resolve_path(config.eval.contracts_dir))
+    contracts = load_contracts(resolve_path(config.contracts_dir))
     out = {}
     for kind, files in (("negatives", config.eval.negatives), ("probes", config.eval.probes)):
         for dataset, path in files.items():
