@@ -18,16 +18,17 @@ def select_vision_weights(config: SelectionConfig):
     nested = {"experiment_tracker.mlflow": {"experiment_name": config.experiment_name, "nested": True}}
     eval_inputs = locate_eval_inputs(config.evaluation, config.contracts_dir, config.output_dir)
     models, metrics, answers = [], [], []
-    for name in config.candidates:
-        stage1, stage2 = config.candidate_configs(name)
-        inputs1 = locate_vlm_inputs(stage1, id=f"locate_stage1_{name}")
-        _, _, run1 = train_token_mining.with_options(settings=nested)(stage1, inputs1, id=f"stage1_{name}")
-        inputs2 = locate_vlm_inputs(stage2, with_init=False, id=f"locate_stage2_{name}")
-        _, run2 = train_lora.with_options(settings=nested)(stage2, inputs2, run1, id=f"stage2_{name}")
-        model = merge_model.with_options(settings=nested)(run2, config.merged_dir(name), config.evaluation.prompt,
-                                                          config.generation, id=f"merge_{name}")
-        m, a = evaluate_model.with_options(settings=nested)(config.evaluation, name, model, eval_inputs,
-                                                            id=f"evaluate_{name}")
+    for name, seed in config.runs():  # one training per candidate, or per (candidate, seed) with `seeds:`
+        key = config.run_key(name, seed)
+        stage1, stage2 = config.candidate_configs(name, seed)
+        inputs1 = locate_vlm_inputs(stage1, id=f"locate_stage1_{key}")
+        _, _, run1 = train_token_mining.with_options(settings=nested)(stage1, inputs1, id=f"stage1_{key}")
+        inputs2 = locate_vlm_inputs(stage2, with_init=False, id=f"locate_stage2_{key}")
+        _, run2 = train_lora.with_options(settings=nested)(stage2, inputs2, run1, id=f"stage2_{key}")
+        model = merge_model.with_options(settings=nested)(run2, config.merged_dir(name, seed), config.evaluation.prompt,
+                                                          config.generation, id=f"merge_{key}")
+        m, a = evaluate_model.with_options(settings=nested)(config.evaluation, key, model, eval_inputs,
+                                                            id=f"evaluate_{key}")
         models.append(model)
         metrics.append(m)
         answers.append(a)

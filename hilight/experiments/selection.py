@@ -115,6 +115,7 @@ class SelectionConfig(BaseModel):
     name: str = Field("selection", pattern=NAME)
     output_dir: str = "outputs/selection"  # candidate C writes under <output_dir>/<C>/{tokenmining,lora,merged}
     candidates: dict[str, Candidate] = Field(min_length=2)
+    seeds: list[int] | None = Field(None, min_length=1)  # train every candidate once per seed (train.seed of both stages)
     stage1: str  # a tokenmining_pretrain YAML
     stage1_overrides: dict = Field(default_factory=dict)
     stage2: str  # a lora_finetune YAML
@@ -130,6 +131,8 @@ class SelectionConfig(BaseModel):
         bad = [c for c in self.candidates if not re.match(NAME, c)]
         if bad:
             raise ValueError(f"candidate names {bad} must match {NAME}")
+        if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds {self.seeds} repeat a value; list each seed once")
         for name in self.candidates:  # every candidate's stage configs must validate; fail now, naming it
             self.candidate_configs(name)
         return self
@@ -140,26 +143,36 @@ class SelectionConfig(BaseModel):
             raise ValueError(f"base config {file} does not exist")
         return deep_merge(yaml.safe_load(file.read_text(encoding="utf-8")), overrides)
 
-    def candidate_dir(self, name: str) -> str:
-        return f"{self.output_dir}/{name}"
+    def runs(self) -> list[tuple[str, int | None]]:
+        """(candidate, seed) of every training: one per candidate, or one per (candidate, seed) with ``seeds``."""
+        return [(name, seed) for name in self.candidates for seed in (self.seeds or [None])]
 
-    def merged_dir(self, name: str) -> str:
-        return f"{self.candidate_dir(name)}/merged"
+    @staticmethod
+    def run_key(name: str, seed: int | None) -> str:
+        return name if seed is None else f"{name}_seed{seed}"
 
-    def candidate_configs(self, name: str) -> tuple[TokenMiningPretrainConfig, LoRAFinetuneConfig]:
-        c, out = self.candidates[name], self.candidate_dir(name)
-        s1 = deep_merge(self._base(self.stage1, self.stage1_overrides), c.stage1)
+    def candidate_dir(self, name: str, seed: int | None = None) -> str:
+        return f"{self.output_dir}/{name}" + ("" if seed is None else f"/seed{seed}")
+
+    def merged_dir(self, name: str, seed: int | None = None) -> str:
+        return f"{self.candidate_dir(name, seed)}/merged"
+
+    def candidate_configs(self, name: str, seed: int | None = None) -> tuple[TokenMiningPretrainConfig, LoRAFinetuneConfig]:
+        c, out = self.candidates[name], self.candidate_dir(name, seed)
+        key = self.run_key(name, seed).replace("_seed", "-seed")
+        seeded = {} if seed is None else {"train": {"seed": seed}}
+        s1 = deep_merge(deep_merge(self._base(self.stage1, self.stage1_overrides), c.stage1), seeded)
         weights = {k: v for k, v in (("clipvip", c.clipvip), ("clipvip_preset", c.clipvip_preset)) if v is not None}
         s1["vision"] = {**s1.get("vision", {}), **weights}
-        s1.update(name=f"{self.name}-{name}-stage1", output_dir=f"{out}/tokenmining",
+        s1.update(name=f"{self.name}-{key}-stage1", output_dir=f"{out}/tokenmining",
                   experiment_name=self.experiment_name, enable_cache=self.enable_cache)
         try:
             stage1 = TokenMiningPretrainConfig.model_validate(s1)
         except ValueError as exc:
             raise ValueError(f"candidate {name!r}: not a valid stage-1 config: {exc}") from exc
-        s2 = deep_merge(self._base(self.stage2, self.stage2_overrides), c.stage2)
+        s2 = deep_merge(deep_merge(self._base(self.stage2, self.stage2_overrides), c.stage2), seeded)
         tm = stage1.token_mining.model_dump(mode="json")
-        s2.update(name=f"{self.name}-{name}-stage2", output_dir=f"{out}/lora", experiment_name=self.experiment_name,
+        s2.update(name=f"{self.name}-{key}-stage2", output_dir=f"{out}/lora", experiment_name=self.experiment_name,
                   enable_cache=self.enable_cache, vision=stage1.vision.model_dump(mode="json"),
                   llm=stage1.llm.model_dump(mode="json"), features=stage1.features.model_dump(mode="json"),
                   token_mining={**tm, "init": f"{stage1.output_dir}/best"})
@@ -306,7 +319,8 @@ def per_item(answers: pd.DataFrame, metric: str) -> pd.DataFrame:
     kind, question) so two models' answers pair up. Metrics: ``<dataset>/fact_accuracy``,
     ``<dataset>/fact/<kind>``, ``<dataset>/<kind>/<column>``."""
     dataset, _, rest = metric.partition("/")
-    rows = answers[answers["dataset"] == dataset].set_index(["video_id", "kind", "question"])
+    keys = ["seed", "video_id", "kind", "question"] if "seed" in answers.columns else ["video_id", "kind", "question"]
+    rows = answers[answers["dataset"] == dataset].set_index(keys)
     if rest == "fact_accuracy" or rest.startswith("fact/"):
         cols = [c for c in rows.columns if c.startswith("fact_")] if rest == "fact_accuracy" else [f"fact_{rest[5:]}"]
         checks = rows[cols].astype(float)
@@ -325,6 +339,32 @@ def paired_difference(a: pd.DataFrame, b: pd.DataFrame, metric: str, *, n: int =
     evaluation set."""
     d = paired_ratio_difference(per_item(a, metric), per_item(b, metric), confidence=confidence, n=n, seed=seed)
     return d.estimate, d.low, d.high
+
+
+def pool_seeds(config: SelectionConfig, models: list[dict], metrics: list[dict[str, float]],
+               answers: list[pd.DataFrame]) -> dict:
+    """Per candidate, its runs over ``config.seeds`` (inputs in ``config.runs()`` order) pooled: metrics are means
+    over seeds (``<primary>/sd`` their spread), answers are stacked with a ``seed`` column (so paired intervals pair
+    (seed, question) items), and the candidate's model is its seed with the best primary metric. Also each seed's
+    winner by the rule alone. Without seeds, the inputs pass through."""
+    runs = config.runs()
+    if config.seeds is None:
+        return {"models": models, "metrics": metrics, "answers": answers, "per_seed": None}
+    p = config.rule.primary
+    out = {"models": [], "metrics": [], "answers": [], "per_seed": {}}
+    for name in config.candidates:
+        idx = [i for i, (n, _) in enumerate(runs) if n == name]
+        values = pd.Series([metrics[i].get(p.metric, np.nan) for i in idx], dtype=float)
+        best = idx[int(values.idxmax() if p.mode == "max" else values.idxmin())]
+        mean = pd.DataFrame([metrics[i] for i in idx]).mean(numeric_only=True).to_dict()
+        out["models"].append(models[best])
+        out["metrics"].append({**mean, f"{p.metric}/sd": float(values.std(ddof=1)) if len(idx) > 1 else np.nan})
+        out["answers"].append(pd.concat([answers[i].assign(seed=runs[i][1]) for i in idx], ignore_index=True))
+    for seed in config.seeds:
+        table = pd.DataFrame([{"candidate": n, **metrics[i]} for i, (n, s) in enumerate(runs) if s == seed])
+        out["per_seed"][str(seed)] = {"winner": decide(table, config.rule)["winner"],
+                                      "values": dict(zip(table["candidate"], table[p.metric].astype(float), strict=True))}
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ decision report
@@ -360,6 +400,10 @@ def render_decision(decision: dict, evidence: pd.DataFrame) -> str:
     if diff:
         lines += ["", f"Best new candidate {diff['of']} − runner-up {diff['over']} on {p}: {diff['estimate']:+.4f} "
                       f"[{diff['low']:+.4f}, {diff['high']:+.4f}] (paired over {diff['items']} items)."]
+    if decision.get("per_seed"):
+        lines += ["", "**Per training seed** (the table shows means over seeds):",
+                  *(f"- seed {seed}: winner {v['winner']}; " + ", ".join(f"{c} {x:.3f}" for c, x in v["values"].items())
+                    for seed, v in decision["per_seed"].items())]
     if decision.get("changes"):
         lines += ["", "**What changed.**", *(f"- {c}" for c in decision["changes"])]
     if decision.get("held_back"):
