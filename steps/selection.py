@@ -21,6 +21,7 @@ from hilight.experiments.selection import (
     RegistrySpec,
     SelectionConfig,
     decide,
+    pool_seeds,
     validate_event_logs,
     write_decision_report,
 )
@@ -98,6 +99,8 @@ def select_and_promote(config: SelectionConfig, models: list[dict[str, str]], me
     ctx = get_step_context()
     run = ctx.pipeline_run
     names = list(config.candidates)
+    pooled = pool_seeds(config, models, metrics, answers)  # with `seeds:`, one entry per candidate from here on
+    models, metrics, answers = pooled["models"], pooled["metrics"], pooled["answers"]
     log_lineage(config, fingerprint=models[0]["data_fingerprint"], zenml_run_id=str(run.id), pipeline=run.pipeline.name)
     log_manifest_inputs(config.evaluation.manifest_dir, {"evaluation": (config.evaluation.datasets,
                                                                         config.evaluation.splits)})
@@ -108,9 +111,11 @@ def select_and_promote(config: SelectionConfig, models: list[dict[str, str]], me
     if incumbent:
         rows.append({"candidate": incumbent["label"], "clipvip": "", "model_uri": incumbent["model_uri"],
                      "digest": incumbent["digest"], **(incumbent_metrics or {})})
-        by_answers[incumbent["label"]] = incumbent_answers
+        by_answers[incumbent["label"]] = (incumbent_answers if config.seeds is None else  # paired with every seed
+                                          pd.concat([incumbent_answers.assign(seed=s) for s in config.seeds]))
     evidence = pd.DataFrame(rows)
     decision = decide(evidence, config.rule, answers=by_answers, incumbent=incumbent)
+    decision["per_seed"] = pooled["per_seed"]  # each seed's values and winner, or None
     rank = {r["candidate"]: i + 1 for i, r in enumerate(decision["ranking"])}
     evidence["rank"] = evidence["candidate"].map(rank)
     evidence["passed_guards"] = evidence["candidate"].map(
