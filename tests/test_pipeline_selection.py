@@ -31,6 +31,7 @@ def test_selection_registers_the_rules_champion_and_reruns_from_cache(zenml_proj
 
     root = zenml_project
     selection = selection_config(root, caption_manifest, vlm_weights, billiards_dir, general_dir)
+    selection["evaluation"]["generation"]["temperature"] = 0.0  # greedy: a model whose logits are all 0 says nothing
     a, b = (selection["candidates"][c]["clipvip"] for c in ("original", "table1k"))
     cfg_path = root / "selection.yaml"
     cfg_path.write_text("# hilight run select_vision_weights -c selection.yaml\n" + yaml.safe_dump(selection))
@@ -85,6 +86,75 @@ def test_selection_registers_the_rules_champion_and_reruns_from_cache(zenml_proj
             assert rerun.steps[f"{stage}_{name}"].status == ExecutionStatus.CACHED, f"{stage}_{name} ran again"
     assert client.get_model_version_by_alias("hilight-vlm", "champion").version == champion.version
     assert len(client.search_model_versions("name='hilight-vlm'")) == 2
+    again = step_output(rerun, "select_and_promote", "selection_decision")
+    assert again["status"] == "unchanged" and again["incumbent"]["version"] == str(champion.version)
+
+    # promotion is gated by the incumbent, evaluated on the same sets (issue 15)
+    winner_dir = Path(step_output(run, f"merge_{decision['winner']}", "merged_model")["dir"])
+    _gate_against_incumbents(cfg_path, client, winner_dir, decision["winner"], str(champion.version))
+
+
+def _register_incumbent(client, model_dir: Path, digest: str) -> str:
+    """Register ``model_dir`` as a new hilight-vlm version (content tagged ``digest``) and make it the champion."""
+    import mlflow
+
+    from hilight.registry import log_vlm_model, register, set_alias
+
+    from pipelines.stack import mlflow_tracking_uri
+
+    mlflow.set_tracking_uri(mlflow_tracking_uri())  # the pipeline run left the tracker's URI behind
+    with mlflow.start_run(run_name=f"incumbent-{digest}"):
+        info = log_vlm_model(model_dir, digest)
+    version = register(info.model_uri, digest, "hilight-vlm", {"hilight.candidate": f"incumbent-{digest}"})
+    set_alias("hilight-vlm", "champion", version)
+    return version
+
+
+def _gate_against_incumbents(cfg_path: Path, client, winner_dir: Path, winner: str, winner_version: str) -> None:
+    """Two more selection runs (every candidate step cached): against a champion identical to the best candidate
+    (not significantly better: held back, the candidate becomes challenger), then against a champion whose LLM is
+    zeroed, so it answers nothing (clearly worse: the candidate takes champion). Both decisions are logged with their
+    evidence."""
+    from zenml.client import Client
+    from zenml.enums import ExecutionStatus
+
+    from hilight.models.export import GenerationSpec, load_vlm_dir, save_vlm_dir
+    from pipelines.run import run_pipeline, step_output
+
+    same = _register_incumbent(client, winner_dir, "copy-of-the-winner")
+    run = Client().get_pipeline_run(run_pipeline("select_vision_weights", cfg_path).id)
+    assert run.steps["evaluate_incumbent"].status == ExecutionStatus.COMPLETED
+    d = step_output(run, "select_and_promote", "selection_decision")
+    margin = d["against_incumbent"][winner]
+    assert (d["status"], d["champion"], d["challenger"]) == ("held_back", f"champion-v{same}", winner)
+    assert margin["estimate"] == 0 and margin["low"] == 0 and d["held_back"][0].startswith("margin:")
+    assert str(client.get_model_version_by_alias("hilight-vlm", "champion").version) == same
+    assert str(client.get_model_version_by_alias("hilight-vlm", "challenger").version) == winner_version
+    mrun = client.get_run(client.get_model_version("hilight-vlm", same).tags["hilight.selection_report"].split("/")[1])
+    logged = {f.path for f in client.list_artifacts(mrun.info.run_id, "selection")}
+    assert {"selection/decision.json", "selection/decision.md", "selection/comparison.png"} <= logged
+    assert mrun.data.tags["hilight.selection_status"] == "held_back"
+    assert '"held_back"' in client.get_model_version("hilight-vlm", winner_version).tags["hilight.selection_decision"]
+
+    bundle = load_vlm_dir(winner_dir)
+    for param in bundle.vlm.llm.parameters():
+        param.data.zero_()  # every logit 0: greedy decoding emits <pad>, an empty answer, whatever the question
+    worse_dir = save_vlm_dir(bundle.vlm, bundle.tokenizer, winner_dir.parent.parent / "worse", hidden_act=bundle.meta[
+        "hidden_act"], prompt=bundle.meta["prompt"], generation=GenerationSpec(**bundle.meta["generation"]), lineage={})
+    worse = _register_incumbent(client, worse_dir, "empty-answers")
+    # ranked by text overlap with the references: any answer beats an empty one on every question
+    config = yaml.safe_load(cfg_path.read_text())
+    config["rule"]["primary"] = {"metric": "billiards/qa/chrf"}
+    cfg_path.write_text(yaml.safe_dump(config))
+    run = Client().get_pipeline_run(run_pipeline("select_vision_weights", cfg_path).id)
+    d = step_output(run, "select_and_promote", "selection_decision")
+    answers = step_output(run, "evaluate_incumbent", "incumbent_answers")
+    assert (answers["answer"] == "").all()
+    assert (d["status"], d["champion"], d["promoted"]) == ("promoted", winner, True), (
+        d["explanation"], step_output(run, f"evaluate_{winner}", "vlm_answers")["answer"].tolist())
+    assert d["against_incumbent"][winner]["low"] > 0 and d["challenger"] in (d["runner_up"], f"champion-v{worse}")
+    assert str(client.get_model_version_by_alias("hilight-vlm", "champion").version) == winner_version
+    assert "champion: version " + worse + " -> " + winner_version in d["changes"][0]
 
 
 def test_lora_pipeline_trains_merges_and_logs_a_loadable_model(zenml_project, caption_manifest, vlm_weights,
