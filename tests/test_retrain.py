@@ -76,7 +76,8 @@ def test_new_clips_trigger_a_retrain_and_unchanged_data_does_not(zenml_project, 
     assert second["due"] and "new data in billiards" in second["reason"] and len(second["runs"]) == 2
     assert second["current"]["billiards"] != first["current"]["billiards"]
     assert second["recorded"]["billiards"] == first["current"]["billiards"]
-    now = client.get_model_version_by_alias("hilight-vlm", "champion")
+    # the retrained model is gated by the incumbent (issue 15): champion when it won, else challenger
+    now = client.get_model_version_by_alias("hilight-vlm", "champion" if second["decision"]["promoted"] else "challenger")
     assert now.tags["hilight.dataset_fingerprint.billiards"] == second["current"]["billiards"]
     assert _accepted(manifest) == before + 4  # the new clips went through validation into the manifest
 
