@@ -33,6 +33,7 @@ ARTIFACT_KEY = "hilight_vlm"
 DIGEST_TAG = "hilight.model_digest"
 EXAMPLE_QUESTION = "What's happened in this video?"  # the notes' evaluation question (hilight.data.qa)
 DATASET_TAG = "hilight.dataset_fingerprint."  # + dataset name: the raw data a registered model was trained on
+CHECKED_TAG = "hilight.checked_dataset_fingerprint."  # + dataset name: the data a kept champion was last compared on
 SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", "video"), ColSpec("string", "question")]),
                            outputs=Schema([ColSpec("string", "answer")]))
 

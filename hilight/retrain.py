@@ -25,7 +25,7 @@ from hilight.data.hashcache import HashCache
 from hilight.data.ingest import DataValidationConfig, fingerprint_dataset
 from hilight.data.manifest import open_manifest
 from hilight.env import resolve_path
-from hilight.registry import DATASET_TAG
+from hilight.registry import CHECKED_TAG, DATASET_TAG
 
 
 class ScheduleSpec(BaseModel):
@@ -69,7 +69,9 @@ def watched_fingerprints(config: RetrainConfig, *, rehash: bool | None = None) -
 
 
 def champion_fingerprints(model_name: str, alias: str = "champion") -> dict[str, str] | None:
-    """The dataset fingerprints tagged on ``model_name@alias``; ``None`` when there is no such model version."""
+    """The dataset fingerprints tagged on ``model_name@alias``; ``None`` when there is no such model version. A
+    champion that a later selection kept (the new candidates did not beat it) counts as checked on that data
+    (``hilight.checked_dataset_fingerprint.*``), so the same data does not trigger another retrain."""
     import mlflow
 
     client = mlflow.MlflowClient()
@@ -77,7 +79,9 @@ def champion_fingerprints(model_name: str, alias: str = "champion") -> dict[str,
         version = client.get_model_version_by_alias(model_name, alias)
     except mlflow.exceptions.MlflowException:
         return None
-    return {k[len(DATASET_TAG):]: v for k, v in version.tags.items() if k.startswith(DATASET_TAG)}
+    trained = {k[len(DATASET_TAG):]: v for k, v in version.tags.items() if k.startswith(DATASET_TAG)}
+    checked = {k[len(CHECKED_TAG):]: v for k, v in version.tags.items() if k.startswith(CHECKED_TAG)}
+    return {**trained, **checked}
 
 
 def check_new_data(config: RetrainConfig, model_name: str) -> RetrainCheck:

@@ -25,13 +25,12 @@ from hilight.experiments.selection import (
     validate_event_logs,
     write_decision_report,
 )
-from hilight.registry import DATASET_TAG, DIGEST_TAG, local_model_dir, register, set_alias
+from hilight.registry import CHECKED_TAG, DATASET_TAG, DIGEST_TAG, local_model_dir, register, set_alias
 from hilight.retrain import dataset_fingerprints
 from hilight.tracking import log_lineage, log_manifest_inputs
 from steps import EXPERIMENT_TRACKER
 
 log = logging.getLogger(__name__)
-CHECKED_TAG = "hilight.checked_dataset_fingerprint."  # + dataset: the data the champion was last compared on
 
 
 @step(enable_cache=False)

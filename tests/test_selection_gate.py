@@ -177,3 +177,22 @@ def test_candidates_override_any_stage_setting_and_seeds_expand():
                                                               "b": {}}})
     with pytest.raises(ValueError, match="candidate 'a': not a valid stage-1 config"):
         SelectionConfig.model_validate({**raw, "candidates": {"a": {"stage1": {"token_mining": {"dept": "x"}}}, "b": {}}})
+
+
+def test_a_kept_champion_counts_as_checked_on_the_new_data(tmp_path, monkeypatch):
+    """After a held-back retrain the champion keeps its training fingerprints but is tagged with the data it was
+    compared on, so `hilight retrain --if-new-data` does not retrain again on the same data."""
+    import mlflow
+
+    from hilight.registry import CHECKED_TAG, DATASET_TAG
+    from hilight.retrain import champion_fingerprints
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    client.create_registered_model("m")
+    v = client.create_model_version("m", source=str(tmp_path), tags={f"{DATASET_TAG}billiards": "old"}).version
+    client.set_registered_model_alias("m", "champion", v)
+    assert champion_fingerprints("m") == {"billiards": "old"}
+    client.set_model_version_tag("m", v, f"{CHECKED_TAG}billiards", "new")
+    assert champion_fingerprints("m") == {"billiards": "new"}
+    assert champion_fingerprints("nope") is None
