@@ -115,3 +115,40 @@ def test_ablation_pipeline_compares_selects_and_logs(zenml_project, caption_mani
     rerun = Client().get_pipeline_run(run_pipeline("alignment_ablation", cfg).id)
     assert all(rerun.steps[s].status == ExecutionStatus.CACHED
                for s in ("train_BP_WithMask", "train_AE_WithMask", "evaluate_BP_WithMask", "evaluate_original"))
+
+
+def test_ablation_with_seeds_trains_each_variant_per_seed(zenml_project, caption_manifest, billiards_dir):
+    """``seeds: [0, 1]``: one training per (variant, seed); each variant is represented by the mean over its seeds'
+    chosen checkpoints, with its standard deviation, the per-seed winners and an interval pooled over seeds."""
+    from zenml.client import Client
+    from zenml.enums import ExecutionStatus
+
+    from pipelines.run import run_pipeline, step_output
+
+    root = zenml_project
+    base = root / "alignment.yaml"
+    base.write_text(yaml.safe_dump(alignment_config(caption_manifest, root / "unused", max_steps=4, val_every=4,
+                                                    ckpt_every=4)))
+    cfg = root / "ablation.yaml"
+    cfg.write_text("# hilight run alignment_ablation -c ablation.yaml\n" + yaml.safe_dump({
+        "pipeline": "alignment_ablation", "name": "abl", "base": str(base), "output_dir": str(root / "outputs" / "abl"),
+        "seeds": [0, 1],
+        "variants": [{"name": "BP", "overrides": {"loss": {"local": {"placement": "before_projector"}}}},
+                     {"name": "AE", "overrides": {"loss": {"local": {"placement": "after_embedding"}}}}],
+        "eval": {"negatives": {"billiards": str(billiards_dir / "negatives.json")}, "checkpoints": [4],
+                 "attention": {"videos": 1}, "heatmap_videos": 1},
+        "selection": {"metric": "caption/hard_negative_accuracy", "tie_breakers": []},
+    }))
+    run = Client().get_pipeline_run(run_pipeline("alignment_ablation", cfg).id)
+    assert run.status == ExecutionStatus.COMPLETED
+    assert {f"train_{v}_seed{s}" for v in ("BP", "AE") for s in (0, 1)} <= set(run.steps)
+    table = step_output(run, "compare_variants", "ablation_comparison")
+    assert sorted(table["label"]) == ["AE#s0@4", "AE#s1@4", "BP#s0@4", "BP#s1@4"]
+    selection = step_output(run, "compare_variants", "ablation_selection")
+    metric = "caption/hard_negative_accuracy"
+    means = table.groupby("variant")[metric].mean()
+    assert selection["winner"]["variant"] == means.idxmax()
+    assert {r["variant"]: r[metric] for r in selection["ranking"]} == pytest.approx(means.to_dict())
+    assert all(len(r["seeds"]) == 2 and r[f"{metric}/sd"] is not None for r in selection["ranking"])
+    assert set(selection["per_seed_winners"]) == {"0", "1"}
+    assert selection["intervals"]["BP"]["estimate"] == pytest.approx(means["BP"])
