@@ -51,7 +51,9 @@ log = logging.getLogger(__name__)
 
 GPU_RESULTS = Path("benchmarks/results/gpu.json")  # written by benchmarks/gpu.py
 DEFAULT_MFU = 0.4
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+DTYPE_BYTES = {name: torch.finfo(dtype).bits // 8 for name, dtype in DTYPES.items()}
 TRAINED_BYTES_PER_PARAM = 4 + 4 + 8  # fp32 master weight + fp32 gradient + AdamW exp_avg and exp_avg_sq
 # text tokens per sample beside the video tokens when the data cannot say (benchmarks/gpu.py's shapes: a Valley QA
 # pair for stage 1, a longer VideoInstruct answer for stage 2)
@@ -204,7 +206,13 @@ class StageModel:
 
 
 def _dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return DTYPES[name]
+
+
+def _feature_cache_on(features) -> bool:
+    """Whether the towers' features come from the cache (``mode: cache``; older configs: ``enabled: true``)."""
+    mode = getattr(features, "mode", None)
+    return mode == "cache" if mode is not None else bool(getattr(features, "enabled", True))
 
 
 def _compute_dtype(mixed_precision: str) -> torch.dtype:
@@ -337,7 +345,7 @@ def build_vlm_stage(config, stage: str, text_tokens: int, llm_preset: str | None
     n_llm = sum(p.numel() for n, p in vlm.llm.named_parameters() if not p.requires_grad)
     n_tm_frozen = sum(p.numel() for p in tm.parameters() if not p.requires_grad)
     n_towers = sum(p.numel() for p in clipvip.parameters()) + sum(p.numel() for p in longclip.parameters())
-    cache = config.features.enabled
+    cache = _feature_cache_on(config.features)
     resident = {"llm": (n_llm, config.llm.dtype)}
     if n_tm_frozen:
         resident["token_mining"] = (n_tm_frozen, "float32")
