@@ -54,14 +54,9 @@ DEFAULT_MFU = 0.4
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 DTYPE_BYTES = {name: torch.finfo(dtype).bits // 8 for name, dtype in DTYPES.items()}
-TRAINED_BYTES_PER_PARAM = 4 + 4 + 8  # fp32 master weight + fp32 gradient + AdamW exp_avg and exp_avg_sq
 # text tokens per sample beside the video tokens when the data cannot say (benchmarks/gpu.py's shapes: a Valley QA
 # pair for stage 1, a longer VideoInstruct answer for stage 2)
 DEFAULT_TEXT_TOKENS = {"stage1": 128, "stage2": 256}
-# longclip-B.pt's vision half (ViT-B/16, 512-d projection): the architecture when the .pt is not at hand
-LONGCLIP_B16 = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-                "image_size": 224, "patch_size": 16, "projection_dim": 512, "hidden_act": "quick_gelu",
-                "layer_norm_eps": 1e-5}
 
 
 @dataclass(frozen=True)
@@ -280,13 +275,11 @@ def _llm_config(llm_spec, llm_preset: str | None):
 
 
 def _longclip_config(vision):
-    from transformers import CLIPVisionConfig
-
     from hilight.models.longclip import longclip_preset
 
     if vision.longclip_random_init:
         return longclip_preset(vision.longclip_random_init), f"preset {vision.longclip_random_init}"
-    return CLIPVisionConfig(**LONGCLIP_B16), "ViT-B/16 (longclip-B)"
+    return longclip_preset("longclip-b16"), "preset longclip-b16 (ViT-B/16 of longclip-B.pt)"
 
 
 def build_vlm_stage(config, stage: str, text_tokens: int, llm_preset: str | None) -> StageModel:
