@@ -97,12 +97,12 @@ def _main(
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars (without a terminal, bars print "
                                      "a line at most every 10 s)."),
 ) -> None:
-    from hilight.logs import adopt_zenml_logging, setup_logging
+    from hilight.logs import setup_logging
 
     apply_offline_defaults()
     setup_logging(-1 if quiet else verbose, progress="off" if no_progress else "auto")
     if ctx.invoked_subcommand in ZENML_COMMANDS:
-        adopt_zenml_logging()
+        _adopt_zenml_logging()
 
 
 @data_app.command("synth")
@@ -376,10 +376,9 @@ def retrain(
             raise typer.Exit(75) from None
 
     from hilight.data.hashcache import request_rehash
-    from hilight.logs import adopt_zenml_logging
     from pipelines.run import PipelineFailedError, run_retrain, schedule_selection
 
-    adopt_zenml_logging()
+    _adopt_zenml_logging()
 
     if rehash:  # through the environment: it reaches every step of the pipelines this command runs in-process
         request_rehash()
@@ -655,6 +654,15 @@ def _hide_flag_placeholders() -> None:
 
     display_type_rich._hilight = True  # type: ignore[attr-defined]
     TyperOption.display_type_rich = display_type_rich
+
+
+def _adopt_zenml_logging() -> None:
+    """Import ZenML and keep the project's single console handler (see ``hilight.logs.adopt_console``)."""
+    from zenml.logger import ZenMLConsoleHandler
+
+    from hilight.logs import adopt_console
+
+    adopt_console(ZenMLConsoleHandler)
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 filtered at the logger that emits it, and progress bars that suit where the output goes.
 
 * One handler on the root logger (stderr, ``LEVEL logger: message``). ZenML adds a coloured console handler of its
-  own when it is imported, which printed every record a second time; ``adopt_zenml_logging`` removes it and keeps
+  own when it is imported, which printed every record a second time; ``adopt_console`` removes it and keeps
   ZenML's other handler, the one that stores step logs for its dashboard. MLflow configures a handler of its own
   unless ``MLFLOW_CONFIGURE_LOGGING=false``, which ``setup_logging`` sets so MLflow's records reach the one handler.
 * Noise is dropped by a filter on the exact logger that emits it (``NOISE``), never by silencing a library or
@@ -145,13 +145,12 @@ def _set_levels(verbosity: int) -> None:
 _verbosity = 0  # the level setup_logging chose, re-applied after ZenML's import resets it
 
 
-def adopt_zenml_logging() -> None:
-    """Import ZenML (its import adds a coloured console handler to the root logger and resets the root level) and
-    undo that: the one console handler stays ours. ZenML's step-log handler, which feeds its dashboard, stays."""
-    from zenml.logger import ZenMLConsoleHandler
-
+def adopt_console(foreign_handler: type) -> None:
+    """Undo what an orchestration library's import did to logging (ZenML adds a coloured console handler to the root
+    logger and resets the root level): the one console handler stays ours. The caller (the console entry point, the
+    only module allowed to import ZenML) passes the handler class; other handlers (ZenML's step logs) stay."""
     root = logging.getLogger()
-    for handler in [h for h in root.handlers if isinstance(h, ZenMLConsoleHandler)]:
+    for handler in [h for h in root.handlers if isinstance(h, foreign_handler)]:
         root.removeHandler(handler)
         handler.close()
     _set_levels(_verbosity)
