@@ -71,7 +71,22 @@ def test_ui_binds_to_localhost_by_default(monkeypatch, zenml_project):
     from hilight.cli import app
 
     seen = []
-    monkeypatch.setattr(subprocess, "call", lambda cmd: seen.append(cmd) or 0)
+
+    real_popen = subprocess.Popen
+
+    class Server:  # the server `hilight ui` starts, ended at once
+        pid = 0
+
+        def poll(self):
+            return 0
+
+    def popen(cmd, *args, **kwargs):
+        if "server" not in cmd:
+            return real_popen(cmd, *args, **kwargs)
+        seen.append(cmd)
+        return Server()
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
     assert CliRunner().invoke(app, ["ui", "--port", "5999"]).exit_code == 0
     cmd = seen[-1]
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--port") + 1] == "5999"
