@@ -66,7 +66,7 @@ def test_a_typo_and_a_failed_run_leave_the_last_good_manifest_in_place(tmp_path,
     pd.testing.assert_frame_equal(read_qa_manifest(out).rows, before_qa)
     assert dataset_fingerprints(out) == {"billiards": good.fingerprints["billiards"]}
     meta = json.loads((out / "manifest.json").read_text())  # the stable top-level path follows `current`
-    assert meta["status"] == "passed" and meta["contracts"]["videos"]["version"] == "1.0.0"
+    assert meta["status"] == "passed" and meta["contracts"]["videos"]["version"] == "1.1.0"
     assert meta["data_fingerprint"] == good.fingerprints["combined"]
 
     # the failed run itself is refused by every reader, with where the good one is
