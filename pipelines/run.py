@@ -90,7 +90,12 @@ def _one_failure_message():
 
 def contracts_of(config) -> dict[str, DataContract]:
     """The data contracts a data_validation config names (``contracts_dir``), or ``ConfigError`` saying why not."""
-    directory = resolve_path(config.contracts_dir)
+    return contracts_in(config.contracts_dir)
+
+
+def contracts_in(contracts_dir: str) -> dict[str, DataContract]:
+    """The data contracts in a config's ``contracts_dir`` value, or ``ConfigError`` saying why not."""
+    directory = resolve_path(contracts_dir)
     if not directory.is_dir():
         raise ConfigError(f"contracts_dir: {directory} is not a directory; point contracts_dir at the folder of "
                           "contract YAMLs (the project's is data_contracts/)")
@@ -118,7 +123,7 @@ def check_inputs(config: BaseModel) -> None:
                             "relative to the project root); train or download it first, or fix the path")
         elif key == "contracts_dir":
             try:
-                contracts_of(config)
+                contracts_in(value)
             except ConfigError as exc:
                 problems.append(f"  - {where}: {str(exc).removeprefix('contracts_dir: ')}")
     if problems:

@@ -65,14 +65,27 @@ def read_caption_manifest(manifest_dir: str | Path) -> CaptionManifest:
     return CaptionManifest(rows, meta["data_fingerprint"])
 
 
+def attach_hard_negatives(rows: pd.DataFrame, records: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` with a ``negatives`` column: per caption, the hard negatives ``records`` (``dataset``, ``video_id``
+    without the dataset prefix, ``caption``, ``negative``) list for it, in file order (empty tuple: none)."""
+    key = records["dataset"] + "/" + records["video_id"] + "\0" + records["caption"]
+    found = records.assign(key=key).groupby("key", sort=False)["negative"].agg(tuple)
+    keys = rows["video_id"] + "\0" + rows["caption"]
+    return rows.assign(negatives=[found.get(k, ()) for k in keys])
+
+
 class CaptionVideoDataset(Dataset):
-    """Index → (video number, caption). ``collate`` decodes the batch's distinct videos and tokenises captions."""
+    """Index → (video number, caption, hard negative or None). ``collate`` decodes the batch's distinct videos and
+    tokenises the captions, then the hard negatives after them (NegCLIP: each is an extra, wrong caption for its
+    row's video; rows come with a ``negatives`` column from :func:`attach_hard_negatives`)."""
 
     def __init__(self, rows: pd.DataFrame, tokenizer, *, num_frames: int, image_size: int, max_length: int,
                  jitter_seed: int | None = None, cache_frames: bool = False):
         self.rows = rows.reset_index(drop=True)
         self.video_files, self.groups = np.unique(self.rows["video_file"].to_numpy(), return_inverse=True)
         self.captions = self.rows["caption"].tolist()
+        self.negatives: list[tuple[str, ...]] | None = (self.rows["negatives"].tolist()
+                                                        if "negatives" in self.rows.columns else None)
         self.tokenizer = tokenizer
         self.num_frames, self.image_size, self.max_length = num_frames, image_size, max_length
         self.jitter_seed = jitter_seed
@@ -82,8 +95,10 @@ class CaptionVideoDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int) -> tuple[int, str]:
-        return int(self.groups[i]), self.captions[i]
+    def __getitem__(self, i: int) -> tuple[int, str, str | None]:
+        negs = self.negatives[i] if self.negatives is not None else ()
+        # each epoch the next of the caption's negatives: deterministic, so a resumed run sees the same ones
+        return int(self.groups[i]), self.captions[i], (negs[(self.epoch + i) % len(negs)] if negs else None)
 
     def frames(self, video: int) -> torch.Tensor:
         """[T, 3, S, S] for video number ``video``; the jitter depends on (seed, epoch, video) only."""
@@ -95,15 +110,19 @@ class CaptionVideoDataset(Dataset):
             self._cache[video] = x
         return x
 
-    def collate(self, items: list[tuple[int, str]]) -> dict[str, torch.Tensor]:
-        videos = [v for v, _ in items]
+    def collate(self, items: list[tuple[int, str, str | None]]) -> dict[str, torch.Tensor]:
+        videos = [v for v, _, _ in items]
         unique, inverse = np.unique(videos, return_inverse=True)
-        text = self.tokenizer([c for _, c in items], padding="max_length", truncation=True,
-                              max_length=self.max_length, return_tensors="pt")
+        inverse = inverse.reshape(-1)
+        negative_of = [i for i, (_, _, n) in enumerate(items) if n is not None]
+        texts = [c for _, c, _ in items] + [items[i][2] for i in negative_of]
+        text = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_length,
+                              return_tensors="pt")
         return {
             "pixel_values": torch.stack([self.frames(int(v)) for v in unique]),  # [V, T, 3, S, S]
-            "video_index": torch.from_numpy(inverse.reshape(-1)),  # [B] row → pixel_values index
+            "video_index": torch.from_numpy(np.concatenate([inverse, inverse[negative_of]])),  # [B+N] text → video
             "groups": torch.tensor(videos),  # [B] video number (same video ⇔ same number)
-            "input_ids": text["input_ids"],  # [B, L]
-            "attention_mask": text["attention_mask"],  # [B, L]
+            "input_ids": text["input_ids"],  # [B+N, L]: the B captions, then the N hard negatives
+            "attention_mask": text["attention_mask"],  # [B+N, L]
+            "negative_of": torch.tensor(negative_of, dtype=torch.long),  # [N] the row each negative belongs to
         }

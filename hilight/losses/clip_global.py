@@ -14,6 +14,13 @@ every video of the global batch and its videos against every caption. Each rank'
 over ranks by DDP, is the single-process loss over the global batch, and because the gather passes gradients back
 to the rank that owns each row, the averaged gradients equal the single-process ones too. Local rows rather than
 the full [N, N] matrix on every rank: the same gradients for 1/world of the logits.
+
+Hard negatives (NegCLIP, Yuksekgonul et al. 2023, "When and why vision-language models behave like bags-of-words"):
+a contrastive model trained on captions that differ in many words at once can ignore a word, e.g. every colour,
+and still match its batch. With ``negative_embeds`` (a caption of row i with one fact changed, ``negative_of[j] = i``)
+row i's video→text softmax gets that wrong caption as one more column, so the model is pushed to tell the two
+apart. Negatives are per row (never another row's candidates, which may be true of another video), so the DDP
+reasoning above is unchanged.
 """
 
 from __future__ import annotations
@@ -37,9 +44,11 @@ class ClipGlobalLoss(nn.Module):
         self.reduction = reduction
 
     def forward(self, video_embeds: torch.Tensor, text_embeds: torch.Tensor, scale: torch.Tensor,
-                groups: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                groups: torch.Tensor | None = None, negative_embeds: torch.Tensor | None = None,
+                negative_of: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``video_embeds``/``text_embeds`` [B, P], L2-normalised, row i a matching pair; ``scale`` = exp(logit_scale);
-        ``groups`` [B] video ids (needed for group-aware mode). Under DDP, B is this rank's share of the batch and
+        ``groups`` [B] video ids (needed for group-aware mode); ``negative_embeds`` [N, P] hard-negative captions,
+        ``negative_of`` [N] their rows (at most one per row). Under DDP, B is this rank's share of the batch and
         the negatives are every rank's rows."""
         if self.group_aware and groups is None:
             raise ValueError("group-aware CLIP loss needs `groups` (one video id per pair)")
@@ -55,5 +64,12 @@ class ClipGlobalLoss(nn.Module):
             same = groups[:, None] == g_all[None, :]
             same[torch.arange(n, device=v.device), target] = False
             v2t, t2v = v2t.masked_fill(same, _MASKED), t2v.masked_fill(same, _MASKED)
+        if negative_embeds is not None and len(negative_embeds):
+            if negative_of is None or len(negative_of) != len(negative_embeds) or len(set(negative_of.tolist())) < len(negative_of):
+                raise ValueError("hard negatives need `negative_of`: one distinct row index per negative")
+            extra = torch.full((n, 1), _MASKED, device=v.device, dtype=v2t.dtype)
+            own = (v[negative_of] * negative_embeds.float()).sum(-1)
+            extra = extra.index_put((negative_of, torch.zeros_like(negative_of)), scale.float() * own)
+            v2t = torch.cat([v2t, extra], dim=1)
         loss = F.cross_entropy(v2t, target) + F.cross_entropy(t2v, target)
         return {"global_loss": loss if self.reduction == "sum" else loss / 2}

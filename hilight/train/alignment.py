@@ -12,15 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from hilight.data.captions import CaptionManifest, CaptionVideoDataset, read_caption_manifest
+from hilight.data.captions import CaptionManifest, CaptionVideoDataset, attach_hard_negatives, read_caption_manifest
 from hilight.data.samplers import CaptionBatchSampler
 from hilight.env import resolve_path
 from hilight.eval.retrieval import retrieval_metrics
 from hilight.losses import ClipGlobalLoss, SimilarityPenalty, SparcLocalLoss
 from hilight.losses.sparc_local import Placement, language_mask, parse_keep, placement_depths
+from hilight.data.hashcache import sha256_file
 from hilight.models.checkpoints import load_clipvip_weights, replace_dir, save_model, weights_digest
 from hilight.models.clipvip import AlignmentOutput, CLIPViPConfig, CLIPViPModel, build_clipvip, load_preset
 from hilight.models.tokenizers import build_clip_tokenizer, load_clip_tokenizer
@@ -40,6 +42,10 @@ class AlignmentData(BaseModel):
     val_datasets: list[str] | None = None  # held-out set for validation and the final retrieval report
     val_splits: list[str] = ["val", "test"]
     jitter: bool = False  # CLIP-ViP's random frame offsets within each segment (seeded, resumable)
+    # dataset -> hard-negatives file (records video_id, caption, negative, changed; the `hard_negatives` contract):
+    # each training caption's negatives become extra wrong captions for its video (NegCLIP). Empty: none.
+    hard_negatives: dict[str, str] = Field(default_factory=dict)
+    contracts_dir: str = "data_contracts"
     cache_frames: bool = False  # keep decoded clips in memory (small datasets, no jitter)
 
 
@@ -145,14 +151,18 @@ class AlignmentObjective:
                                      video_index=batch["video_index"],
                                      token_layers=[(v, t) for v, t, _ in self.depths] if self.uses_local else None,
                                      skip_video_tokens=self.skip_proxies)
-        terms = self.global_loss(out.video_embeds, out.text_embeds, out.scale, batch["groups"])
+        b = len(batch["groups"])  # the captions; text rows after them are hard negatives (AlignmentData.hard_negatives)
+        negative_of = batch.get("negative_of")
+        terms = self.global_loss(out.video_embeds[:b], out.text_embeds[:b], out.scale, batch["groups"],
+                                 negative_embeds=out.text_embeds[b:], negative_of=negative_of)
         loss = self.spec.global_weight * terms["global_loss"]
         if self.uses_local:
-            mask = language_mask(batch["input_ids"], batch["attention_mask"], self.eos,
+            mask = language_mask(batch["input_ids"][:b], batch["attention_mask"][:b], self.eos,
                                  enabled=self.spec.local.language_mask, exclude_special=self.spec.local.exclude_special)
             scale = out.scale if self.spec.local.temperature == "shared" else torch.tensor(float(self.spec.local.temperature))
             local = {"local_loss": 0.0, "token_similarity_loss": 0.0, "patch_similarity_loss": 0.0}
             for (_, _, w), patches, tokens in zip(self.depths, out.video_tokens, out.text_tokens, strict=True):
+                patches, tokens = patches[:b], tokens[:b]  # the local loss pairs true captions only
                 fn = lambda v, t: self._local_terms(v, t, mask, scale)  # noqa: E731
                 if self.spec.local.checkpoint_depths and torch.is_grad_enabled() and len(self.depths) > 1:
                     # recompute each depth's [B, L, P] similarities in backward instead of keeping 13 of them
@@ -251,7 +261,8 @@ class AlignmentRecipe(Recipe):
     def run(self) -> AlignmentResult:
         config = self.config
         manifest = read_caption_manifest(config.data.manifest_dir)
-        self.open_run(data=manifest.fingerprint, init=init_digest(config.model))
+        self.open_run(data=manifest.fingerprint, init=init_digest(config.model),
+                      **{f"negatives:{d}": sha256_file(resolve_path(p)) for d, p in config.data.hard_negatives.items()})
 
         # build
         with self.accelerator.main_process_first():  # one process trains the tokenizer, the others read it
@@ -265,7 +276,10 @@ class AlignmentRecipe(Recipe):
             rows, tokenizer, num_frames=mcfg.num_frames, image_size=mcfg.vision.image_size,
             max_length=config.tokenizer.max_length, jitter_seed=config.train.seed if jitter else None,
             cache_frames=config.data.cache_frames)
-        train_set = make(manifest.select(config.data.train_datasets, config.data.train_splits), config.data.jitter)
+        train_rows = manifest.select(config.data.train_datasets, config.data.train_splits)
+        if config.data.hard_negatives:
+            train_rows = attach_hard_negatives(train_rows, self.read_hard_negatives(train_rows))
+        train_set = make(train_rows, config.data.jitter)
         val_set = make(manifest.select(config.data.val_datasets, config.data.val_splits), False)
         sampler = CaptionBatchSampler(train_set.groups, config.train.batch_size, mode=config.sampler,
                                       seed=config.train.seed)
@@ -291,6 +305,31 @@ class AlignmentRecipe(Recipe):
         random_init = build_clipvip(mcfg, seed=config.model.init_seed).to(self.device)
         baseline = retrieval_eval(random_init, val_set, config.eval_batch_size)
         return AlignmentResult(self.run_dir, final_dir, best_dir, tok_dir, fit, retrieval, baseline)
+
+
+    def read_hard_negatives(self, rows) -> pd.DataFrame:
+        """The configured hard-negatives files through their data contract (rejects quarantined under the run
+        directory), as one table with a ``dataset`` column."""
+        from hilight.data.contracts import load_contracts
+        from hilight.data.eval_files import contract_for, validate_eval_file
+
+        hn = self.config.data.hard_negatives
+        unknown = sorted(set(hn) - set(rows["dataset"]))
+        if unknown:
+            raise ValueError(f"data.hard_negatives names datasets {unknown} that have no training captions (training "
+                             f"datasets: {sorted(set(rows['dataset']))}); list negatives of training datasets only")
+        contract = contract_for("negatives", load_contracts(resolve_path(self.config.data.contracts_dir)))
+        tables = []
+        for dataset, path in hn.items():
+            out = self.run_dir / "hard_negatives" / f"rank{self.accelerator.process_index}"
+            result = validate_eval_file("negatives", dataset, resolve_path(path), contract, out)
+            records = pd.read_json(result.accepted, orient="records", dtype=False)
+            tables.append(records[["video_id", "caption", "negative"]].astype(str).assign(dataset=dataset))
+        table = pd.concat(tables, ignore_index=True)
+        found = attach_hard_negatives(rows, table)["negatives"].map(len)
+        log.info("hard negatives: %d of %d training captions have some (%.1f on average)", int((found > 0).sum()),
+                 len(rows), float(found[found > 0].mean()) if (found > 0).any() else 0.0)
+        return table
 
 
 def run_alignment(config: AlignmentConfig, *, tracker: ResilientTracker | None = None) -> AlignmentResult:

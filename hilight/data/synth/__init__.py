@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 Domain = Literal["billiards", "general"]
 DOMAINS: dict[str, int] = {"billiards": 0, "general": 1}
-GENERATOR_VERSION = "2"  # 2: probes.json
+GENERATOR_VERSION = "3"  # 2: probes.json; 3: large balls, six colours, 1-2 object balls, rack of 6
 SPLITS = ("train",) * 8 + ("val", "test")
 
 

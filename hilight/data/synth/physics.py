@@ -18,12 +18,15 @@ import numpy as np
 
 TABLE_LENGTH = 2.0
 TABLE_WIDTH = 1.0
-BALL_RADIUS = 0.03
+# Balls are drawn large relative to the table (a 2:1 table with balls of 6.5% of its width; a real pool ball is
+# 2.2%): at the demo's 96-px model input a real-proportioned ball is ~1.5 px across, too small for a camera at
+# that resolution to show its colour. Pockets scale with the balls.
+BALL_RADIUS = 0.065
 DECELERATION = 0.55  # m/s^2, rolling friction
 CUSHION_RESTITUTION = 0.8
 BALL_RESTITUTION = 0.95
-CORNER_CAPTURE = 0.075
-SIDE_CAPTURE = 0.065
+CORNER_CAPTURE = 0.13
+SIDE_CAPTURE = 0.115
 
 # name -> (x, y, capture radius)
 POCKETS: dict[str, tuple[float, float, float]] = {
