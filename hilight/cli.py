@@ -523,7 +523,11 @@ def estimate_cmd(
     from hilight.config import import_object, load_config
     from hilight.estimate import STAGES, estimate, format_table
 
-    path = resolve_path(config)
+    path = cli_path(config)
+    if not path.is_file():
+        typer.secho(f"config {config} does not exist (resolved to {path}; paths on the command line are relative to "
+                    "the working directory)", fg="red", err=True)
+        raise typer.Exit(2)
     kind = (yaml.safe_load(path.read_text()) or {}).get("pipeline")
     if kind not in STAGES:
         typer.secho(f"{config}: `hilight estimate` takes {', '.join(STAGES)} configs, not {kind!r}", fg="red", err=True)

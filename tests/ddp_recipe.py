@@ -42,7 +42,21 @@ def fixed_batch(n: int = 8) -> dict[str, torch.Tensor]:
     ids[torch.arange(n), lengths - 1] = cfg.text.eos_token_id
     ids = torch.where(mask.bool(), ids, torch.full_like(ids, cfg.text.eos_token_id))
     return {"pixel_values": torch.randn(n, cfg.num_frames, 3, size, size, generator=g), "input_ids": ids,
-            "attention_mask": mask, "video_index": torch.arange(n), "groups": torch.arange(n) // 2}
+            "attention_mask": mask, "video_index": torch.arange(n), "groups": torch.arange(n) // 2,
+            # hard negatives (NegCLIP) for some rows: the caption with one token changed
+            "negative_of": torch.tensor([0, 3, 5, 6])}
+
+
+def rank_rows(batch: dict[str, torch.Tensor], rank: int, n: int) -> dict[str, torch.Tensor]:
+    """Rank ``rank``'s ``n`` pairs of the global batch, with their hard negatives after them (as collate lays out)."""
+    rows = slice(rank * n, (rank + 1) * n)
+    owners = batch["negative_of"][(batch["negative_of"] >= rank * n) & (batch["negative_of"] < (rank + 1) * n)]
+    negatives = batch["input_ids"][owners].clone()
+    negatives[:, 1] = (negatives[:, 1] + 7) % 1000 + 3  # one word changed
+    return {"pixel_values": batch["pixel_values"][rows], "groups": batch["groups"][rows],
+            "input_ids": torch.cat([batch["input_ids"][rows], negatives]),
+            "attention_mask": torch.cat([batch["attention_mask"][rows], batch["attention_mask"][owners]]),
+            "video_index": torch.cat([torch.arange(n), owners - rank * n]), "negative_of": owners - rank * n}
 
 
 def loss_terms(out: Path) -> None:
@@ -55,9 +69,7 @@ def loss_terms(out: Path) -> None:
     state = Accelerator()  # reads ACCELERATE_USE_CPU (a bare PartialState would not run multi-CPU)
     batch = fixed_batch()
     n = len(batch["input_ids"]) // state.num_processes
-    rows = slice(state.process_index * n, (state.process_index + 1) * n)
-    local = {k: v[rows] for k, v in batch.items()}
-    local["video_index"] = torch.arange(n)
+    local = rank_rows(batch, state.process_index, n)
     model = build_clipvip(load_preset("tiny"), seed=0)
     spec = LossSpec.model_validate({"group_aware": True, "local": {"keep": 12, "placement": "all_hidden_states"},
                                     "token_similarity_weight": 0.1, "patch_similarity_weight": 0.1})

@@ -103,7 +103,7 @@ def open_manifest(manifest_dir: str | Path) -> tuple[Path, dict]:
         why = (f"; its latest validation run, {failed}, did not pass (see {failed / 'report.md'})" if failed else "")
         raise ManifestError(f"{manifest_dir} holds no validated manifest{why}. Fix the data and re-run "
                             "`hilight run data_validation -c <config>`, or accept a partial dataset explicitly with "
-                            "--allow-rejects")
+                            "`hilight validate --allow-rejects` (or `allow_rejects: true` in the data_validation config)")
     run_dir = meta_path.resolve().parent  # through `current`, once: every file below comes from the same run
     meta = json.loads((run_dir / META_FILE).read_text())
     status = meta.get("status")
@@ -116,5 +116,6 @@ def open_manifest(manifest_dir: str | Path) -> tuple[Path, dict]:
         instead = f" The last good manifest is {current}." if current else ""
         raise ManifestError(f"{run_dir} is a {status} validation run ({problems}); training and evaluation read only "
                             f"manifests that passed their contracts.{instead} Fix the data and re-run validation, or "
-                            "accept a partial dataset explicitly with --allow-rejects")
+                            "accept a partial dataset explicitly with `hilight validate --allow-rejects` (or "
+                            "`allow_rejects: true` in the data_validation config)")
     return run_dir, meta

@@ -65,7 +65,8 @@ class ClipGlobalLoss(nn.Module):
             same[torch.arange(n, device=v.device), target] = False
             v2t, t2v = v2t.masked_fill(same, _MASKED), t2v.masked_fill(same, _MASKED)
         if negative_embeds is not None and len(negative_embeds):
-            if negative_of is None or len(negative_of) != len(negative_embeds) or len(set(negative_of.tolist())) < len(negative_of):
+            if (negative_of is None or len(negative_of) != len(negative_embeds)
+                    or len(set(negative_of.tolist())) < len(negative_of)):
                 raise ValueError("hard negatives need `negative_of`: one distinct row index per negative")
             extra = torch.full((n, 1), _MASKED, device=v.device, dtype=v2t.dtype)
             own = (v[negative_of] * negative_embeds.float()).sum(-1)
