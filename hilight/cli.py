@@ -78,6 +78,8 @@ DEMO_ABLATION = Path("configs/ablation_demo.yaml")
 DEMO_LLM = Path("configs/llm_pretrain_demo.yaml")
 DEMO_SELECTION = Path("configs/select_vision_weights_demo.yaml")
 DEMO_RETRAIN = Path("configs/retrain_demo.yaml")
+# Demo data: billiards clips with a fixed held-out set of the first DEMO_HELDOUT, and general-domain clips (80/10/10)
+DEMO_BILLIARDS_CLIPS, DEMO_HELDOUT, DEMO_GENERAL_CLIPS = 600, 36, 200
 CHAMPION_URI = "models:/hilight-vlm@champion"
 # import ZenML: its logging is adopted (retrain adopts it itself, after taking its lock)
 ZENML_COMMANDS = {"run", "demo", "ask", "ui", "stack", "serve"}
@@ -116,12 +118,15 @@ def data_synth(
     fps: int = typer.Option(10, help="Frames per second."),
     duration: float = typer.Option(3.0, help="Clip length in seconds."),
     workers: int = typer.Option(min(4, os.cpu_count() or 1), help="Worker processes."),
+    heldout: Optional[int] = typer.Option(None, min=0, help="Make the first N clips the held-out ones (val/test "
+                                          "alternately), the rest train (default: each clip draws 80/10/10)."),
 ) -> None:
     """Generate a synthetic dataset: MP4 clips, captions, hard negatives, QA and event logs."""
     from hilight.data.synth import SynthSettings, generate_dataset
 
     settings = SynthSettings(width=width, height=height, fps=fps, duration_s=duration)
-    generate_dataset(out, domain=domain, n_videos=videos, seed=seed, settings=settings, workers=workers)
+    generate_dataset(out, domain=domain, n_videos=videos, seed=seed, settings=settings, workers=workers,
+                     heldout=heldout)
     typer.echo(f"wrote {videos} {domain} clips to {out}")
 
 
@@ -270,7 +275,10 @@ def _print_validation_summary(config: Path, overrides: list[str]) -> None:
 
 @app.command("demo")
 def demo(
-    videos: int = typer.Option(200, "--videos", "-n", help="Clips per domain."),
+    videos: int = typer.Option(DEMO_BILLIARDS_CLIPS, "--videos", "-n", min=2, help="Billiards clips."),
+    heldout: int = typer.Option(DEMO_HELDOUT, min=1, help="Billiards clips held out for evaluation (the first N; a "
+                                "fixed set, so more training clips do not change what the held-out numbers measure)."),
+    general_videos: int = typer.Option(DEMO_GENERAL_CLIPS, "--general-videos", min=10, help="General-domain clips."),
     seed: int = typer.Option(0, help="Data seed."),
     workers: int = typer.Option(min(4, os.cpu_count() or 1), help="Worker processes for synthesis."),
 ) -> None:
@@ -283,14 +291,15 @@ def demo(
 
     started = time.monotonic()
     root = project_root()
-    for domain in ("billiards", "general"):
+    for domain, n, held in (("billiards", videos, heldout), ("general", general_videos, None)):
         out = root / "data" / "synth" / domain
         meta = out / "dataset.json"
         current = json.loads(meta.read_text()) if meta.is_file() else {}
-        if (current.get("n_videos"), current.get("seed"), current.get("version")) == (videos, seed, GENERATOR_VERSION):
+        wanted = {"n_videos": n, "heldout": held, "seed": seed, "version": GENERATOR_VERSION}
+        if {k: current.get(k) for k in wanted} == wanted:
             typer.echo(f"{domain}: reusing {out}")
             continue
-        generate_dataset(out, domain=domain, n_videos=videos, seed=seed, workers=workers)
+        generate_dataset(out, domain=domain, n_videos=n, seed=seed, workers=workers, heldout=held)
 
     from pipelines.run import PipelineFailedError, run_pipeline, step_output
     from pipelines.stack import mlflow_tracking_uri
@@ -596,6 +605,9 @@ def ui(
     configure_zenml()
     ensure_stack()
     uri = mlflow_tracking_uri()
+    if uri.startswith(("http://", "https://", "databricks")):  # a server's URI is no backend store to serve
+        typer.echo(f"the tracking store is the MLflow server {uri}: its UI is already there (nothing started)")
+        return
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     if uri.startswith("sqlite:///"):
         artifacts = Path(uri[len("sqlite:///"):]).parent / "mlflow_artifacts"

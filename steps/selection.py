@@ -68,7 +68,10 @@ def evaluate_incumbent(spec: VLMEvalSpec, incumbent: dict[str, str], eval_inputs
 ]:
     """The champion's answers and metrics on the current evaluation sets (empty without a champion), scored
     exactly as the candidates are by ``evaluate_model``."""
-    if not incumbent:
+    if not incumbent:  # the step's tracker run exists either way: say why it holds no metrics
+        mlflow.set_tags({"hilight.stage": "evaluation", "hilight.candidate": "none",
+                         "mlflow.note.content": "No champion was registered when this selection ran, so there was no "
+                                                "incumbent to evaluate; the best candidate is compared with nothing."})
         return {}, pd.DataFrame()
     mlflow.set_tags({"hilight.stage": "evaluation", "hilight.candidate": incumbent["label"],
                      "hilight.model_uri": incumbent["model_uri"], "hilight.data_fingerprint": eval_inputs["data_fingerprint"],

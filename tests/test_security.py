@@ -94,6 +94,21 @@ def test_ui_binds_to_localhost_by_default(monkeypatch, zenml_project):
     assert seen[-1][seen[-1].index("--host") + 1] == "0.0.0.0"
 
 
+def test_ui_with_a_remote_tracking_server_starts_nothing(monkeypatch, zenml_project):
+    """A remote tracker's URI is a server, not a backend store: `hilight ui` points at it instead of handing
+    `mlflow server --backend-store-uri http://...` a URI it cannot serve."""
+    from typer.testing import CliRunner
+
+    import pipelines.stack
+    from hilight.cli import app
+
+    monkeypatch.setattr(pipelines.stack, "mlflow_tracking_uri", lambda: "https://mlflow.example.org")
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail(f"started a process: {a}"))
+    result = CliRunner().invoke(app, ["ui", "--port", "5998"])
+    assert result.exit_code == 0, result.output
+    assert "https://mlflow.example.org" in result.output and "nothing started" in result.output
+
+
 @pytest.mark.parametrize("ref, reason", [("../../outside.mp4", "contains '..'"), ("/etc/passwd", "absolute path"),
                                          ("videos/../../outside.mp4", "contains '..'"),
                                          ("link.mp4", "outside the data root")])

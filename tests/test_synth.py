@@ -148,6 +148,24 @@ def test_same_seed_same_bytes_different_seed_different(tmp_path, tiny_settings):
     assert (a / "captions.json").read_text() != (c / "captions.json").read_text()
 
 
+def test_fixed_heldout_keeps_clips_and_evaluation_set(tmp_path, tiny_settings):
+    """heldout=N: the first N clips are val/test alternately, the rest train; the clips' bytes are those of the
+    default split, so growing the training set leaves the evaluation set as it was."""
+    drawn = generate_dataset(tmp_path / "drawn", n_videos=6, seed=7, settings=tiny_settings, progress=False)
+    small = generate_dataset(tmp_path / "small", n_videos=4, seed=7, settings=tiny_settings, progress=False, heldout=2)
+    large = generate_dataset(tmp_path / "large", n_videos=6, seed=7, settings=tiny_settings, progress=False, heldout=2)
+    splits = {r["video_id"]: r["split"] for r in json.loads((large / "captions.json").read_text())}
+    assert list(splits.values()) == ["val", "test", "train", "train", "train", "train"]
+    assert [e["split"] for e in json.loads((large / "events.json").read_text())] == list(splits.values())
+    held = [v for v, s in splits.items() if s != "train"]
+    assert held == [r["video_id"] for r in json.loads((small / "captions.json").read_text()) if r["split"] != "train"]
+    for vid in splits:
+        assert (large / "videos" / f"{vid}.mp4").read_bytes() == (drawn / "videos" / f"{vid}.mp4").read_bytes()
+    assert json.loads((large / "dataset.json").read_text())["heldout"] == 2
+    with pytest.raises(ValueError, match=r"heldout must be in \[0, n_videos\) = \[0, 3\), got 3"):
+        generate_dataset(tmp_path / "bad", n_videos=3, heldout=3, progress=False)
+
+
 def test_general_domain(general_dir):
     caps = json.loads((general_dir / "captions.json").read_text())
     meta = {e["video_id"]: e for e in json.loads((general_dir / "events.json").read_text())}

@@ -51,15 +51,17 @@ def _video_id(domain: str, seed: int, index: int) -> str:
     return f"{domain[:3]}{seed}_{index:05d}"
 
 
-def _one(args: tuple[str, int, int, SynthSettings, str]) -> dict:
+def _one(args: tuple[str, int, int, SynthSettings, str, int | None]) -> dict:
     """Generate, render and write one clip; returns its text records. Runs in a worker."""
-    domain, seed, index, settings, out_dir = args
+    domain, seed, index, settings, out_dir, heldout = args
     rng = np.random.default_rng([seed, DOMAINS[domain], index])
     maker = billiards.make_clip if domain == "billiards" else general.make_clip
     clip = maker(rng, width=settings.width, height=settings.height, fps=settings.fps, duration_s=settings.duration_s)
     vid = _video_id(domain, seed, index)
     write_mp4(Path(out_dir) / "videos" / f"{vid}.mp4", clip.frames, settings.fps)
-    split = SPLITS[int(rng.integers(len(SPLITS)))]
+    split = SPLITS[int(rng.integers(len(SPLITS)))]  # drawn either way, so a clip's bytes do not depend on heldout
+    if heldout is not None:
+        split = ("val", "test")[index % 2] if index < heldout else "train"
     captions = [{"caption": c.text, "object": c.object} for c in clip.captions]
     negatives, probes = [], []
     for ci, cap in enumerate(clip.captions):
@@ -90,16 +92,23 @@ def generate_dataset(
     settings: SynthSettings | None = None,
     workers: int = 1,
     progress: bool = True,
+    heldout: int | None = None,
 ) -> Path:
-    """Write a synthetic dataset of ``n_videos`` clips to ``out_dir`` (see module docstring)."""
+    """Write a synthetic dataset of ``n_videos`` clips to ``out_dir`` (see module docstring).
+
+    Splits: by default each clip draws train/val/test at 80/10/10. ``heldout=N`` makes the first N clips the held-out
+    ones (val and test alternately) and every other clip train, so adding training clips leaves the evaluation set,
+    and with it every held-out metric's meaning, unchanged."""
     if domain not in DOMAINS:
         raise ValueError(f"unknown domain {domain!r}; choose one of {sorted(DOMAINS)}")
     if n_videos < 1:
         raise ValueError(f"n_videos must be >= 1, got {n_videos}")
+    if heldout is not None and not 0 <= heldout < n_videos:
+        raise ValueError(f"heldout must be in [0, n_videos) = [0, {n_videos}), got {heldout}: some clips must train")
     settings = settings or SynthSettings()
     out_dir = Path(out_dir)
     (out_dir / "videos").mkdir(parents=True, exist_ok=True)
-    jobs = [(domain, seed, i, settings, str(out_dir)) for i in range(n_videos)]
+    jobs = [(domain, seed, i, settings, str(out_dir), heldout) for i in range(n_videos)]
     bar = dict(total=n_videos, desc=f"synth {domain}", disable=not progress, unit="clip")
     if workers > 1:
         # forkserver: workers start from a clean process, never a fork of a threaded parent
@@ -114,7 +123,7 @@ def generate_dataset(
     _dump(out_dir / "events.json", [r["events"] for r in results])
     _dump(out_dir / "dataset.json", {
         "generator": "hilight.data.synth", "version": GENERATOR_VERSION, "domain": domain,
-        "seed": seed, "n_videos": n_videos, "settings": settings.model_dump(),
+        "seed": seed, "n_videos": n_videos, "heldout": heldout, "settings": settings.model_dump(),
     })
     log.info("wrote %d %s clips to %s", n_videos, domain, out_dir)
     return out_dir
