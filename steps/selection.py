@@ -69,7 +69,7 @@ def evaluate_incumbent(spec: VLMEvalSpec, incumbent: dict[str, str], eval_inputs
     """The champion's answers and metrics on the current evaluation sets (empty without a champion), scored
     exactly as the candidates are by ``evaluate_model``."""
     if not incumbent:  # the step's tracker run exists either way: say why it holds no metrics
-        mlflow.set_tags({"hilight.stage": "evaluation", "hilight.candidate": "none",
+        mlflow.set_tags({"hilight.stage": "evaluation-skipped", "hilight.candidate": "none",
                          "mlflow.note.content": "No champion was registered when this selection ran, so there was no "
                                                 "incumbent to evaluate; the best candidate is compared with nothing."})
         return {}, pd.DataFrame()

@@ -68,6 +68,9 @@ def test_selection_registers_the_rules_champion_and_reruns_from_cache(zenml_proj
     evals = client.search_runs([exp.experiment_id], "tags.`hilight.stage` = 'evaluation'")
     assert len(evals) == 2 and all("billiards/fact_accuracy" in r.data.metrics for r in evals)
     assert "evaluation/answers.json" in {f.path for f in client.list_artifacts(evals[0].info.run_id, "evaluation")}
+    skipped = client.search_runs([exp.experiment_id], "tags.`hilight.stage` = 'evaluation-skipped'")
+    assert len(skipped) == 1 and not skipped[0].data.metrics  # no champion yet: the incumbent step says so
+    assert "No champion was registered" in skipped[0].data.tags["mlflow.note.content"]
 
     # the champion loads by URI and answers
     model = mlflow.pyfunc.load_model("models:/hilight-vlm@champion")
