@@ -83,6 +83,8 @@ CASES = {
                                   "contracts_dir: {root}/no/such/contracts is not a directory"),
     "validate missing contracts_dir": (["validate", "-c", "{d}/no_contracts.yaml"], "is not a directory; point "
                                        "contracts_dir at the folder of contract YAMLs"),
+    "demo held-out set as large as the data": (["demo", "--videos", "30", "--heldout", "30"],
+                                               "--heldout 30 leaves no training clips of --videos 30"),
     "ask missing video": (["ask", "{d}/nope.mp4", "q", "-m", "{d}/model"], "video {d}/nope.mp4 does not exist"),
     "ask directory": (["ask", "{d}/videos", "q", "-m", "{d}/model"], "{d}/videos is a directory; pass one video file"),
     "ask zero-byte video": (["ask", "{d}/zero.mp4", "q", "-m", "{d}/model"], "rule zero_byte_file"),
