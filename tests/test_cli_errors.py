@@ -84,7 +84,12 @@ CASES = {
     "validate missing contracts_dir": (["validate", "-c", "{d}/no_contracts.yaml"], "is not a directory; point "
                                        "contracts_dir at the folder of contract YAMLs"),
     "demo held-out set as large as the data": (["demo", "--videos", "30", "--heldout", "30"],
-                                               "--heldout 30 leaves no training clips of --videos 30"),
+                                               "heldout 30 leaves no training clips of 30 videos; pass a heldout "
+                                               "(--heldout) in [0, 30) or more videos (--videos)"),
+    "synth held-out set larger than the data": (["data", "synth", "--out", "{d}/synth", "--videos", "3", "--heldout", "4"],
+                                                "heldout 4 leaves no training clips of 3 videos"),
+    "synth unknown domain": (["data", "synth", "--out", "{d}/synth", "--domain", "tennis"],
+                             "unknown domain 'tennis'; choose one of ['billiards', 'general']"),
     "ask missing video": (["ask", "{d}/nope.mp4", "q", "-m", "{d}/model"], "video {d}/nope.mp4 does not exist"),
     "ask directory": (["ask", "{d}/videos", "q", "-m", "{d}/model"], "{d}/videos is a directory; pass one video file"),
     "ask zero-byte video": (["ask", "{d}/zero.mp4", "q", "-m", "{d}/model"], "rule zero_byte_file"),

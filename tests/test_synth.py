@@ -162,7 +162,8 @@ def test_fixed_heldout_keeps_clips_and_evaluation_set(tmp_path, tiny_settings):
     for vid in splits:
         assert (large / "videos" / f"{vid}.mp4").read_bytes() == (drawn / "videos" / f"{vid}.mp4").read_bytes()
     assert json.loads((large / "dataset.json").read_text())["heldout"] == 2
-    with pytest.raises(ValueError, match=r"heldout must be in \[0, n_videos\) = \[0, 3\), got 3"):
+    with pytest.raises(ValueError, match=r"heldout 3 leaves no training clips of 3 videos; pass a heldout \(--heldout\) "
+                                         r"in \[0, 3\) or more videos"):
         generate_dataset(tmp_path / "bad", n_videos=3, heldout=3, progress=False)
 
 

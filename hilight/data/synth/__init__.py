@@ -26,6 +26,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 
+from hilight.config import InputError
 from hilight.data.synth import billiards, general
 from hilight.data.synth.text import conversation, hard_negatives, probe_pairs
 from hilight.data.synth.video import write_mp4
@@ -99,12 +100,13 @@ def generate_dataset(
     Splits: by default each clip draws train/val/test at 80/10/10. ``heldout=N`` makes the first N clips the held-out
     ones (val and test alternately) and every other clip train, so adding training clips leaves the evaluation set,
     and with it every held-out metric's meaning, unchanged."""
-    if domain not in DOMAINS:
-        raise ValueError(f"unknown domain {domain!r}; choose one of {sorted(DOMAINS)}")
+    if domain not in DOMAINS:  # InputError: the CLI reports these in one line and exits 2
+        raise InputError(f"unknown domain {domain!r}; choose one of {sorted(DOMAINS)}")
     if n_videos < 1:
-        raise ValueError(f"n_videos must be >= 1, got {n_videos}")
+        raise InputError(f"n_videos must be >= 1, got {n_videos}")
     if heldout is not None and not 0 <= heldout < n_videos:
-        raise ValueError(f"heldout must be in [0, n_videos) = [0, {n_videos}), got {heldout}: some clips must train")
+        raise InputError(f"heldout {heldout} leaves no training clips of {n_videos} videos; pass a heldout (--heldout) "
+                         f"in [0, {n_videos}) or more videos (--videos)")
     settings = settings or SynthSettings()
     out_dir = Path(out_dir)
     (out_dir / "videos").mkdir(parents=True, exist_ok=True)
