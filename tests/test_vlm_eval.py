@@ -41,6 +41,22 @@ def test_fact_checks_of_questions(facts, question, answer, expected):
     assert check_answer(facts, question, answer) == expected
 
 
+def test_a_fact_the_conversation_already_stated_is_not_scored():
+    hit = "Which ball did the white cue ball hit first?"
+    # on a pot the earlier turns name the ball: any model "knows" the first contact from the text alone
+    told = ("What color ball was pocketed by the white cue ball? The red ball was pocketed. "
+            "Which pocket did the red ball go into? The red ball went into the bottom side pocket.")
+    assert check_answer(POT, hit, "The white cue ball hit the red ball first.", told) == {}
+    assert check_answer(POT, hit, "The white cue ball hit the blue ball first.", told) == {}
+    # a history that does not state the fact leaves the check in, right or wrong
+    asked = "Was any ball pocketed? No, no ball was pocketed."
+    assert check_answer(MISS, hit, "The white cue ball hit the black ball first.", asked) == {"colour": True}
+    assert check_answer(MISS, hit, "The white cue ball hit the red ball first.", asked) == {"colour": False}
+    # "no ball was pocketed" already answers "how many?" with zero
+    assert check_answer(BREAK, "How many balls were pocketed on the break?", "No balls were pocketed on the break.",
+                        asked) == {}
+
+
 def test_fact_checks_of_descriptions():
     q = "What's happened in this video?"
     good = "The white cue ball hits the red ball. The red ball is knocked into the bottom side pocket."

@@ -146,8 +146,22 @@ def _general(facts: ClipFacts, question: str, answer: str) -> dict[str, bool | N
             "direction": all(direction_ok(x) for x in movers)}
 
 
-def check_answer(facts: ClipFacts, question: str, answer: str) -> dict[str, bool | None]:
-    """Fact checks of one answer (see the module docstring); only the kinds that apply are returned."""
-    answer = answer.lower().strip()
-    checks = _billiards(facts, question, answer) if facts.domain == "billiards" else _general(facts, question, answer)
+def _checks(facts: ClipFacts, question: str, text: str) -> dict[str, bool | None]:
+    text = text.lower().strip()
+    return _billiards(facts, question, text) if facts.domain == "billiards" else _general(facts, question, text)
+
+
+def check_answer(facts: ClipFacts, question: str, answer: str, history: str = "") -> dict[str, bool | None]:
+    """Fact checks of one answer (see the module docstring); only the kinds that apply are returned.
+
+    ``history`` is the conversation before the question (earlier questions and answers, as text). A fact that the
+    history alone already states is not evidence that the model saw it in the video, so that check is left out: in
+    the synthetic QA, "Which ball did the white cue ball hit first?" follows "What color ball was pocketed…? The red
+    ball was pocketed." and "Which pocket did the red ball go into?" on a pot, and would otherwise score every model
+    right on every pot, video or not.
+    """
+    checks = _checks(facts, question, answer)
+    if history.strip():
+        given = _checks(facts, question, history)
+        checks = {k: v for k, v in checks.items() if given.get(k) is not True}
     return {k: v for k, v in checks.items() if v is not None}

@@ -185,6 +185,11 @@ def summarise(answers: pd.DataFrame) -> dict[str, float]:
     return metrics
 
 
+def history_text(history: str) -> str:
+    """The earlier turns of an item's ``history`` (JSON [[question, answer], ...]) as one text."""
+    return " ".join(f"{q} {a}" for q, a in json.loads(history))
+
+
 def evaluate_vlm(bundle: VLMBundle, spec: VLMEvalSpec) -> VLMEvaluation:
     items = eval_items(spec)
     bundle.vlm.eval()
@@ -196,8 +201,8 @@ def evaluate_vlm(bundle: VLMBundle, spec: VLMEvalSpec) -> VLMEvaluation:
     facts = {}
     for dataset, path in spec.events.items():
         facts.update(read_events(resolve_path(path), dataset))
-    checks = [check_answer(facts[v], q, a) if v in facts else {}
-              for v, q, a in zip(items["video_id"], items["question"], items["answer"], strict=True)]
+    checks = [check_answer(facts[v], q, a, history_text(h)) if v in facts else {}
+              for v, q, a, h in zip(items["video_id"], items["question"], items["answer"], items["history"], strict=True)]
     for k in FACT_KINDS:
         items[f"fact_{k}"] = pd.array([c.get(k) for c in checks], dtype="boolean")
     metrics = summarise(items)
