@@ -9,8 +9,9 @@ the CLIP-ViP similarity only.
 
 Rules (``answer`` lower-cased, whole-word matches):
 - billiards colour: the answer names the key ball's colour and no other object-ball colour in its place — the key
-  ball is the one the question asks about (first contact, pocketed ball), or for a description the first contact
-  (the first pocketed ball on a break);
+  ball is the one the question asks about (first contact, pocketed ball: the colour before "ball rolled into",
+  "was pocketed", ... when the answer has one), or for a description the first contact (the first pocketed ball on
+  a break);
 - billiards pocket: a pocketed ball → its pocket named and no other pocket; nothing pocketed → no pocket named;
 - billiards action: the kinds of shot the answer claims (break: "scattered"; pot: "knocked into", "pocketed"; miss:
   "misses", "no ball") must be the clip's: a break claimed with its pots (or none), a pot or a miss and not the
@@ -39,7 +40,7 @@ NUMBER_WORDS = {0: ("no", "zero", "0"), 1: ("one", "a single", "1"), 2: ("two", 
 def _shots(answer: str) -> set[str]:
     """The kinds of shot an answer claims: break, pot (an object ball went in), miss."""
     claims = set()
-    if any(_has(answer, w) for w in ("scatter", "scattered", "break", "broken")):
+    if any(_has(answer, w) for w in ("scatter", "scatters", "scattered", "break", "breaks", "broken")):
         claims.add("break")
     no_pot = _has(answer, "no ball") or _has(answer, "no balls")
     if no_pot or any(_has(answer, w) for w in ("miss", "misses", "missed")):
@@ -94,13 +95,25 @@ def _colour_ok(answer: str, key: str) -> bool:
     return _has(answer, key) and not (_named(answer, BALL_COLOURS) - {key})
 
 
+_POCKETED = re.compile(rf"(?<![\w-])({'|'.join(BALL_COLOURS)}) ball (?:rolled into|was pocketed|went into|"
+                       r"is knocked into|was knocked into|fell into)")
+
+
+def _pocketed_colour_ok(answer: str, key: str) -> bool:
+    """The ball the answer says went in is ``key``, and no other: "The white cue ball hit the red ball, and the blue
+    ball rolled into the pocket" names red (the first contact) and blue (the ball asked about). An answer that says
+    nothing went in is held to :func:`_colour_ok`."""
+    said = set(_POCKETED.findall(answer))
+    return said == {key} if said else _colour_ok(answer, key)
+
+
 def _billiards(facts: ClipFacts, question: str, answer: str) -> dict[str, bool | None]:
     q = question.lower()
     pots = facts.pocketed
     if "hit first" in q:
         return {"colour": _colour_ok(answer, facts.first_contact)} if facts.first_contact else {}
     if "color ball was pocketed" in q or "colour ball was pocketed" in q:
-        return {"colour": _colour_ok(answer, pots[0][0])} if pots else {}
+        return {"colour": _pocketed_colour_ok(answer, pots[0][0])} if pots else {}
     m = re.search(r"which pocket did the (\w+) ball", q)
     if m:
         want = dict(pots).get(m.group(1))

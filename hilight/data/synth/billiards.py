@@ -225,18 +225,29 @@ def describe(sim: ph.Simulation, scenario: str, rng: np.random.Generator) -> lis
     final = sim.final_positions()
     hit = sim.first_contact(CUE)
     other_colours = [c for c in BALL_COLOURS if c != CUE]
-    if scenario == "break":
-        caps.append(Caption("The triangle of balls is scattered by the white cue ball", "rack",
-                            [Fact("action", "scattered", ["left untouched"])],
-                            short="The triangle of balls is scattered"))
-    elif hit is not None:
-        caps.append(Caption(f"The white cue ball hits the {hit} ball", "cue ball",
-                            [Fact("colour", hit, [c for c in other_colours if c != hit]),
-                             Fact("action", "hits", ["misses"])],
-                            short="The white cue ball hits a ball"))
+    # The cue ball's caption says what it did and where it ended ("... and stops near the top left of the table"):
+    # one caption per object, as the notes annotate, so a clip's captions name a colour or the break together with a
+    # place instead of "The white cue ball stops near the centre of the table" repeating across a quarter of the clips.
+    cue_pocket = dict(pocketed).get(CUE)
+    if cue_pocket is not None:
+        end, end_facts = f"falls into the {cue_pocket}", [Fact("pocket", cue_pocket,
+                                                                [p for p in ph.POCKET_NAMES if p != cue_pocket])]
+    elif final[CUE] is not None:
+        where = region(final[CUE])
+        end, end_facts = f"stops near the {where} of the table", [Fact("region", where, [r for r in REGIONS if r != where])]
     else:
-        caps.append(Caption("The white cue ball misses every ball", "cue ball",
-                            [Fact("action", "misses every ball", ["hits the red ball"])]))
+        end, end_facts = None, []
+    if scenario == "break":
+        did, facts, short = "scatters the triangle of balls", [Fact("action", "scatters", ["misses"])], \
+            "The white cue ball scatters the triangle of balls"
+    elif hit is not None:
+        did, facts, short = f"hits the {hit} ball", [Fact("colour", hit, [c for c in other_colours if c != hit]),
+                                                     Fact("action", "hits", ["misses"])], \
+            f"The white cue ball hits the {hit} ball"
+    else:
+        did, facts, short = "misses every ball", [Fact("action", "misses every ball", ["hits the red ball"])], None
+    caps.append(Caption(f"The white cue ball {did}" + (f" and {end}" if end else ""), "cue ball", facts + end_facts,
+                        short=short))
     for ball, pocket in potted[:3]:
         caps.append(Caption(f"The {ball} ball is knocked into the {pocket}", f"{ball} ball",
                             [Fact("colour", ball, [c for c in other_colours if c != ball]),
@@ -248,7 +259,7 @@ def describe(sim: ph.Simulation, scenario: str, rng: np.random.Generator) -> lis
                             [Fact("colour", hit, [c for c in other_colours if c != hit]),
                              Fact("action", "misses", ["is knocked into"])],
                             short=f"The {hit} ball misses"))
-    if not potted:
+    elif not potted:  # a miss says so in its own caption
         caps.append(Caption("No ball is pocketed", "pockets",
                             [Fact("action", "No ball is pocketed", ["A ball is pocketed"])]))
     still = [n for n in sim.names if n not in sim.touched() and final[n] is not None]
@@ -259,17 +270,6 @@ def describe(sim: ph.Simulation, scenario: str, rng: np.random.Generator) -> lis
                             [Fact("colour", ball, [c for c in other_colours if c != ball and c not in still]),
                              Fact("action", "stays still", ["rolls"])],
                             short=f"The {ball} ball stays still"))
-    cue_pocket = dict(pocketed).get(CUE)
-    if cue_pocket is not None:
-        caps.append(Caption(f"The white cue ball falls into the {cue_pocket}", "cue ball end",
-                            [Fact("pocket", cue_pocket, [p for p in ph.POCKET_NAMES if p != cue_pocket]),
-                             Fact("action", "falls into", ["stops before"])],
-                            short="The white cue ball falls into a pocket"))
-    elif final[CUE] is not None:
-        where = region(final[CUE])
-        caps.append(Caption(f"The white cue ball stops near the {where} of the table", "cue ball end",
-                            [Fact("region", where, [r for r in REGIONS if r != where])],
-                            short="The white cue ball stops"))
     return caps
 
 
@@ -281,8 +281,15 @@ def questions(sim: ph.Simulation, scenario: str) -> list[QAPair]:
     if potted:
         ball, pocket = potted[0]
         if len(potted) == 1:
-            qa.append(QAPair("What color ball was pocketed by the white cue ball?",
-                             f"The {ball} ball was pocketed.", "pocketed_colour", ball))
+            # the research notes' reference answer to this question says the shot first: "The white cue ball hit
+            # the red ball, and the red ball rolled into the pocket."
+            if scenario == "break":
+                answer = f"The triangle of balls was scattered, and the {ball} ball rolled into the pocket."
+            elif hit is not None:
+                answer = f"The white cue ball hit the {hit} ball, and the {ball} ball rolled into the pocket."
+            else:
+                answer = f"The {ball} ball was pocketed."
+            qa.append(QAPair("What color ball was pocketed by the white cue ball?", answer, "pocketed_colour", ball))
         qa.append(QAPair(f"Which pocket did the {ball} ball go into?",
                          f"The {ball} ball went into the {pocket}.", "pocket", pocket))
     else:
