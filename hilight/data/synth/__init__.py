@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 Domain = Literal["billiards", "general"]
 DOMAINS: dict[str, int] = {"billiards": 0, "general": 1}
 GENERATOR_VERSION = "4"  # 2: probes.json; 3: large balls, six colours, 1-2 object balls, rack of 6;
-# 4: one cue-ball caption (hit + where it ended), no "No ball is pocketed" beside a miss, notes-style pocketed answer
+# 4: one cue-ball caption (what it did + where it ended), no "No ball is pocketed" beside a miss, notes-style
+# pocketed answer
 SPLITS = ("train",) * 8 + ("val", "test")
 
 

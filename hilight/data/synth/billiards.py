@@ -238,16 +238,15 @@ def describe(sim: ph.Simulation, scenario: str, rng: np.random.Generator) -> lis
     else:
         end, end_facts = None, []
     if scenario == "break":
-        did, facts, short = "scatters the triangle of balls", [Fact("action", "scatters", ["misses"])], \
-            "The white cue ball scatters the triangle of balls"
+        did, facts = "scatters the triangle of balls", [Fact("action", "scatters", ["misses"])]
     elif hit is not None:
-        did, facts, short = f"hits the {hit} ball", [Fact("colour", hit, [c for c in other_colours if c != hit]),
-                                                     Fact("action", "hits", ["misses"])], \
-            f"The white cue ball hits the {hit} ball"
+        did = f"hits the {hit} ball"
+        facts = [Fact("colour", hit, [c for c in other_colours if c != hit]), Fact("action", "hits", ["misses"])]
     else:
-        did, facts, short = "misses every ball", [Fact("action", "misses every ball", ["hits the red ball"])], None
+        did, facts = "misses every ball", [Fact("action", "misses every ball", ["hits the red ball"])]
+    shortened = end is not None and (scenario == "break" or hit is not None)  # "misses every ball" has no short form
     caps.append(Caption(f"The white cue ball {did}" + (f" and {end}" if end else ""), "cue ball", facts + end_facts,
-                        short=short))
+                        short=f"The white cue ball {did}" if shortened else None))
     for ball, pocket in potted[:3]:
         caps.append(Caption(f"The {ball} ball is knocked into the {pocket}", f"{ball} ball",
                             [Fact("colour", ball, [c for c in other_colours if c != ball]),
