@@ -170,7 +170,11 @@ def load_vlm(args):
     if args.merged:
         bundle = load_vlm_dir(args.merged, device="cpu")
         vlm, tokenizer = bundle.vlm, bundle.tokenizer
-        vlm.clipvip = clipvip  # the merged model holds the same (frozen) vision weights, without the text tower
+        merged_sd, given_sd = vlm.clipvip.vision_model.state_dict(), clipvip.vision_model.state_dict()
+        if any(not torch.equal(merged_sd[k], given_sd[k]) for k in merged_sd):
+            raise SystemExit(f"{args.merged} was trained on other CLIP-ViP weights than --clipvip {args.clipvip}; "
+                             "pass the candidate's CLIP-ViP export as --clipvip")
+        vlm.clipvip = clipvip  # the same frozen vision weights (checked above), with the text tower for zero-shot
         return vlm.eval(), tokenizer, bundle.num_frames, bundle.image_size
     llm = load_llm(args.llm, hidden_act="gelu")
     vlm = HiLightVLM(llm, load_saved_token_mining(args.token_mining), clipvip, load_longclip_tower(spec)).eval()
