@@ -230,3 +230,39 @@ def test_corrupted_merge_fails_its_check(stage2, tmp_path, monkeypatch):
         merge_stage2(_bf16_export(result, tmp_path), tmp_path / "merged", generation=GenerationSpec(), prompt="q",
                      device="cpu")
     assert not (tmp_path / "merged").exists()
+
+
+def test_modules_to_save_trains_the_mlp_in_full_and_merges(tmp_path, caption_manifest, vlm_weights, stage1_export):
+    """``lora.modules_to_save: [mlp]`` with attention-only targets: the MLPs are trained as full copies, checkpointed
+    with the adapters, and the merge swaps them in (logits kept); a module both adapted and saved is refused."""
+    from pydantic import ValidationError
+
+    from hilight.models.export import GenerationSpec, load_vlm_dir
+    from hilight.train.lora import LoRAFinetuneConfig, run_lora_finetune
+    from hilight.train.merge import merge_stage2
+
+    raw = lora_config(caption_manifest, tmp_path, vlm_weights["clipvip"], vlm_weights["llm"], stage1_export, max_steps=2,
+                      val_every=2, ckpt_every=2)
+    raw["lora"].update(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], modules_to_save=["mlp"],
+                       tune_token_mining=False)
+    result = run_lora_finetune(LoRAFinetuneConfig.model_validate(raw))
+    keys = set(load_file(result.fit.final_checkpoint / "model.safetensors"))
+    n_layers = json.loads((vlm_weights["llm"] / "config.json").read_text())["num_hidden_layers"]
+    saved = {k for k in keys if ".mlp.modules_to_save." in k}
+    assert len(saved) == 3 * n_layers  # gate/up/down weights of every block
+    assert keys - saved and all("lora_" in k for k in keys - saved)
+    assert not any("mlp" in k and "lora_" in k for k in keys)  # the MLP is not also adapted
+
+    merged = merge_stage2(result.best_dir, tmp_path / "merged", generation=GenerationSpec(), prompt="q")
+    assert merged.max_abs_logit_diff < 1e-4
+    base = load_file(vlm_weights["llm"] / "model.safetensors")
+    llm = load_vlm_dir(merged.out_dir).vlm.llm.state_dict()
+    assert not any("modules_to_save" in k or "lora_" in k for k in llm)  # plain Gemma keys after the merge
+    mlp = [k for k in base if ".mlp." in k]
+    attention = [k for k in base if ".self_attn." in k]  # adapted: changed by the merge
+    assert mlp and all(torch.equal(llm[k], base[k]) for k in base if k not in mlp + attention)
+    assert any(not torch.equal(llm[k], base[k]) for k in mlp)  # the trained MLPs are what the merge kept
+
+    raw["lora"]["target_modules"] = ["q_proj", "down_proj"]
+    with pytest.raises(ValidationError, match=r"modules_to_save \['mlp'\] contain.*down_proj"):
+        LoRAFinetuneConfig.model_validate(raw)

@@ -61,6 +61,9 @@ from hilight.train.vlm_parts import (
 log = logging.getLogger(__name__)
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# the Gemma/Llama block that holds each LoRA target, so that lora.modules_to_save cannot wrap a module twice
+LORA_PARENTS = {**dict.fromkeys(["q_proj", "k_proj", "v_proj", "o_proj"], ("self_attn",)),
+                **dict.fromkeys(["gate_proj", "up_proj", "down_proj"], ("mlp",))}
 STAGE2_FILE = "stage2.json"
 
 
@@ -107,7 +110,20 @@ class LoRASpec(BaseModel):
     alpha: int = Field(32, ge=1)  # scaling alpha / r = 0.5, as the reference
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
+    # LLM modules trained in full instead of through adapters (peft's modules_to_save: a trainable copy of each
+    # matching module, saved with the adapter and swapped in by the merge), e.g. [mlp] with attention-only targets
+    modules_to_save: list[str] = Field(default_factory=list)
     tune_token_mining: bool = False  # the notes' "tune TM+LLM" variant
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> LoRASpec:
+        both = [m for m in self.modules_to_save
+                if any(t == m or t.startswith(m + ".") or m in LORA_PARENTS.get(t, ()) for t in self.target_modules)]
+        if both:
+            raise ValueError(f"lora.modules_to_save {both} contain(s) LoRA targets {self.target_modules}: a module is "
+                             "either adapted or trained in full; drop the inner names from lora.target_modules "
+                             "(e.g. targets [q_proj, k_proj, v_proj, o_proj] with modules_to_save [mlp])")
+        return self
 
 
 class LoRAFinetuneConfig(BaseModel):
@@ -183,18 +199,24 @@ def concat_encoded(parts: list[EncodedSet]) -> tuple[EncodedSet, list[list[int]]
 
 def apply_lora(vlm, spec: LoRASpec, seed: int) -> list[str]:
     """Wrap the LLM with peft LoRA; freeze everything else (TokenMining stays trainable when tuned). Returns the
-    trainable names and checks them: LoRA matrices only, plus TokenMining if asked."""
+    trainable names and checks them: LoRA matrices and ``lora.modules_to_save`` copies only, plus TokenMining if
+    asked."""
     torch.manual_seed(seed)  # LoRA A matrices are randomly initialised
     vlm.requires_grad_(False)
     vlm.llm = get_peft_model(vlm.llm, LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
-                                                 target_modules=spec.target_modules, bias="none", task_type="CAUSAL_LM"))
+                                                 target_modules=spec.target_modules, modules_to_save=spec.modules_to_save or None,
+                                                 bias="none", task_type="CAUSAL_LM"))
     if spec.tune_token_mining:
         vlm.token_mining.requires_grad_(True)
     trainable = [n for n, p in vlm.named_parameters() if p.requires_grad]
-    wrong = [n for n in trainable if not ("lora_" in n or (spec.tune_token_mining and n.startswith("token_mining.")))]
-    if wrong or not any("lora_" in n for n in trainable):
-        raise RuntimeError(f"stage-2 trainable set is wrong: {wrong[:5] or 'no LoRA parameter'}; check lora.target_modules "
-                           f"({spec.target_modules}) against the LLM's module names")
+    wrong = [n for n in trainable if not ("lora_" in n or ".modules_to_save." in n
+                                          or (spec.tune_token_mining and n.startswith("token_mining.")))]
+    saved = {m for m in spec.modules_to_save if any(f".{m}.modules_to_save." in n for n in trainable)}
+    if wrong or not any("lora_" in n for n in trainable) or saved != set(spec.modules_to_save):
+        missing = sorted(set(spec.modules_to_save) - saved)
+        raise RuntimeError(f"stage-2 trainable set is wrong: {wrong[:5] or (missing and f'no module named {missing}') or 'no LoRA parameter'}; "
+                           f"check lora.target_modules ({spec.target_modules}) and lora.modules_to_save "
+                           f"({spec.modules_to_save}) against the LLM's module names")
     return trainable
 
 
