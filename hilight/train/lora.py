@@ -8,8 +8,8 @@ q/k/v/o/gate/up/down, the reference's 126 modules at Gemma-2B shapes) and, with 
 trainable TokenMining (the notes' "tune TM+LLM" variant, which the reference code could not train: PEFT froze it)
 → feature cache → training over the sources mixed by ratio or in sequence → exports.
 
-Checkpoints hold only the trainable tensors (adapters, plus TokenMining when tuned), so a Gemma-2B run writes
-~300 MB per checkpoint, not 10 GB. An export (``<output_dir>/best``) is what the merge step reads:
+Checkpoints hold only the trainable tensors (adapters, ``lora.modules_to_save`` copies, plus TokenMining when
+tuned), so a Gemma-2B run with adapters only writes ~300 MB per checkpoint, not 10 GB. An export (``<output_dir>/best``) is what the merge step reads:
 
     adapter/          peft adapter (adapter_config.json + adapter_model.safetensors, the reference's stage-2 layout)
     token_mining/     the TokenMining the adapter was trained with (tuned or the stage-1 weights), so the merge
@@ -249,7 +249,8 @@ class LoRARecipe(Recipe):
         vlm.to(self.device)  # the new adapter matrices
         n_params = sum(p.numel() for p in vlm.parameters() if p.requires_grad)
         log.info("stage 2: %d trainable tensors, %d parameters (LoRA r=%d%s)", len(trainable), n_params,
-                 config.lora.r, " + TokenMining" if config.lora.tune_token_mining else "")
+                 config.lora.r, "".join(f" + full {m}" for m in config.lora.modules_to_save)
+                 + (" + TokenMining" if config.lora.tune_token_mining else ""))
         self.open_run(data=fingerprint, **digests)
 
         # data: QA and "describe" samples of each source, the feature cache filled on the device
