@@ -345,10 +345,7 @@ def build_vlm_stage(config, stage: str, text_tokens: int, llm_preset: str | None
     if not cache:
         resident["towers"] = (n_towers, "float32")  # loaded as saved (fp32) and kept for every step
     base = vlm.llm.get_base_model() if hasattr(vlm.llm, "get_base_model") else vlm.llm
-    trained_what = ("TokenMining" if stage == "stage1" else
-                    f"LoRA r{config.lora.r}/alpha{config.lora.alpha}"
-                    + "".join(f" + full {m}" for m in config.lora.modules_to_save)
-                    + (" + TokenMining" if config.lora.tune_token_mining else ""))
+    trained_what = "TokenMining" if stage == "stage1" else config.lora.describe()
     what = (f"CLIP-ViP {config.vision.clipvip_preset} + Long-CLIP {lc_source} (frozen) -> TokenMining "
             f"({n_video} video tokens) -> LLM {llm_source} ({config.llm.dtype}); trained: {trained_what}; "
             f"{text} text tokens per sample")

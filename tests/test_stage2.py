@@ -266,3 +266,14 @@ def test_modules_to_save_trains_the_mlp_in_full_and_merges(tmp_path, caption_man
     raw["lora"]["target_modules"] = ["q_proj", "down_proj"]
     with pytest.raises(ValidationError, match=r"modules_to_save \['mlp'\] contain.*down_proj"):
         LoRAFinetuneConfig.model_validate(raw)
+
+
+def test_a_module_to_save_that_matches_nothing_is_an_error(caption_manifest, vlm_weights, stage1_export, tmp_path):
+    from hilight.train.lora import LoRAFinetuneConfig, LoRASpec, apply_lora
+    from hilight.train.vlm_parts import build_vlm_parts
+
+    cfg = LoRAFinetuneConfig.model_validate(
+        lora_config(caption_manifest, tmp_path, vlm_weights["clipvip"], vlm_weights["llm"], stage1_export))
+    vlm = build_vlm_parts(cfg.vision, cfg.llm, cfg.token_mining).vlm
+    with pytest.raises(RuntimeError, match=r"no module named \['feed_forward'\].*lora.modules_to_save"):
+        apply_lora(vlm, LoRASpec(target_modules=["q_proj"], modules_to_save=["feed_forward"]), seed=0)

@@ -9,7 +9,8 @@ trainable TokenMining (the notes' "tune TM+LLM" variant, which the reference cod
 → feature cache → training over the sources mixed by ratio or in sequence → exports.
 
 Checkpoints hold only the trainable tensors (adapters, ``lora.modules_to_save`` copies, plus TokenMining when
-tuned), so a Gemma-2B run with adapters only writes ~300 MB per checkpoint, not 10 GB. An export (``<output_dir>/best``) is what the merge step reads:
+tuned), so a Gemma-2B run with adapters only writes ~300 MB per checkpoint, not 10 GB. An export
+(``<output_dir>/best``) is what the merge step reads:
 
     adapter/          peft adapter (adapter_config.json + adapter_model.safetensors, the reference's stage-2 layout)
     token_mining/     the TokenMining the adapter was trained with (tuned or the stage-1 weights), so the merge
@@ -125,6 +126,11 @@ class LoRASpec(BaseModel):
                              "(e.g. targets [q_proj, k_proj, v_proj, o_proj] with modules_to_save [mlp])")
         return self
 
+    def describe(self) -> str:
+        """What stage 2 trains, for logs and estimates: ``LoRA r16/alpha32 + full mlp + TokenMining``."""
+        full = "".join(f" + full {m}" for m in self.modules_to_save)
+        return f"LoRA r{self.r}/alpha{self.alpha}{full}" + (" + TokenMining" if self.tune_token_mining else "")
+
 
 class LoRAFinetuneConfig(BaseModel):
     """Config of the ``lora_finetune`` pipeline (``configs/lora_*.yaml``)."""
@@ -204,19 +210,21 @@ def apply_lora(vlm, spec: LoRASpec, seed: int) -> list[str]:
     torch.manual_seed(seed)  # LoRA A matrices are randomly initialised
     vlm.requires_grad_(False)
     vlm.llm = get_peft_model(vlm.llm, LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
-                                                 target_modules=spec.target_modules, modules_to_save=spec.modules_to_save or None,
-                                                 bias="none", task_type="CAUSAL_LM"))
+                                                 target_modules=spec.target_modules,
+                                                 modules_to_save=spec.modules_to_save or None, bias="none",
+                                                 task_type="CAUSAL_LM"))
     if spec.tune_token_mining:
         vlm.token_mining.requires_grad_(True)
     trainable = [n for n, p in vlm.named_parameters() if p.requires_grad]
     wrong = [n for n in trainable if not ("lora_" in n or ".modules_to_save." in n
                                           or (spec.tune_token_mining and n.startswith("token_mining.")))]
-    saved = {m for m in spec.modules_to_save if any(f".{m}.modules_to_save." in n for n in trainable)}
-    if wrong or not any("lora_" in n for n in trainable) or saved != set(spec.modules_to_save):
-        missing = sorted(set(spec.modules_to_save) - saved)
-        raise RuntimeError(f"stage-2 trainable set is wrong: {wrong[:5] or (missing and f'no module named {missing}') or 'no LoRA parameter'}; "
-                           f"check lora.target_modules ({spec.target_modules}) and lora.modules_to_save "
-                           f"({spec.modules_to_save}) against the LLM's module names")
+    missing = [m for m in spec.modules_to_save if not any(f".{m}.modules_to_save." in n for n in trainable)]
+    problem = (f"unexpected {wrong[:5]}" if wrong else f"no module named {missing}" if missing
+               else None if any("lora_" in n for n in trainable) else "no LoRA parameter")
+    if problem:
+        raise RuntimeError(f"stage-2 trainable set is wrong: {problem}; check lora.target_modules "
+                           f"({spec.target_modules}) and lora.modules_to_save ({spec.modules_to_save}) against the "
+                           "LLM's module names")
     return trainable
 
 
@@ -248,9 +256,7 @@ class LoRARecipe(Recipe):
         trainable = apply_lora(vlm, config.lora, config.train.seed)
         vlm.to(self.device)  # the new adapter matrices
         n_params = sum(p.numel() for p in vlm.parameters() if p.requires_grad)
-        log.info("stage 2: %d trainable tensors, %d parameters (LoRA r=%d%s)", len(trainable), n_params,
-                 config.lora.r, "".join(f" + full {m}" for m in config.lora.modules_to_save)
-                 + (" + TokenMining" if config.lora.tune_token_mining else ""))
+        log.info("stage 2: %d trainable tensors, %d parameters (%s)", len(trainable), n_params, config.lora.describe())
         self.open_run(data=fingerprint, **digests)
 
         # data: QA and "describe" samples of each source, the feature cache filled on the device
