@@ -1,5 +1,5 @@
 """Is the demo's decision stable? The reduced demo chain once per training seed, each in its own output dirs and
-registry model, with the seed as the only difference: billiards alignment ("table1k", train.seed) → weight selection
+registry model (named with --tag, so reruns start without a champion), with the seed as the only difference: billiards alignment ("table1k", train.seed) → weight selection
 (stage 1 and stage 2 of both candidates with train.seed; "original" stays the demo's general pretraining, the data
 and the demo LLM stay the demo's). Prints one Markdown row per seed and writes benchmarks/results/demo_stability.json.
 
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def run_seed(seed: int, out: str) -> dict:
+def run_seed(seed: int, out: str, tag: str) -> dict:
     from hilight.config import load_config
     from hilight.experiments.ablation import AblationConfig, ModelRef, eval_suite, evaluate_models
     from pipelines.run import run_pipeline, step_output
@@ -43,7 +43,7 @@ def run_seed(seed: int, out: str) -> dict:
 
     selection = run_pipeline("select_vision_weights", ROOT / "configs/select_vision_weights_demo.yaml", overrides=[
         f"output_dir={out}/seed{seed}/selection", f"name=stability_seed{seed}",
-        f"candidates.table1k.clipvip={align_dir}/best", f"registry.model_name=hilight-vlm-stability-seed{seed}",
+        f"candidates.table1k.clipvip={align_dir}/best", f"registry.model_name=hilight-vlm-stability-{tag}-seed{seed}",
         f"stage1_overrides={{train: {{seed: {seed}}}}}", f"stage2_overrides={{train: {{seed: {seed}}}}}"])
     decision = step_output(selection, "select_and_promote", "selection_decision")
     evidence = step_output(selection, "select_and_promote", "selection_evidence").set_index("candidate")
@@ -53,6 +53,8 @@ def run_seed(seed: int, out: str) -> dict:
         "t2v_r1": heldout["t2v_r1"], "t2v_r1_random": heldout["random_init/t2v_r1"],
         "colour_hard_negative_accuracy": float(scored["caption/hard_negative_accuracy/colour"]),
         "colour_fact": {c: float(evidence.at[c, "billiards/fact/colour"]) for c in evidence.index},
+        "colour_choice": {c: float(evidence.at[c, "billiards/choice/colour"]) for c in evidence.index
+                          if "billiards/choice/colour" in evidence.columns},
         "primary": decision["rule"]["primary"]["metric"],
         "primary_values": {c: float(evidence.at[c, decision["rule"]["primary"]["metric"]]) for c in evidence.index},
         "winner": decision["winner"], "margin_of": f"{margin.get('of')} - {margin.get('over')}",
@@ -63,11 +65,13 @@ def run_seed(seed: int, out: str) -> dict:
 
 def table(rows: list[dict]) -> str:
     out = ["| seed | table1k t2v R@1 (random init) | colour hard-neg acc | colour fact original / table1k | "
-           "winner | margin (95% CI) | excludes 0 |", "|---|---|---|---|---|---|---|"]
+           "colour choice original / table1k | winner | margin (95% CI) | excludes 0 |", "|---|---|---|---|---|---|---|---|"]
+    nan = float("nan")
     for r in rows:
-        cf = r["colour_fact"]
+        cf, cc = r["colour_fact"], r.get("colour_choice", {})
         out.append(f"| {r['seed']} | {r['t2v_r1']:.3f} ({r['t2v_r1_random']:.3f}) | {r['colour_hard_negative_accuracy']:.3f} | "
-                   f"{cf.get('original', float('nan')):.3f} / {cf.get('table1k', float('nan')):.3f} | {r['winner']} | "
+                   f"{cf.get('original', nan):.3f} / {cf.get('table1k', nan):.3f} | "
+                   f"{cc.get('original', nan):.3f} / {cc.get('table1k', nan):.3f} | {r['winner']} | "
                    f"{r['margin_of']} {r['margin']:+.3f} ({r['ci_low']:+.3f} .. {r['ci_high']:+.3f}) | "
                    f"{'yes' if r['excludes_zero'] else 'no'} |")
     winners = {r["winner"] for r in rows}
@@ -82,12 +86,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="outputs/stability", help="output root (relative to the project)")
     parser.add_argument("--json", default=str(ROOT / "benchmarks/results/demo_stability.json"))
+    parser.add_argument("--tag", default=time.strftime("%Y%m%d%H%M"), help="in each seed's registry model name "
+                        "(hilight-vlm-stability-<tag>-seed<N>), so a rerun is not compared with an earlier run's champion")
     args = parser.parse_args()
     if not (ROOT / "outputs/pretrain_general/best").is_dir() or not (ROOT / "outputs/llm_pretrain/model").is_dir():
         raise SystemExit("run `make demo` first: the stability runs reuse its data, 'original' weights and demo LLM")
     rows = []
     for seed in args.seeds:
-        rows.append(run_seed(seed, args.out))
+        rows.append(run_seed(seed, args.out, args.tag))
         print(json.dumps(rows[-1]), flush=True)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -80,6 +80,7 @@ DEMO_SELECTION = Path("configs/select_vision_weights_demo.yaml")
 DEMO_RETRAIN = Path("configs/retrain_demo.yaml")
 # Demo data: billiards clips with a fixed held-out set of the first DEMO_HELDOUT, and general-domain clips (80/10/10)
 DEMO_BILLIARDS_CLIPS, DEMO_HELDOUT, DEMO_GENERAL_CLIPS = 600, 36, 200
+DEMO_EVAL_CLIPS, DEMO_GENERAL_EVAL_CLIPS = 200, 100  # clips of split "eval": the weight selection's evaluation set
 CHAMPION_URI = "models:/hilight-vlm@champion"
 # import ZenML: its logging is adopted (retrain adopts it itself, after taking its lock)
 ZENML_COMMANDS = {"run", "demo", "ask", "ui", "stack", "serve"}
@@ -120,14 +121,16 @@ def data_synth(
     workers: int = typer.Option(min(4, os.cpu_count() or 1), help="Worker processes."),
     heldout: Optional[int] = typer.Option(None, min=0, help="Make the first N clips the held-out ones (val/test "
                                           "alternately), the rest train (default: each clip draws 80/10/10)."),
+    eval_clips: int = typer.Option(0, "--eval-clips", min=0, help="Also write N clips of split 'eval' (the same N "
+                                   "whatever --videos), for comparisons no training run reads."),
 ) -> None:
     """Generate a synthetic dataset: MP4 clips, captions, hard negatives, QA and event logs."""
     from hilight.data.synth import SynthSettings, generate_dataset
 
     settings = SynthSettings(width=width, height=height, fps=fps, duration_s=duration)
     generate_dataset(out, domain=domain, n_videos=videos, seed=seed, settings=settings, workers=workers,
-                     heldout=heldout)
-    typer.echo(f"wrote {videos} {domain} clips to {out}")
+                     heldout=heldout, eval_clips=eval_clips)
+    typer.echo(f"wrote {videos + eval_clips} {domain} clips to {out}")
 
 
 @app.command("validate")
@@ -279,6 +282,9 @@ def demo(
     heldout: int = typer.Option(DEMO_HELDOUT, min=1, help="Billiards clips held out for evaluation (the first N; a "
                                 "fixed set, so more training clips do not change what the held-out numbers measure)."),
     general_videos: int = typer.Option(DEMO_GENERAL_CLIPS, "--general-videos", min=10, help="General-domain clips."),
+    eval_clips: int = typer.Option(DEMO_EVAL_CLIPS, "--eval-clips", min=0, help="Billiards clips of split 'eval' "
+                                   "(besides --videos), which only the weight selection's evaluation reads (it also "
+                                   f"gets {DEMO_GENERAL_EVAL_CLIPS} general-domain ones)."),
     seed: int = typer.Option(0, help="Data seed."),
     workers: int = typer.Option(min(4, os.cpu_count() or 1), help="Worker processes for synthesis."),
 ) -> None:
@@ -291,15 +297,16 @@ def demo(
 
     started = time.monotonic()
     root = project_root()
-    for domain, n, held in (("billiards", videos, heldout), ("general", general_videos, None)):
+    for domain, n, held, n_eval in (("billiards", videos, heldout, eval_clips),
+                                    ("general", general_videos, None, DEMO_GENERAL_EVAL_CLIPS)):
         out = root / "data" / "synth" / domain
         meta = out / "dataset.json"
         current = json.loads(meta.read_text()) if meta.is_file() else {}
-        wanted = {"n_videos": n, "heldout": held, "seed": seed, "version": GENERATOR_VERSION}
+        wanted = {"n_videos": n, "heldout": held, "eval_clips": n_eval, "seed": seed, "version": GENERATOR_VERSION}
         if {k: current.get(k) for k in wanted} == wanted:
             typer.echo(f"{domain}: reusing {out}")
             continue
-        generate_dataset(out, domain=domain, n_videos=n, seed=seed, workers=workers, heldout=held)
+        generate_dataset(out, domain=domain, n_videos=n, seed=seed, workers=workers, heldout=held, eval_clips=n_eval)
 
     from pipelines.run import PipelineFailedError, run_pipeline, step_output
     from pipelines.stack import mlflow_tracking_uri

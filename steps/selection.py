@@ -81,7 +81,7 @@ def evaluate_incumbent(spec: VLMEvalSpec, incumbent: dict[str, str], eval_inputs
     result = evaluate_vlm(load_vlm_dir(local_model_dir(incumbent["model_uri"], resolve_path(cache_dir))), spec)
     metrics = {k: v for k, v in result.metrics.items() if v == v}  # NaN-free
     mlflow.log_metrics(metrics)
-    mlflow.log_table(result.answers.astype({c: "object" for c in result.answers.columns if c.startswith("fact_")}),
+    mlflow.log_table(result.loggable_answers(),
                      artifact_file="evaluation/answers.json")
     log_metadata({"candidate": incumbent["label"], "version": incumbent["version"], **metrics})
     return metrics, result.answers

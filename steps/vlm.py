@@ -180,7 +180,7 @@ def evaluate_model(spec: VLMEvalSpec, candidate: str, model: dict[str, str], eva
     metrics = {k: v for k, v in result.metrics.items() if v == v}  # NaN-free
     mlflow.log_metrics(metrics)
     mlflow.log_metrics(metrics, model_id=model["model_id"])
-    mlflow.log_table(result.answers.astype({c: "object" for c in result.answers.columns if c.startswith("fact_")}),
+    mlflow.log_table(result.loggable_answers(),
                      artifact_file="evaluation/answers.json")
     log_metadata({"candidate": candidate, **metrics})
     return metrics, result.answers

@@ -164,6 +164,11 @@ def _checks(facts: ClipFacts, question: str, text: str) -> dict[str, bool | None
     return _billiards(facts, question, text) if facts.domain == "billiards" else _general(facts, question, text)
 
 
+def history_text(history: str) -> str:
+    """The earlier turns of an item's ``history`` (JSON [[question, answer], ...]) as one text."""
+    return " ".join(f"{q} {a}" for q, a in json.loads(history))
+
+
 def check_answer(facts: ClipFacts, question: str, answer: str, history: str = "") -> dict[str, bool | None]:
     """Fact checks of one answer (see the module docstring); only the kinds that apply are returned.
 

@@ -10,10 +10,13 @@ every candidate is asked the same way. Each answer gets:
 - the aligned CLIP-ViP's cosine similarity between the video and the answer (one fixed judge for every
   candidate; the reference text's similarity is kept beside it as the ceiling);
 - factual checks against the synthetic event metadata (``hilight.eval.facts``): colour, pocket, action, count,
-  direction.
+  direction;
+- with ``choices``, the facts its reference states scored as multiple choices (``hilight.eval.choice``): is the
+  reference more likely, teacher-forced, than the same answer with another colour, pocket or direction?
 
 ``evaluate_vlm`` returns the per-answer table and summary metrics named ``<dataset>/fact_accuracy``,
-``<dataset>/fact/<kind>`` and ``<dataset>/<describe|qa>/<bleu|chrf|rougeL|clip_similarity>``.
+``<dataset>/fact/<kind>``, ``<dataset>/choice_accuracy`` (with ``<dataset>/choice_chance``, its chance level),
+``<dataset>/choice/<kind>`` and ``<dataset>/<describe|qa>/<bleu|chrf|rougeL|clip_similarity>``.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from hilight.data.frames import load_clip_frames
 from hilight.data.probe import sha256_file
 from hilight.data.qa import DESCRIBE_PROMPT, describe_rows, read_qa_manifest
 from hilight.env import resolve_path
-from hilight.eval.facts import FACT_KINDS, check_answer, read_events
+from hilight.eval.choice import score_choices
+from hilight.eval.facts import FACT_KINDS, check_answer, history_text, read_events
 from hilight.models.checkpoints import load_saved_clipvip
 from hilight.models.export import GenerationSpec, VLMBundle, default_device
 from hilight.models.tokenizers import load_clip_tokenizer
@@ -43,6 +47,8 @@ from hilight.models.tokenizers import load_clip_tokenizer
 log = logging.getLogger(__name__)
 
 TEXT_METRICS = ("bleu", "chrf", "rougeL")
+# bump when evaluate_vlm computes something new or differently: cached evaluations (the incumbent's too) are redone
+EVAL_VERSION = "2"  # 2: multiple-choice fact scores
 
 
 class VLMEvalSpec(BaseModel):
@@ -55,6 +61,7 @@ class VLMEvalSpec(BaseModel):
     splits: list[str] = ["val", "test"]
     prompt: str = DESCRIBE_PROMPT
     questions: bool = True  # also ask each held-out QA question
+    choices: bool = True  # also score each stated fact as a multiple choice (hilight.eval.choice)
     max_videos: int | None = Field(64, ge=1)  # per dataset (a fixed random subset)
     events: dict[str, str] = {}  # dataset -> events.json of a synthetic dataset (factual checks)
     judge: str | None = None  # an aligned CLIP-ViP export dir (with tokenizer/) scoring video-answer similarity
@@ -65,8 +72,12 @@ class VLMEvalSpec(BaseModel):
 
 @dataclass
 class VLMEvaluation:
-    answers: pd.DataFrame  # one row per (video, question): answer, reference, scores, fact checks
+    answers: pd.DataFrame  # one row per (video, question): answer, reference, scores, fact checks, choices
     metrics: dict[str, float]
+
+    def loggable_answers(self) -> pd.DataFrame:
+        """``answers`` with its True/False/NA columns as objects, which ``mlflow.log_table`` can write."""
+        return self.answers.astype({c: "object" for c, t in self.answers.dtypes.items() if str(t) == "boolean"})
 
 
 def eval_items(spec: VLMEvalSpec) -> pd.DataFrame:
@@ -99,8 +110,9 @@ def eval_items(spec: VLMEvalSpec) -> pd.DataFrame:
 
 
 def eval_fingerprints(spec: VLMEvalSpec) -> dict[str, str]:
-    """Hashes of what evaluation reads besides the model: manifest, event files, judge weights."""
-    out = {"data_fingerprint": read_caption_manifest(spec.manifest_dir).fingerprint}
+    """Hashes of what evaluation reads besides the model (manifest, event files, judge weights) and the version of
+    what it computes: they key cached evaluations."""
+    out = {"evaluation": EVAL_VERSION, "data_fingerprint": read_caption_manifest(spec.manifest_dir).fingerprint}
     out.update({f"events:{d}": sha256_file(resolve_path(p)) for d, p in spec.events.items()})
     if spec.judge:
         out["judge"] = sha256_file(resolve_path(spec.judge) / "model.safetensors")
@@ -147,15 +159,20 @@ def judge_similarity(judge_dir: str | Path, items: pd.DataFrame, batch_size: int
 
 
 @torch.no_grad()
-def generate_answers(bundle: VLMBundle, items: pd.DataFrame, spec: VLMEvalSpec) -> list[str]:
-    """Answers in ``items`` order; each video's tokens computed once."""
-    vlm = bundle.vlm
-    tokens = {}
+def video_tokens_of(bundle: VLMBundle, items: pd.DataFrame, batch_size: int) -> dict[str, torch.Tensor]:
+    """Each video's TokenMining tokens, computed once per video."""
+    vlm, tokens = bundle.vlm, {}
     files = items.drop_duplicates("video_id")[["video_id", "video_file"]]
-    for start in range(0, len(files), spec.batch_size):
-        chunk = files.iloc[start:start + spec.batch_size]
+    for start in range(0, len(files), batch_size):
+        chunk = files.iloc[start:start + batch_size]
         pix = torch.stack([bundle.clip(f) for f in chunk["video_file"]]).to(next(vlm.token_mining.parameters()).device)
         tokens.update(zip(chunk["video_id"], vlm.token_mining(*vlm.tower_features(pix)), strict=True))
+    return tokens
+
+
+def generate_answers(bundle: VLMBundle, items: pd.DataFrame, spec: VLMEvalSpec,
+                     tokens: dict[str, torch.Tensor]) -> list[str]:
+    """Answers in ``items`` order."""
     answers = []
     for start in range(0, len(items), spec.batch_size):
         chunk = items.iloc[start:start + spec.batch_size]
@@ -168,12 +185,20 @@ def generate_answers(bundle: VLMBundle, items: pd.DataFrame, spec: VLMEvalSpec) 
 def summarise(answers: pd.DataFrame) -> dict[str, float]:
     metrics: dict[str, float] = {}
     for dataset, g in answers.groupby("dataset"):
-        facts = g[[f"fact_{k}" for k in FACT_KINDS]]
+        chosen = [c for c in g.columns if c.startswith("choice_") and not c.endswith("_options") and g[c].notna().any()]
+        if chosen:
+            right = g[chosen].astype(float).stack()  # one value per (item, kind) choice made
+            options = g[[f"{c}_options" for c in chosen]].set_axis(chosen, axis=1).where(g[chosen].notna()).stack()
+            metrics[f"{dataset}/choice_accuracy"] = float(right.mean())
+            metrics[f"{dataset}/choice_chance"] = float((1.0 / options).mean())
+            for c in chosen:
+                metrics[f"{dataset}/choice/{c.removeprefix('choice_')}"] = float(g[c].dropna().astype(float).mean())
+        facts = g[[f"fact_{k}" for k in FACT_KINDS if f"fact_{k}" in g]]
         checked = facts.notna()
         if checked.to_numpy().any():
             metrics[f"{dataset}/fact_accuracy"] = float(facts.where(checked).stack().astype(float).mean())
             for k in FACT_KINDS:
-                col = g[f"fact_{k}"].dropna()
+                col = g[f"fact_{k}"].dropna() if f"fact_{k}" in g else ()
                 if len(col):
                     metrics[f"{dataset}/fact/{k}"] = float(col.astype(float).mean())
         for kind, h in g.groupby("kind"):
@@ -185,16 +210,14 @@ def summarise(answers: pd.DataFrame) -> dict[str, float]:
     return metrics
 
 
-def history_text(history: str) -> str:
-    """The earlier turns of an item's ``history`` (JSON [[question, answer], ...]) as one text."""
-    return " ".join(f"{q} {a}" for q, a in json.loads(history))
-
-
 def evaluate_vlm(bundle: VLMBundle, spec: VLMEvalSpec) -> VLMEvaluation:
     items = eval_items(spec)
     bundle.vlm.eval()
     log.info("evaluating on %d questions about %d held-out videos", len(items), items["video_id"].nunique())
-    items["answer"] = generate_answers(bundle, items, spec)
+    tokens = video_tokens_of(bundle, items, spec.batch_size)
+    items["answer"] = generate_answers(bundle, items, spec, tokens)
+    if spec.choices:
+        items = pd.concat([items, score_choices(bundle.vlm, bundle.tokenizer, items, tokens)], axis=1)
     items = pd.concat([items, text_scores(items["answer"].tolist(), items["reference"].tolist())], axis=1)
     if spec.judge:
         items = pd.concat([items, judge_similarity(spec.judge, items, spec.batch_size)], axis=1)

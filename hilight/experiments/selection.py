@@ -317,12 +317,17 @@ def per_item(answers: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Each answer's share of a summary metric as (``num``, ``den``): the metric over any set of answers is
     sum(num) / sum(den) (fact checks pool over checks, text metrics average over answers). Indexed by (video_id,
     kind, question) so two models' answers pair up. Metrics: ``<dataset>/fact_accuracy``,
-    ``<dataset>/fact/<kind>``, ``<dataset>/<kind>/<column>``."""
+    ``<dataset>/fact/<kind>``, ``<dataset>/choice_accuracy``, ``<dataset>/choice/<kind>``,
+    ``<dataset>/<kind>/<column>``."""
     dataset, _, rest = metric.partition("/")
     keys = ["seed", "video_id", "kind", "question"] if "seed" in answers.columns else ["video_id", "kind", "question"]
     rows = answers[answers["dataset"] == dataset].set_index(keys)
-    if rest == "fact_accuracy" or rest.startswith("fact/"):
-        cols = [c for c in rows.columns if c.startswith("fact_")] if rest == "fact_accuracy" else [f"fact_{rest[5:]}"]
+    family, _, kind = rest.removesuffix("_accuracy").partition("/")
+    if family in ("fact", "choice") and (rest.endswith("_accuracy") or kind):
+        checked = [c for c in rows.columns if c.startswith(f"{family}_") and not c.endswith("_options")]
+        cols = [f"{family}_{kind}"] if kind else checked
+        if not set(cols) <= set(checked):
+            raise ValueError(f"cannot pair answers on {metric!r}: no per-answer column {cols[0]!r}")
         checks = rows[cols].astype(float)
         return pd.DataFrame({"num": checks.sum(axis=1, min_count=1).fillna(0.0), "den": checks.notna().sum(axis=1)})
     kind, _, column = rest.partition("/")

@@ -39,6 +39,9 @@ GENERATOR_VERSION = "4"  # 2: probes.json; 3: large balls, six colours, 1-2 obje
 # 4: one cue-ball caption (what it did + where it ended), no "No ball is pocketed" beside a miss, notes-style
 # pocketed answer
 SPLITS = ("train",) * 8 + ("val", "test")
+# eval clips (split "eval", seen by no training and no checkpoint selection) are clips EVAL_OFFSET + j of the same seed:
+# a fixed set whatever the number of training clips
+EVAL_OFFSET = 50_000
 
 
 class SynthSettings(BaseModel):
@@ -63,7 +66,9 @@ def _one(args: tuple[str, int, int, SynthSettings, str, int | None]) -> dict:
     vid = _video_id(domain, seed, index)
     write_mp4(Path(out_dir) / "videos" / f"{vid}.mp4", clip.frames, settings.fps)
     split = SPLITS[int(rng.integers(len(SPLITS)))]  # drawn either way, so a clip's bytes do not depend on heldout
-    if heldout is not None:
+    if index >= EVAL_OFFSET:
+        split = "eval"
+    elif heldout is not None:
         split = ("val", "test")[index % 2] if index < heldout else "train"
     captions = [{"caption": c.text, "object": c.object} for c in clip.captions]
     negatives, probes = [], []
@@ -96,12 +101,16 @@ def generate_dataset(
     workers: int = 1,
     progress: bool = True,
     heldout: int | None = None,
+    eval_clips: int = 0,
 ) -> Path:
     """Write a synthetic dataset of ``n_videos`` clips to ``out_dir`` (see module docstring).
 
     Splits: by default each clip draws train/val/test at 80/10/10. ``heldout=N`` makes the first N clips the held-out
     ones (val and test alternately) and every other clip train, so adding training clips leaves the evaluation set,
-    and with it every held-out metric's meaning, unchanged."""
+    and with it every held-out metric's meaning, unchanged. ``eval_clips=M`` adds M clips of split ``eval`` (clips
+    ``EVAL_OFFSET + j``, so the same M whatever ``n_videos``): a set for final comparisons that no training run and
+    no checkpoint selection reads, large enough for tight intervals without enlarging the val/test sets that
+    training reports on."""
     if domain not in DOMAINS:  # InputError: the CLI reports these in one line and exits 2
         raise InputError(f"unknown domain {domain!r}; choose one of {sorted(DOMAINS)}")
     if n_videos < 1:
@@ -109,11 +118,15 @@ def generate_dataset(
     if heldout is not None and not 0 <= heldout < n_videos:
         raise InputError(f"heldout {heldout} leaves no training clips of {n_videos} videos; pass a heldout (--heldout) "
                          f"in [0, {n_videos}) or more videos (--videos)")
+    if eval_clips and n_videos > EVAL_OFFSET:
+        raise InputError(f"n_videos {n_videos} reaches the eval clips' indices (from {EVAL_OFFSET}); generate at most "
+                         f"{EVAL_OFFSET} clips with eval_clips")
     settings = settings or SynthSettings()
     out_dir = Path(out_dir)
     (out_dir / "videos").mkdir(parents=True, exist_ok=True)
-    jobs = [(domain, seed, i, settings, str(out_dir), heldout) for i in range(n_videos)]
-    bar = dict(total=n_videos, desc=f"synth {domain}", disable=not progress, unit="clip")
+    indices = [*range(n_videos), *range(EVAL_OFFSET, EVAL_OFFSET + eval_clips)]
+    jobs = [(domain, seed, i, settings, str(out_dir), heldout) for i in indices]
+    bar = dict(total=len(jobs), desc=f"synth {domain}", disable=not progress, unit="clip")
     if workers > 1:
         # forkserver: workers start from a clean process, never a fork of a threaded parent
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("forkserver")) as pool:
@@ -127,9 +140,9 @@ def generate_dataset(
     _dump(out_dir / "events.json", [r["events"] for r in results])
     _dump(out_dir / "dataset.json", {
         "generator": "hilight.data.synth", "version": GENERATOR_VERSION, "domain": domain,
-        "seed": seed, "n_videos": n_videos, "heldout": heldout, "settings": settings.model_dump(),
+        "seed": seed, "n_videos": n_videos, "heldout": heldout, "eval_clips": eval_clips, "settings": settings.model_dump(),
     })
-    log.info("wrote %d %s clips to %s", n_videos, domain, out_dir)
+    log.info("wrote %d %s clips to %s", len(jobs), domain, out_dir)
     return out_dir
 
 

@@ -1,0 +1,101 @@
+"""Multiple-choice fact scoring: does the model find the true answer more likely than the same answer with the
+fact changed?
+
+A generated answer is checked only if the model phrases all of it well, and a 6-way colour question asked of a few
+dozen held-out clips leaves wide intervals. Scoring the reference answer teacher-forced, once with each value of the
+fact (each ball colour, each pocket, ...), asks only what the model knows about the clip: the item is right when the
+true value's answer has the highest log-likelihood. This is how lm-evaluation-harness scores multiple-choice tasks
+(its ``acc``: summed log-likelihood of each option's continuation); it is done here rather than through the harness
+because the options share a video prefix spliced into the LLM's input, which the harness's model API cannot take.
+
+An item gets one choice per fact kind whose vocabulary (``CHOICES``) the reference names exactly one value of, when
+that value is not already given by the question or the conversation before it (as in ``hilight.eval.facts``):
+"Which pocket did the red ball go into?" is a pocket choice, not a colour one. Chance is 1 / the number of values.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pandas as pd
+import torch
+
+from hilight.data.conversations import IGNORE_INDEX, VIDEO_TOKEN, Turn, encode, encode_prompt
+from hilight.data.synth.billiards import BALL_COLOURS
+from hilight.data.synth.general import COLOURS, DIRECTIONS
+from hilight.data.synth.physics import POCKET_NAMES
+from hilight.eval.facts import history_text
+
+# dataset -> fact kind -> the values one answer could name
+CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
+    "billiards": {"colour": tuple(BALL_COLOURS), "pocket": POCKET_NAMES},
+    "general": {"colour": tuple(COLOURS), "direction": tuple(DIRECTIONS)},
+}
+
+
+def _pattern(value: str) -> re.Pattern:
+    return re.compile(rf"(?<![\w-]){re.escape(value)}(?![\w-])", re.IGNORECASE)
+
+
+def choice_options(dataset: str, question: str, reference: str, history: str = "") -> dict[str, tuple[int, list[str]]]:
+    """Per fact kind the reference can be varied on: (index of the true value, the reference with each value)."""
+    given = f"{history} {question}"
+    out = {}
+    for kind, values in CHOICES.get(dataset, {}).items():
+        named = [i for i, v in enumerate(values) if _pattern(v).search(reference)]
+        if len(named) != 1 or _pattern(values[named[0]]).search(given):
+            continue
+        truth = _pattern(values[named[0]])
+        out[kind] = (named[0], [truth.sub(v, reference) for v in values])
+    return out
+
+
+@torch.no_grad()
+def answer_logprobs(vlm, tokenizer, video_tokens: torch.Tensor, question: str, answers: list[str],
+                    history: list[Turn] = ()) -> torch.Tensor:
+    """Summed log-likelihood of each of ``answers`` to ``question`` (after ``history``) about one video
+    (``video_tokens [N, D]``), prompted exactly as generation is. ``[len(answers)]``."""
+    n = video_tokens.shape[0]
+    prompt = encode_prompt(question, tokenizer, video_tokens=n, history=list(history))
+    turns = [*history, Turn(question, None)]
+    if not any(VIDEO_TOKEN in t.question for t in turns):  # where encode_prompt puts the video
+        turns[0] = Turn(VIDEO_TOKEN + "\n" + turns[0].question.strip(), turns[0].answer)
+    rows = []
+    for a in answers:
+        enc = encode([*turns[:-1], Turn(turns[-1].question, a)], tokenizer, video_tokens=n)
+        start = len(prompt.input_ids)
+        if enc.input_ids[:start] != prompt.input_ids:
+            raise RuntimeError("the scored answer's prompt differs from the generation prompt; the chat template "
+                               "must render a question the same with or without its answer")
+        rows.append((enc.input_ids, [IGNORE_INDEX] * start + enc.labels[start:]))
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (x, y) in enumerate(rows):
+        ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+    device = video_tokens.device
+    s = vlm.splice(ids.to(device), mask.to(device), video_tokens[None].expand(len(rows), -1, -1), labels.to(device))
+    logp = vlm.llm(inputs_embeds=s.inputs_embeds, attention_mask=s.attention_mask,
+                   position_ids=s.position_ids).logits[:, :-1].float().log_softmax(-1)
+    target = s.labels[:, 1:]
+    picked = logp.gather(-1, target.clamp(min=0)[..., None])[..., 0]
+    return (picked * (target != IGNORE_INDEX)).sum(1).cpu()
+
+
+def score_choices(vlm, tokenizer, items: pd.DataFrame, tokens: dict[str, torch.Tensor]) -> pd.DataFrame:
+    """``choice_<kind>`` (True/False/NA) and ``choice_<kind>_options`` per item of ``items`` (dataset, video_id,
+    question, reference, history), from each video's TokenMining tokens."""
+    kinds = sorted({k for c in CHOICES.values() for k in c})
+    out = {f"choice_{k}": [pd.NA] * len(items) for k in kinds}
+    out.update({f"choice_{k}_options": [0] * len(items) for k in kinds})
+    for row, it in enumerate(items.itertuples(index=False)):
+        history = [Turn(q, a) for q, a in json.loads(it.history)]
+        for kind, (truth, options) in choice_options(it.dataset, it.question, it.reference,
+                                                     history_text(it.history)).items():
+            ll = answer_logprobs(vlm, tokenizer, tokens[it.video_id], it.question, options, history)
+            out[f"choice_{kind}"][row] = bool(int(ll.argmax()) == truth)
+            out[f"choice_{kind}_options"][row] = len(options)
+    frame = pd.DataFrame(out, index=items.index)
+    return frame.astype({f"choice_{k}": "boolean" for k in kinds})
