@@ -23,6 +23,7 @@ def _summary() -> dict:
     tables = {"champion-v1": model(0.5, 0.6, 0), "table1k": model(0.85, 0.6, 1), "original": model(0.4, 0.6, 2)}
     evidence = table(tables)
     evidence["billiards/fact/colour"] = evidence["billiards/fact_accuracy"]
+    evidence["billiards/choice/colour"] = [0.4, 0.7, 0.3]
     decision = decide(evidence, RULE, answers=tables, incumbent=INCUMBENT)
     decision["registry"] = {"champion": "3", "challenger": "2", "champion_uri": "models:/hilight-vlm@champion"}
     decision["changes"] = ["champion: version 1 -> 3"]
@@ -52,6 +53,8 @@ def test_summary_has_the_issues_keys_and_values():
     assert sel["champion"] == "table1k" and sel["incumbent"]["label"] == "champion-v1" and sel["status"] == "promoted"
     assert sel["ci_low"] > 0 and sel["margin_of"] == "table1k - champion-v1"
     assert set(sel["colour_fact_accuracy"]) == {"champion-v1", "table1k", "original"}
+    assert sel["colour_choice_accuracy"] == {"champion-v1": 0.4, "table1k": 0.7, "original": 0.3}
+    assert sel["metrics"]["table1k"]["billiards/choice/colour"] == 0.7
     assert s["seconds"] == pytest.approx(812.4)
 
 

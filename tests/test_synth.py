@@ -177,6 +177,33 @@ def test_fixed_heldout_keeps_clips_and_evaluation_set(tmp_path, tiny_settings):
         generate_dataset(tmp_path / "bad", n_videos=3, heldout=3, progress=False)
 
 
+def test_eval_clips_are_the_same_whatever_the_training_set(tmp_path, tiny_settings, monkeypatch):
+    """eval_clips=M: M more clips of split "eval", the same clips (ids and bytes) however many other clips there are;
+    the other clips are those the call without eval_clips writes."""
+    from hilight.data import synth
+
+    small = generate_dataset(tmp_path / "small", n_videos=3, seed=7, settings=tiny_settings, progress=False,
+                             heldout=1, eval_clips=2)
+    large = generate_dataset(tmp_path / "large", n_videos=5, seed=7, settings=tiny_settings, progress=False,
+                             heldout=1, eval_clips=2)
+    plain = generate_dataset(tmp_path / "plain", n_videos=5, seed=7, settings=tiny_settings, progress=False, heldout=1)
+
+    def splits(d):
+        return {r["video_id"]: r["split"] for r in json.loads((d / "captions.json").read_text())}
+
+    evals = [v for v, s in splits(large).items() if s == "eval"]
+    assert evals == ["bil7_50000", "bil7_50001"] == [v for v, s in splits(small).items() if s == "eval"]
+    assert {v: s for v, s in splits(large).items() if s != "eval"} == splits(plain)
+    assert [e["split"] for e in json.loads((large / "events.json").read_text())] == list(splits(large).values())
+    assert len(json.loads((large / "qa.json").read_text())) == 7
+    for vid in evals:
+        assert (large / "videos" / f"{vid}.mp4").read_bytes() == (small / "videos" / f"{vid}.mp4").read_bytes()
+    assert json.loads((large / "dataset.json").read_text())["eval_clips"] == 2
+    monkeypatch.setattr(synth, "EVAL_OFFSET", 4)
+    with pytest.raises(ValueError, match="n_videos 5 reaches the eval clips' indices"):
+        generate_dataset(tmp_path / "bad", n_videos=5, eval_clips=1, progress=False)
+
+
 def test_general_domain(general_dir):
     caps = json.loads((general_dir / "captions.json").read_text())
     meta = {e["video_id"]: e for e in json.loads((general_dir / "events.json").read_text())}

@@ -145,13 +145,18 @@ def encode(turns: list[Turn], tokenizer, *, video_tokens: int, max_length: int |
     return Encoded(ids, labels, videos, truncated, dropped)
 
 
-def encode_prompt(question: str, tokenizer, *, video_tokens: int, history: list[Turn] = ()) -> Encoded:
-    """The generation prompt for ``question`` (after ``history``), exactly as training renders it. The
-    conversation holds one video, as training data always does: if no turn has ``<video>``, it goes in front of the
-    first turn; a marker in the question moves to its front."""
+def prompt_turns(question: str, history: list[Turn] = ()) -> list[Turn]:
+    """``history`` then ``question`` (answer open), holding one video as training data always does: if no turn has
+    ``<video>``, it goes in front of the first turn; a marker in the question moves to its front."""
     turns = [*history, Turn(question, None)]
     if not any(VIDEO_TOKEN in t.question for t in turns):
         turns[0] = Turn(VIDEO_TOKEN + "\n" + turns[0].question.strip(), turns[0].answer)
     elif VIDEO_TOKEN in question:
         turns[-1] = Turn(VIDEO_TOKEN + "\n" + question.replace(VIDEO_TOKEN, "").strip(), None)
-    return encode(turns, tokenizer, video_tokens=video_tokens)
+    return turns
+
+
+def encode_prompt(question: str, tokenizer, *, video_tokens: int, history: list[Turn] = ()) -> Encoded:
+    """The generation prompt for ``question`` (after ``history``), exactly as training renders it
+    (:func:`prompt_turns`)."""
+    return encode(prompt_turns(question, history), tokenizer, video_tokens=video_tokens)

@@ -21,7 +21,7 @@ import re
 import pandas as pd
 import torch
 
-from hilight.data.conversations import IGNORE_INDEX, VIDEO_TOKEN, Turn, encode, encode_prompt
+from hilight.data.conversations import IGNORE_INDEX, Turn, encode, prompt_turns
 from hilight.data.synth.billiards import BALL_COLOURS
 from hilight.data.synth.general import COLOURS, DIRECTIONS
 from hilight.data.synth.physics import POCKET_NAMES
@@ -57,10 +57,8 @@ def answer_logprobs(vlm, tokenizer, video_tokens: torch.Tensor, question: str, a
     """Summed log-likelihood of each of ``answers`` to ``question`` (after ``history``) about one video
     (``video_tokens [N, D]``), prompted exactly as generation is. ``[len(answers)]``."""
     n = video_tokens.shape[0]
-    prompt = encode_prompt(question, tokenizer, video_tokens=n, history=list(history))
-    turns = [*history, Turn(question, None)]
-    if not any(VIDEO_TOKEN in t.question for t in turns):  # where encode_prompt puts the video
-        turns[0] = Turn(VIDEO_TOKEN + "\n" + turns[0].question.strip(), turns[0].answer)
+    turns = prompt_turns(question, list(history))
+    prompt = encode(turns, tokenizer, video_tokens=n)
     rows = []
     for a in answers:
         enc = encode([*turns[:-1], Turn(turns[-1].question, a)], tokenizer, video_tokens=n)

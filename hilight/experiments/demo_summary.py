@@ -3,7 +3,8 @@
 ``build_demo_summary`` gathers the numbers of the demo's runs into one JSON-able dict: at least ``alignment``
 (billiards held-out text→video R@1 and its random-init baseline), ``ablation`` (the selected variant, its colour
 hard-negative accuracy, whether the choice is inconclusive), ``selection`` (champion, incumbent, primary metric, the
-margin behind the decision with its interval, each candidate's colour fact accuracy) and ``seconds``.
+margin behind the decision with its interval, each candidate's colour fact accuracy in generated answers and as a
+multiple choice) and ``seconds``.
 ``render_demo_summary`` turns that dict, and nothing else, into the printed summary, so the two never disagree.
 """
 
@@ -19,8 +20,9 @@ from hilight.experiments.ablation import chosen_labels
 ABLATION_COLUMNS = ["caption/top1_accuracy", "caption/hard_negative_accuracy", "caption/hard_negative_accuracy/colour",
                     "say_more/short_wins", "retrieval/t2v_r1"]
 SELECTION_COLUMNS = ["billiards/fact_accuracy", "billiards/fact/colour", "billiards/fact/action", "billiards/fact/pocket",
-                     "billiards/describe/rougeL", "billiards/describe/clip_similarity", "general/fact_accuracy",
-                     "general/describe/rougeL"]
+                     "billiards/choice_accuracy", "billiards/choice/colour", "billiards/choice/pocket",
+                     "billiards/choice_chance", "billiards/describe/rougeL", "billiards/describe/clip_similarity",
+                     "general/fact_accuracy", "general/choice_accuracy", "general/describe/rougeL"]
 
 
 def _num(x: Any) -> float | None:
@@ -61,8 +63,11 @@ def selection_summary(run_name: str, decision: dict, evidence: pd.DataFrame, sta
     margin = (decision.get("against_incumbent") or {}).get(decision["winner"]) or decision.get("primary_difference") or {}
     rows = evidence.set_index("candidate")
     cols = [c for c in SELECTION_COLUMNS if c in evidence.columns]
-    colour = "billiards/fact/colour"
     reg = decision["registry"]
+
+    def per_candidate(metric: str) -> dict:
+        return {c: _num(rows.at[c, metric]) for c in rows.index} if metric in rows.columns else {}
+
     return {
         "run": run_name, "status": decision["status"], "champion": decision["champion"],
         "champion_version": reg.get("champion"), "challenger": decision.get("challenger"),
@@ -71,7 +76,8 @@ def selection_summary(run_name: str, decision: dict, evidence: pd.DataFrame, sta
         "primary_metric": primary, "margin": _num(margin.get("estimate")), "ci_low": _num(margin.get("low")),
         "ci_high": _num(margin.get("high")), "confidence": decision["rule"]["confidence"],
         "margin_of": f"{margin['of']} - {margin['over']}" if margin else None,
-        "colour_fact_accuracy": ({c: _num(rows.at[c, colour]) for c in rows.index} if colour in rows.columns else {}),
+        "colour_fact_accuracy": per_candidate("billiards/fact/colour"),
+        "colour_choice_accuracy": per_candidate("billiards/choice/colour"),  # teacher-forced 6-way (chance 1/6)
         "explanation": decision["explanation"], "rule": decision["rule_text"],
         "metrics": {c: {m: _num(rows.at[c, m]) for m in cols} for c in rows.index},
         "stage1": stage1, "merged_dir": f"{merged_root}/{decision['winner']}/merged",
