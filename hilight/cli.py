@@ -80,7 +80,8 @@ DEMO_SELECTION = Path("configs/select_vision_weights_demo.yaml")
 DEMO_RETRAIN = Path("configs/retrain_demo.yaml")
 # Demo data: billiards clips with a fixed held-out set of the first DEMO_HELDOUT, and general-domain clips (80/10/10)
 DEMO_BILLIARDS_CLIPS, DEMO_HELDOUT, DEMO_GENERAL_CLIPS = 600, 36, 200
-DEMO_EVAL_CLIPS, DEMO_GENERAL_EVAL_CLIPS = 200, 100  # clips of split "eval": the weight selection's evaluation set
+# clips of split "eval": the set the ablation and the weight selection compare models on
+DEMO_EVAL_CLIPS, DEMO_GENERAL_EVAL_CLIPS = 200, 100
 CHAMPION_URI = "models:/hilight-vlm@champion"
 # import ZenML: its logging is adopted (retrain adopts it itself, after taking its lock)
 ZENML_COMMANDS = {"run", "demo", "ask", "ui", "stack", "serve"}
@@ -282,9 +283,10 @@ def demo(
     heldout: int = typer.Option(DEMO_HELDOUT, min=1, help="Billiards clips held out for evaluation (the first N; a "
                                 "fixed set, so more training clips do not change what the held-out numbers measure)."),
     general_videos: int = typer.Option(DEMO_GENERAL_CLIPS, "--general-videos", min=10, help="General-domain clips."),
-    eval_clips: int = typer.Option(DEMO_EVAL_CLIPS, "--eval-clips", min=0, help="Billiards clips of split 'eval' "
-                                   "(besides --videos), which only the weight selection's evaluation reads (it also "
-                                   f"gets {DEMO_GENERAL_EVAL_CLIPS} general-domain ones)."),
+    eval_clips: int = typer.Option(DEMO_EVAL_CLIPS, "--eval-clips", min=1, help="Billiards clips of split 'eval' "
+                                   "(besides --videos) on which the ablation and the weight selection compare models; "
+                                   f"no training run reads them (the selection also gets {DEMO_GENERAL_EVAL_CLIPS} "
+                                   "general-domain ones)."),
     seed: int = typer.Option(0, help="Data seed."),
     workers: int = typer.Option(min(4, os.cpu_count() or 1), help="Worker processes for synthesis."),
 ) -> None:

@@ -47,6 +47,14 @@ def test_which_facts_are_offered_as_choices(question, reference, history, expect
     assert set(choice_options("billiards", question, reference, history)) == expected
 
 
+def test_an_option_is_not_given_away_by_its_article_or_case():
+    truth, options = choice_options("general", "What's happened in this video?", "An orange circle moves upwards.")["colour"]
+    assert options[truth] == "An orange circle moves upwards." and "A red circle moves upwards." in options
+    assert not any(o.startswith(("An red", "A orange")) for o in options)
+    truth, options = choice_options("billiards", "q", "Red ball was pocketed.")["colour"]
+    assert options[truth] == "Red ball was pocketed." and "Blue ball was pocketed." in options
+
+
 def test_general_direction_choice_and_pocket_options():
     truth, options = choice_options("general", "Which way does the blue triangle move?",
                                     "The blue triangle moves from right to left.")["direction"]
@@ -102,15 +110,17 @@ def test_score_choices_marks_the_most_likely_option(tiny, monkeypatch):
                           "reference": [POT, "The white cue ball hit the blue ball first.", "No, no ball was pocketed."],
                           "history": "[]"})
     tokens = {v: torch.zeros(8, 64) for v in items["video_id"]}
-    prefer = {"v0": "red", "v1": "pink"}  # v0 right (red is the truth), v1 wrong (blue is)
+    prefer = {"v0": ["red"], "v1": ["pink"]}  # v0 right (red is the truth), v1 wrong (blue is)
 
     def fake(vlm_, tok_, video, question, answers, history=()):
         vid = next(v for v, t in tokens.items() if t is video)
-        return torch.tensor([1.0 if prefer[vid] in a else 0.0 for a in answers])
+        return torch.tensor([1.0 if any(c in a for c in prefer[vid]) else 0.0 for a in answers])
 
     monkeypatch.setattr("hilight.eval.choice.answer_logprobs", fake)
     got = score_choices(vlm, tok, items, tokens)
     assert got["choice_colour"].tolist() == [True, False, pd.NA]
+    prefer["v0"] = ["red", "blue"]  # a tie with the truth is not a right choice
+    assert score_choices(vlm, tok, items, tokens)["choice_colour"].tolist() == [False, False, pd.NA]
     assert got["choice_colour_options"].tolist() == [6, 6, 0] and got["choice_pocket"].isna().all()
 
 

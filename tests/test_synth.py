@@ -202,6 +202,9 @@ def test_eval_clips_are_the_same_whatever_the_training_set(tmp_path, tiny_settin
     monkeypatch.setattr(synth, "EVAL_OFFSET", 4)
     with pytest.raises(ValueError, match="n_videos 5 reaches the eval clips' indices"):
         generate_dataset(tmp_path / "bad", n_videos=5, eval_clips=1, progress=False)
+    # without eval clips, clips past EVAL_OFFSET are ordinary clips
+    many = generate_dataset(tmp_path / "many", n_videos=5, seed=7, settings=tiny_settings, progress=False, heldout=1)
+    assert splits(many) == splits(plain)
 
 
 def test_general_domain(general_dir):

@@ -4,13 +4,18 @@ fact changed?
 A generated answer is checked only if the model phrases all of it well, and a 6-way colour question asked of a few
 dozen held-out clips leaves wide intervals. Scoring the reference answer teacher-forced, once with each value of the
 fact (each ball colour, each pocket, ...), asks only what the model knows about the clip: the item is right when the
-true value's answer has the highest log-likelihood. This is how lm-evaluation-harness scores multiple-choice tasks
+true value's answer has the highest log-likelihood (strictly: a tie is wrong). This is how lm-evaluation-harness scores multiple-choice tasks
 (its ``acc``: summed log-likelihood of each option's continuation); it is done here rather than through the harness
 because the options share a video prefix spliced into the LLM's input, which the harness's model API cannot take.
 
 An item gets one choice per fact kind whose vocabulary (``CHOICES``) the reference names exactly one value of, when
 that value is not already given by the question or the conversation before it (as in ``hilight.eval.facts``):
-"Which pocket did the red ball go into?" is a pocket choice, not a colour one. Chance is 1 / the number of values.
+"Which pocket did the red ball go into?" is a pocket choice, not a colour one. Chance is 1 / the number of values
+(``<dataset>/choice_chance``); a model that ignores the video can still beat it by knowing which values are common.
+A value keeps its capital, and an indefinite article before it changes with it ("An orange circle" → "A red
+circle"), so an option's grammar does not give it away. Scores are summed, not length-normalised (lm-eval's
+``acc``, not ``acc_norm``): options that differ in token count ("top side pocket", "top left corner pocket") are
+compared by the likelihood of the whole answer.
 """
 
 from __future__ import annotations
@@ -35,7 +40,22 @@ CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
 
 
 def _pattern(value: str) -> re.Pattern:
-    return re.compile(rf"(?<![\w-]){re.escape(value)}(?![\w-])", re.IGNORECASE)
+    """``value`` as a whole word or phrase, with the indefinite article before it if any."""
+    return re.compile(rf"(?<![\w-])(?:(an?) +)?({re.escape(value)})(?![\w-])", re.IGNORECASE)
+
+
+def _substitute(pattern: re.Pattern, value: str, text: str) -> str:
+    """Every mention of ``pattern``'s value in ``text`` replaced by ``value``, keeping a capital and choosing the
+    article ("An orange circle" -> "A red circle"), so no option is given away by its grammar."""
+
+    def one(m: re.Match) -> str:
+        new = value[0].upper() + value[1:] if m.group(2)[0].isupper() else value
+        if m.group(1) is None:
+            return new
+        article = "an" if value[0].lower() in "aeiou" else "a"
+        return (article.capitalize() if m.group(1)[0].isupper() else article) + " " + new
+
+    return pattern.sub(one, text)
 
 
 def choice_options(dataset: str, question: str, reference: str, history: str = "") -> dict[str, tuple[int, list[str]]]:
@@ -47,7 +67,7 @@ def choice_options(dataset: str, question: str, reference: str, history: str = "
         if len(named) != 1 or _pattern(values[named[0]]).search(given):
             continue
         truth = _pattern(values[named[0]])
-        out[kind] = (named[0], [truth.sub(v, reference) for v in values])
+        out[kind] = (named[0], [_substitute(truth, v, reference) for v in values])
     return out
 
 
@@ -75,11 +95,12 @@ def answer_logprobs(vlm, tokenizer, video_tokens: torch.Tensor, question: str, a
         ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
     device = video_tokens.device
     s = vlm.splice(ids.to(device), mask.to(device), video_tokens[None].expand(len(rows), -1, -1), labels.to(device))
-    logp = vlm.llm(inputs_embeds=s.inputs_embeds, attention_mask=s.attention_mask,
-                   position_ids=s.position_ids).logits[:, :-1].float().log_softmax(-1)
+    logits = vlm.llm(inputs_embeds=s.inputs_embeds, attention_mask=s.attention_mask,
+                     position_ids=s.position_ids).logits[:, :-1]
     target = s.labels[:, 1:]
-    picked = logp.gather(-1, target.clamp(min=0)[..., None])[..., 0]
-    return (picked * (target != IGNORE_INDEX)).sum(1).cpu()
+    scored = target != IGNORE_INDEX  # the answer tokens only: a log-softmax over the vocabulary at these alone
+    logp = logits[scored].float().log_softmax(-1).gather(-1, target[scored][:, None])[:, 0]
+    return torch.zeros(len(rows), device=logp.device).index_add_(0, scored.nonzero()[:, 0], logp).cpu()
 
 
 def score_choices(vlm, tokenizer, items: pd.DataFrame, tokens: dict[str, torch.Tensor]) -> pd.DataFrame:
@@ -93,7 +114,7 @@ def score_choices(vlm, tokenizer, items: pd.DataFrame, tokens: dict[str, torch.T
         for kind, (truth, options) in choice_options(it.dataset, it.question, it.reference,
                                                      history_text(it.history)).items():
             ll = answer_logprobs(vlm, tokenizer, tokens[it.video_id], it.question, options, history)
-            out[f"choice_{kind}"][row] = bool(int(ll.argmax()) == truth)
+            out[f"choice_{kind}"][row] = bool(ll[truth] > torch.cat([ll[:truth], ll[truth + 1:]]).max())  # a tie is wrong
             out[f"choice_{kind}_options"][row] = len(options)
     frame = pd.DataFrame(out, index=items.index)
     return frame.astype({f"choice_{k}": "boolean" for k in kinds})

@@ -39,8 +39,8 @@ GENERATOR_VERSION = "4"  # 2: probes.json; 3: large balls, six colours, 1-2 obje
 # 4: one cue-ball caption (what it did + where it ended), no "No ball is pocketed" beside a miss, notes-style
 # pocketed answer
 SPLITS = ("train",) * 8 + ("val", "test")
-# eval clips (split "eval", seen by no training and no checkpoint selection) are clips EVAL_OFFSET + j of the same seed:
-# a fixed set whatever the number of training clips
+# eval clips (split "eval", which no training run reads) are clips EVAL_OFFSET + j of the same seed: a fixed set
+# whatever the number of other clips
 EVAL_OFFSET = 50_000
 
 
@@ -57,16 +57,16 @@ def _video_id(domain: str, seed: int, index: int) -> str:
     return f"{domain[:3]}{seed}_{index:05d}"
 
 
-def _one(args: tuple[str, int, int, SynthSettings, str, int | None]) -> dict:
+def _one(args: tuple[str, int, int, SynthSettings, str, int | None, bool]) -> dict:
     """Generate, render and write one clip; returns its text records. Runs in a worker."""
-    domain, seed, index, settings, out_dir, heldout = args
+    domain, seed, index, settings, out_dir, heldout, is_eval = args
     rng = np.random.default_rng([seed, DOMAINS[domain], index])
     maker = billiards.make_clip if domain == "billiards" else general.make_clip
     clip = maker(rng, width=settings.width, height=settings.height, fps=settings.fps, duration_s=settings.duration_s)
     vid = _video_id(domain, seed, index)
     write_mp4(Path(out_dir) / "videos" / f"{vid}.mp4", clip.frames, settings.fps)
     split = SPLITS[int(rng.integers(len(SPLITS)))]  # drawn either way, so a clip's bytes do not depend on heldout
-    if index >= EVAL_OFFSET:
+    if is_eval:
         split = "eval"
     elif heldout is not None:
         split = ("val", "test")[index % 2] if index < heldout else "train"
@@ -108,9 +108,9 @@ def generate_dataset(
     Splits: by default each clip draws train/val/test at 80/10/10. ``heldout=N`` makes the first N clips the held-out
     ones (val and test alternately) and every other clip train, so adding training clips leaves the evaluation set,
     and with it every held-out metric's meaning, unchanged. ``eval_clips=M`` adds M clips of split ``eval`` (clips
-    ``EVAL_OFFSET + j``, so the same M whatever ``n_videos``): a set for final comparisons that no training run and
-    no checkpoint selection reads, large enough for tight intervals without enlarging the val/test sets that
-    training reports on."""
+    ``EVAL_OFFSET + j``, so the same M whatever ``n_videos``): a set for comparisons between trained models that no
+    training run reads, large enough for tight intervals without enlarging the val/test sets that training reports
+    on."""
     if domain not in DOMAINS:  # InputError: the CLI reports these in one line and exits 2
         raise InputError(f"unknown domain {domain!r}; choose one of {sorted(DOMAINS)}")
     if n_videos < 1:
@@ -124,8 +124,8 @@ def generate_dataset(
     settings = settings or SynthSettings()
     out_dir = Path(out_dir)
     (out_dir / "videos").mkdir(parents=True, exist_ok=True)
-    indices = [*range(n_videos), *range(EVAL_OFFSET, EVAL_OFFSET + eval_clips)]
-    jobs = [(domain, seed, i, settings, str(out_dir), heldout) for i in indices]
+    jobs = [(domain, seed, i, settings, str(out_dir), heldout, False) for i in range(n_videos)]
+    jobs += [(domain, seed, EVAL_OFFSET + j, settings, str(out_dir), heldout, True) for j in range(eval_clips)]
     bar = dict(total=len(jobs), desc=f"synth {domain}", disable=not progress, unit="clip")
     if workers > 1:
         # forkserver: workers start from a clean process, never a fork of a threaded parent
