@@ -51,6 +51,10 @@ def test_selection_registers_the_rules_champion_and_reruns_from_cache(zenml_proj
     assert {"describe", "qa"} == set(answers["kind"]) and {"billiards", "general"} == set(answers["dataset"])
     assert {"answer", "reference", "rougeL", "bleu", "chrf", "clip_similarity", "fact_colour"} <= set(answers.columns)
     assert answers["fact_colour"].notna().any()
+    # each stated fact also scored as a multiple choice, through the real pipeline and into the evidence
+    chosen = answers["choice_colour"].notna()
+    assert chosen.any() and set(answers.loc[chosen, "choice_colour_options"]) <= {6, 8}  # ball / shape colours
+    assert {"billiards/choice_accuracy", "billiards/choice/colour", "billiards/choice_chance"} <= set(evidence.columns)
 
     mlflow.set_tracking_uri(mlflow_tracking_uri())
     client = mlflow.MlflowClient()

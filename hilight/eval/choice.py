@@ -4,9 +4,10 @@ fact changed?
 A generated answer is checked only if the model phrases all of it well, and a 6-way colour question asked of a few
 dozen held-out clips leaves wide intervals. Scoring the reference answer teacher-forced, once with each value of the
 fact (each ball colour, each pocket, ...), asks only what the model knows about the clip: the item is right when the
-true value's answer has the highest log-likelihood (strictly: a tie is wrong). This is how lm-evaluation-harness scores multiple-choice tasks
-(its ``acc``: summed log-likelihood of each option's continuation); it is done here rather than through the harness
-because the options share a video prefix spliced into the LLM's input, which the harness's model API cannot take.
+true value's answer has the highest log-likelihood (strictly: a tie is wrong). This is how lm-evaluation-harness
+scores multiple-choice tasks (its ``acc``: summed log-likelihood of each option's continuation); it is done here
+rather than through the harness because the options share a video prefix spliced into the LLM's input, which the
+harness's model API cannot take.
 
 An item gets one choice per fact kind whose vocabulary (``CHOICES``) the reference names exactly one value of, when
 that value is not already given by the question or the conversation before it (as in ``hilight.eval.facts``):
@@ -114,7 +115,8 @@ def score_choices(vlm, tokenizer, items: pd.DataFrame, tokens: dict[str, torch.T
         for kind, (truth, options) in choice_options(it.dataset, it.question, it.reference,
                                                      history_text(it.history)).items():
             ll = answer_logprobs(vlm, tokenizer, tokens[it.video_id], it.question, options, history)
-            out[f"choice_{kind}"][row] = bool(ll[truth] > torch.cat([ll[:truth], ll[truth + 1:]]).max())  # a tie is wrong
+            others = torch.cat([ll[:truth], ll[truth + 1:]])
+            out[f"choice_{kind}"][row] = bool(ll[truth] > others.max())  # a tie is wrong
             out[f"choice_{kind}_options"][row] = len(options)
     frame = pd.DataFrame(out, index=items.index)
     return frame.astype({f"choice_{k}": "boolean" for k in kinds})
