@@ -90,6 +90,28 @@ def test_guards_count_the_incumbent_and_name_the_failing_metric():
     assert d["primary_difference"]["of"] == "new" and d["primary_difference"]["low"] > 0
 
 
+def test_a_guard_judged_by_interval_fails_only_a_loss_the_evaluation_shows():
+    """general facts 0.06 below the best on 100 questions: within noise of the 0.05 tolerance, so the interval guard
+    lets it through where the point values would not; 0.30 below fails either way, and the reasons say so."""
+    rng = np.random.default_rng(3)
+    best_general = rng.random(100) < 0.45
+    slightly = best_general.copy()
+    slightly[np.flatnonzero(best_general)[:6]] = False  # 6 of 100 questions lost
+    tables = {"general_best": answers(rng.random(N) < 0.4, best_general),
+              "billiards_best": answers(rng.random(N) < 0.7, slightly)}
+    point = SelectionRule(**{**RULE.model_dump(), "guards": [{"metric": "general/fact_accuracy", "test": "estimate"}]})
+    assert decide(table(tables), point, answers=tables)["winner"] == "general_best"
+    d = decide(table(tables), RULE, answers=tables)
+    note = d["guards"]["general/fact_accuracy"]["billiards_best"]
+    assert d["winner"] == "billiards_best" and note["loss"] == pytest.approx(0.06) and note["test"] == "interval"
+    assert note["loss_low"] < 0.05 < note["loss_high"] and note["best_model"] == "general_best"
+    assert "(95% interval)" in d["rule_text"]
+    tables["billiards_best"] = answers(rng.random(N) < 0.7, np.zeros(100, bool) | (rng.random(100) < 0.15))
+    d = decide(table(tables), RULE, answers=tables)
+    note = d["guards"]["general/fact_accuracy"]["billiards_best"]
+    assert d["winner"] == "general_best" and note["loss_low"] > 0.05 and not note["passed"]
+
+
 def test_the_champion_itself_leaves_the_aliases_alone():
     tables = {"champion-v1": model(0.5, 0.6, 0), "new": model(0.5, 0.6, 0), "other": model(0.3, 0.6, 2)}
     d = decide(table(tables, {"new": "champion-v1"}), RULE, answers=tables, incumbent=INCUMBENT)
@@ -122,6 +144,7 @@ def test_decision_record_has_the_evidence_table_and_the_plot(tmp_path):
     md = paths["markdown"].read_text()
     assert md.startswith("# Selection decision: held_back") and "| champion-v1 | champion (incumbent) |" in md
     assert "| new | challenger |" in md and "Held back by" in md and "challenger: version none -> 2" in md
+    assert "**Guards**" in md and "- new: pass, general/fact_accuracy = " in md and "interval" in md
     assert paths["plot"].stat().st_size > 1000
 
 

@@ -74,6 +74,10 @@ class MetricOrder(BaseModel):
 
 class Guard(MetricOrder):
     tolerance: float = Field(0.05, ge=0)  # allowed distance from the best candidate on this metric
+    # how that distance is judged: "interval" (with per-answer tables): a model fails only when the lower bound of
+    # the paired bootstrap interval of its loss against the best exceeds the tolerance, i.e. the evaluation shows a
+    # larger loss, not one that a different sample of questions would undo; "estimate": the point values alone
+    test: Literal["interval", "estimate"] = "interval"
 
 
 class SelectionRule(BaseModel):
@@ -91,7 +95,9 @@ class SelectionRule(BaseModel):
     bootstrap_samples: int = Field(2000, ge=100)
 
     def describe(self) -> str:
-        guards = "; ".join(f"{g.metric} within {g.tolerance:g} of the best" for g in self.guards) or "no guard"
+        guards = "; ".join(f"{g.metric} within {g.tolerance:g} of the best"
+                           + (f" ({self.confidence:.0%} interval)" if g.test == "interval" else "")
+                           for g in self.guards) or "no guard"
         ties = ", ".join(f"{t.mode} {t.metric}" for t in self.tie_breakers) or "none"
         return (f"{self.primary.mode} {self.primary.metric} among candidates with {guards} (tie-breakers: {ties}); "
                 f"against a champion, the {self.confidence:.0%} lower bound of the margin must exceed {self.min_effect:g}")
@@ -225,12 +231,8 @@ def decide(table: pd.DataFrame, rule: SelectionRule, *, answers: dict[str, pd.Da
     passed = pd.Series(True, index=rows.index)
     guard_notes = {}
     for g in rule.guards:
-        col = rows[g.metric].astype(float)
-        best = col.max() if g.mode == "max" else col.min()
-        ok = (col >= best - g.tolerance) if g.mode == "max" else (col <= best + g.tolerance)
-        ok &= col.notna()
-        guard_notes[g.metric] = {c: {"value": _plain(col[c]), "best": _plain(best), "passed": bool(ok[c])} for c in rows.index}
-        passed &= ok
+        guard_notes[g.metric] = _guard(rule, g, rows[g.metric].astype(float), answers)
+        passed &= pd.Series({c: note["passed"] for c, note in guard_notes[g.metric].items()})
 
     def key(c: str) -> tuple:
         out = []
@@ -263,6 +265,39 @@ def decide(table: pd.DataFrame, rule: SelectionRule, *, answers: dict[str, pd.Da
     return out
 
 
+def _guard(rule: SelectionRule, g: Guard, col: pd.Series, answers: dict[str, pd.DataFrame] | None) -> dict:
+    """Per model: its value, the best model's, its loss against the best (with the paired interval when judged by
+    interval) and whether it passed. Without per-answer tables a guard is judged on the point values."""
+    if col.isna().all():
+        return {c: {"value": None, "best": None, "best_model": None, "passed": False, "test": "estimate"} for c in col.index}
+    best_model = col.idxmax() if g.mode == "max" else col.idxmin()
+    best = col[best_model]
+    notes = {}
+    for c, value in col.items():
+        loss = (best - value) if g.mode == "max" else (value - best)
+        note = {"value": _plain(value), "best": _plain(best), "best_model": best_model, "loss": _plain(loss),
+                "test": "estimate"}
+        if g.test == "interval" and answers is not None and c != best_model and {c, best_model} <= set(answers):
+            worse, better = per_item(answers[c], g.metric), per_item(answers[best_model], g.metric)
+            iv = _interval(rule, paired_ratio_difference, *((better, worse) if g.mode == "max" else (worse, better)))
+            note.update(test="interval", loss_low=iv["low"], loss_high=iv["high"])
+            note["passed"] = bool(iv["low"] <= g.tolerance)  # NaN (nothing paired): fails
+        else:
+            note["passed"] = bool(loss <= g.tolerance)  # NaN fails
+        notes[c] = note
+    return notes
+
+
+def _guard_text(metric: str, tolerance: float, note: dict) -> str:
+    """One guard's verdict on one model, for decision reasons and reports."""
+    if note["value"] is None or note["value"] != note["value"]:
+        return f"{metric} was not measured"
+    text = f"{metric} = {note['value']:.4g} vs best {note['best']:.4g} ({note['best_model']}; tolerance {tolerance:g}"
+    if note["test"] == "interval":
+        text += f"; loss {note['loss']:+.4f}, interval {note['loss_low']:+.4f} .. {note['loss_high']:+.4f}"
+    return text + ")"
+
+
 def _interval(rule: SelectionRule, fn, *tables: pd.DataFrame) -> dict:
     return fn(*tables, confidence=rule.confidence, n=rule.bootstrap_samples).as_dict()
 
@@ -290,8 +325,8 @@ def _promotion(rule: SelectionRule, rows: pd.DataFrame, passed: pd.Series, guard
                 "explanation": f"the best candidate {winner} is the champion itself (same model digest)"}
     reasons = []
     if not passed[winner]:
-        failed = [f"{g.metric} = {note['value']:.4g} vs best {note['best']:.4g} (tolerance {g.tolerance:g})"
-                  for g in rule.guards if not (note := guard_notes[g.metric][winner])["passed"]]
+        failed = [_guard_text(g.metric, g.tolerance, note) for g in rule.guards
+                  if not (note := guard_notes[g.metric][winner])["passed"]]
         reasons.append(f"guards: {winner} fails {'; '.join(failed)}")
     d = against[winner]
     if np.isnan(d["low"]):
@@ -401,6 +436,13 @@ def render_decision(decision: dict, evidence: pd.DataFrame) -> str:
         guards = "pass" if row.get("passed_guards", True) else "FAIL"
         lines.append("| " + " | ".join([name, role, primary, margin, guards, *(f"{row[c]:.3f}" for c in metric_cols)])
                      + " |")
+    tolerance = {g["metric"]: g["tolerance"] for g in rule["guards"]}
+    guard_lines = [f"- {name}: {'pass' if note['passed'] else 'FAIL'}, {_guard_text(metric, tolerance[metric], note)}"
+                   for metric, notes in decision.get("guards", {}).items() for name, note in notes.items()
+                   if metric in tolerance]
+    if guard_lines:
+        lines += ["", "**Guards** (loss = how far below the best model; the interval is paired over questions):",
+                  *guard_lines]
     diff = decision.get("primary_difference")
     if diff:
         lines += ["", f"Best new candidate {diff['of']} − runner-up {diff['over']} on {p}: {diff['estimate']:+.4f} "
