@@ -154,6 +154,29 @@ def test_tokenizer_is_built_offline_and_deterministic(tmp_path):
         load_clip_tokenizer(tmp_path / "missing")
 
 
+def test_a_trained_tokenizer_sees_the_training_captions_of_every_dataset_and_no_held_out_one(tmp_path):
+    import pandas as pd
+
+    from hilight.data.captions import CaptionManifest
+    from hilight.train.alignment import AlignmentConfig, prepare_tokenizer
+
+    def rows(dataset, split, caption):
+        return {"dataset": dataset, "video_id": f"{dataset}{split}", "video_file": "x.mp4", "video_sha256": "0",
+                "caption": caption, "object": "ball", "split": split}
+
+    held_out = [rows("billiards", s, "the cue ball hits the turquoise ball") for s in ("val", "test", "eval")]
+    manifest = CaptionManifest(pd.DataFrame([rows("general", "train", "a blue circle moves left")] * 5
+                                            + [rows("billiards", "train", "the cue ball hits the maroon ball")] * 5
+                                            + held_out * 5), "fp")
+    config = AlignmentConfig(data={"train_datasets": ["general"]}, train={"max_steps": 1, "batch_size": 2})
+    tok, _ = prepare_tokenizer(config, manifest, tmp_path)
+    vocab = tok.get_vocab()
+    # billiards words reach a tokenizer trained for general pretraining (alignment reuses it) ...
+    assert "maroon</w>" in vocab and "circle</w>" in vocab
+    # ... but a word only held-out captions use stays in pieces
+    assert "turquoise</w>" not in vocab and len(tok.tokenize("turquoise")) > 1
+
+
 def test_tracker_survives_an_outage_without_losing_metrics(monkeypatch):
     delivered = []
 

@@ -61,7 +61,7 @@ class ModelSpec(BaseModel):
 class TokenizerSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    dir: str | None = None  # a local CLIP tokenizer; None = train one on the training captions (demo)
+    dir: str | None = None  # a local CLIP tokenizer; None = train one on the training-split captions (demo)
     vocab_size: int = 1024  # only when training one
     max_length: int = Field(32, ge=4)  # CLIP-ViP: 50 (MSR-VTT) or 70 (pretraining)
 
@@ -235,8 +235,8 @@ def build_model(spec: ModelSpec, tokenizer) -> CLIPViPModel:
 
 
 def prepare_tokenizer(config: AlignmentConfig, manifest: CaptionManifest, out_dir: Path, *, train: bool = True):
-    """The configured tokenizer, the initial model's, or one trained on the captions into ``out_dir/tokenizer``
-    (``train=False``: read the one another process trained there)."""
+    """The configured tokenizer, the initial model's, or one trained on the training-split captions into
+    ``out_dir/tokenizer`` (``train=False``: read the one another process trained there)."""
     if config.tokenizer.dir:
         return load_clip_tokenizer(resolve_path(config.tokenizer.dir), config.tokenizer.max_length), resolve_path(config.tokenizer.dir)
     if config.model.init is not None:
@@ -244,7 +244,10 @@ def prepare_tokenizer(config: AlignmentConfig, manifest: CaptionManifest, out_di
         saved = resolve_path(config.model.init)
         if (saved / "tokenizer").is_dir():
             return load_clip_tokenizer(saved / "tokenizer", config.tokenizer.max_length), saved / "tokenizer"
-    texts = manifest.rows["caption"].tolist()
+    # the training splits of every dataset, not only train_datasets: a later stage initialised from this model reuses
+    # this tokenizer on its own datasets (billiards alignment after general pretraining). Never val/test/eval captions:
+    # their words would shape the vocabulary, and so every model, before they are scored.
+    texts = manifest.select(None, config.data.train_splits)["caption"].tolist()
     tok_dir = out_dir / "tokenizer"
     if not train:
         return load_clip_tokenizer(tok_dir, config.tokenizer.max_length), tok_dir
