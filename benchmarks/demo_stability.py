@@ -55,6 +55,8 @@ def run_seed(seed: int, out: str, tag: str) -> dict:
         "colour_fact": {c: float(evidence.at[c, "billiards/fact/colour"]) for c in evidence.index},
         "colour_choice": {c: float(evidence.at[c, "billiards/choice/colour"]) for c in evidence.index
                           if "billiards/choice/colour" in evidence.columns},
+        "colour_choice_wrong_video": {c: float(evidence.at[c, "billiards/wrong_video_choice/colour"])
+                                      for c in evidence.index if "billiards/wrong_video_choice/colour" in evidence.columns},
         "primary": decision["rule"]["primary"]["metric"],
         "primary_values": {c: float(evidence.at[c, decision["rule"]["primary"]["metric"]]) for c in evidence.index},
         "winner": decision["winner"], "margin_of": f"{margin.get('of')} - {margin.get('over')}",
@@ -65,13 +67,15 @@ def run_seed(seed: int, out: str, tag: str) -> dict:
 
 def table(rows: list[dict]) -> str:
     out = ["| seed | table1k t2v R@1 (random init) | colour hard-neg acc | colour fact original / table1k | "
-           "colour choice original / table1k | winner | margin (95% CI) | excludes 0 |", "|---|---|---|---|---|---|---|---|"]
+           "colour choice original / table1k (another clip's video) | winner | margin (95% CI) | excludes 0 |",
+           "|---|---|---|---|---|---|---|---|"]
     nan = float("nan")
     for r in rows:
-        cf, cc = r["colour_fact"], r.get("colour_choice", {})
+        cf, cc, cw = r["colour_fact"], r.get("colour_choice", {}), r.get("colour_choice_wrong_video", {})
         out.append(f"| {r['seed']} | {r['t2v_r1']:.3f} ({r['t2v_r1_random']:.3f}) | {r['colour_hard_negative_accuracy']:.3f} | "
                    f"{cf.get('original', nan):.3f} / {cf.get('table1k', nan):.3f} | "
-                   f"{cc.get('original', nan):.3f} / {cc.get('table1k', nan):.3f} | {r['winner']} | "
+                   f"{cc.get('original', nan):.3f} / {cc.get('table1k', nan):.3f} "
+                   f"({cw.get('original', nan):.3f} / {cw.get('table1k', nan):.3f}) | {r['winner']} | "
                    f"{r['margin_of']} {r['margin']:+.3f} ({r['ci_low']:+.3f} .. {r['ci_high']:+.3f}) | "
                    f"{'yes' if r['excludes_zero'] else 'no'} |")
     winners = {r["winner"] for r in rows}

@@ -13,8 +13,8 @@ from hilight.data.conversations import Turn, encode, encode_prompt
 from hilight.data.synth.billiards import BALL_COLOURS
 from hilight.data.synth.general import DIRECTIONS
 from hilight.data.synth.physics import POCKET_NAMES
-from hilight.eval.choice import answer_logprobs, choice_options, score_choices
-from hilight.eval.vlm import summarise
+from hilight.eval.choice import answer_logprobs, choice_options, score_choices, wrong_videos
+from hilight.eval.vlm import VLMEvaluation, summarise
 from hilight.experiments.selection import paired_difference, per_item
 from hilight.models.token_mining import TokenMining, TokenMiningConfig
 from hilight.models.tokenizers import build_gemma_tokenizer
@@ -142,3 +142,41 @@ def test_choice_metrics_summarise_and_pair():
     with pytest.raises(ValueError, match="choice_count"):
         per_item(a, "billiards/choice/count")
     assert json.dumps(m)  # plain floats
+
+
+def test_the_wrong_video_control_shows_each_item_another_clip_of_its_dataset(tiny, monkeypatch):
+    vlm, tok = tiny
+    items = pd.DataFrame({"dataset": ["billiards"] * 3 + ["general"], "video_id": ["b2", "b0", "b1", "g0"],
+                          "question": ["What color ball was pocketed by the white cue ball?"] * 3 + ["What moved?"],
+                          "reference": [POT] * 3 + ["A red circle moved."], "history": "[]"})
+    assert wrong_videos(items) == {"b0": "b1", "b1": "b2", "b2": "b0"}  # a one-clip dataset has no other clip
+    tokens = {v: torch.zeros(8, 64) for v in items["video_id"]}
+    says = {"b0": "red", "b1": "blue", "b2": "red", "g0": "red"}  # what each clip's tokens make the model prefer
+
+    def fake(vlm_, tok_, video, question, answers, history=()):
+        vid = next(v for v, t in tokens.items() if t is video)
+        return torch.tensor([1.0 if says[vid] in a else 0.0 for a in answers])
+
+    monkeypatch.setattr("hilight.eval.choice.answer_logprobs", fake)
+    right = score_choices(vlm, tok, items, tokens)
+    control = score_choices(vlm, tok, items, tokens, prefix="wrong_video_choice", video_of=wrong_videos(items))
+    assert right["choice_colour"].tolist() == [True, True, False, True]
+    # b2 is shown b0 (red: right by luck), b0 is shown b1 (blue), b1 is shown b2 (red), g0 has no other clip
+    assert control["wrong_video_choice_colour"].tolist() == [True, False, True, pd.NA]
+    assert control["wrong_video_choice_colour_options"].tolist() == [6, 6, 6, 0]
+    m = summarise(pd.concat([items.assign(kind="qa", answer="a"), right, control], axis=1))
+    assert m["billiards/choice/colour"] == pytest.approx(2 / 3) == m["billiards/wrong_video_choice/colour"]
+    assert m["billiards/wrong_video_choice_accuracy"] == pytest.approx(2 / 3) and "general/wrong_video_choice_accuracy" not in m
+    assert "billiards/wrong_video_choice_chance" not in m and m["general/choice_accuracy"] == 1.0
+
+
+def test_checks_as_mlflow_tables_hold_them_summarise_and_pair_the_same():
+    answers = pd.DataFrame({"dataset": "billiards", "video_id": ["v0", "v1", "v2"], "kind": "qa", "question": "q",
+                            "answer": "a", "choice_colour": pd.array([True, False, pd.NA], dtype="boolean"),
+                            "choice_colour_options": [6, 6, 0],
+                            "fact_colour": pd.array([pd.NA, True, True], dtype="boolean")})
+    objects = VLMEvaluation(answers, {}).loggable_answers()  # True/False/pd.NA as objects
+    assert objects["choice_colour"].dtype == object
+    assert summarise(objects) == summarise(answers)
+    for metric in ("billiards/choice_accuracy", "billiards/fact/colour"):
+        pd.testing.assert_frame_equal(per_item(objects, metric), per_item(answers, metric))

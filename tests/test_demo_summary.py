@@ -24,6 +24,7 @@ def _summary() -> dict:
     evidence = table(tables)
     evidence["billiards/fact/colour"] = evidence["billiards/fact_accuracy"]
     evidence["billiards/choice/colour"] = [0.4, 0.7, 0.3]
+    evidence["billiards/wrong_video_choice/colour"] = [0.2, 0.25, 0.3]
     decision = decide(evidence, RULE, answers=tables, incumbent=INCUMBENT)
     decision["registry"] = {"champion": "3", "challenger": "2", "champion_uri": "models:/hilight-vlm@champion"}
     decision["changes"] = ["champion: version 1 -> 3"]
@@ -55,6 +56,7 @@ def test_summary_has_the_issues_keys_and_values():
     assert set(sel["colour_fact_accuracy"]) == {"champion-v1", "table1k", "original"}
     assert sel["colour_choice_accuracy"] == {"champion-v1": 0.4, "table1k": 0.7, "original": 0.3}
     assert sel["metrics"]["table1k"]["billiards/choice/colour"] == 0.7
+    assert sel["colour_choice_wrong_video"]["table1k"] == 0.25  # the control: what table1k's video reading adds
     assert s["seconds"] == pytest.approx(812.4)
 
 

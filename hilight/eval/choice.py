@@ -12,7 +12,9 @@ harness's model API cannot take.
 An item gets one choice per fact kind whose vocabulary (``CHOICES``) the reference names exactly one value of, when
 that value is not already given by the question or the conversation before it (as in ``hilight.eval.facts``):
 "Which pocket did the red ball go into?" is a pocket choice, not a colour one. Chance is 1 / the number of values
-(``<dataset>/choice_chance``); a model that ignores the video can still beat it by knowing which values are common.
+(``<dataset>/choice_chance``); a model that ignores the video can still beat it by knowing which values are common,
+so each item is also scored with another clip's video (``wrong_video_choice_<kind>``): what a candidate gets from
+the video is its choice accuracy minus that control's.
 A value keeps its capital, and an indefinite article before it changes with it ("An orange circle" → "A red
 circle"), so an option's grammar does not give it away. Scores are summed, not length-normalised (lm-eval's
 ``acc``, not ``acc_norm``): options that differ in token count ("top side pocket", "top left corner pocket") are
@@ -104,19 +106,35 @@ def answer_logprobs(vlm, tokenizer, video_tokens: torch.Tensor, question: str, a
     return torch.zeros(len(rows), device=logp.device).index_add_(0, scored.nonzero()[:, 0], logp).cpu()
 
 
-def score_choices(vlm, tokenizer, items: pd.DataFrame, tokens: dict[str, torch.Tensor]) -> pd.DataFrame:
-    """``choice_<kind>`` (True/False/NA) and ``choice_<kind>_options`` per item of ``items`` (dataset, video_id,
-    question, reference, history), from each video's TokenMining tokens."""
+def wrong_videos(items: pd.DataFrame) -> dict[str, str]:
+    """Each video of ``items`` → another video of its dataset (the next by id, the last to the first): the control
+    that shows how much of a choice score comes from the video. A dataset with one video gets none."""
+    out = {}
+    for _, ids in items.groupby("dataset")["video_id"]:
+        ids = sorted(set(ids))
+        if len(ids) > 1:
+            out.update(zip(ids, ids[1:] + ids[:1]))
+    return out
+
+
+def score_choices(vlm, tokenizer, items: pd.DataFrame, tokens: dict[str, torch.Tensor], *,
+                  prefix: str = "choice", video_of: dict[str, str] | None = None) -> pd.DataFrame:
+    """``<prefix>_<kind>`` (True/False/NA) and ``<prefix>_<kind>_options`` per item of ``items`` (dataset, video_id,
+    question, reference, history), from each video's TokenMining tokens. ``video_of`` shows each item another
+    video instead (``wrong_videos``; an item whose video has none is NA)."""
     kinds = sorted({k for c in CHOICES.values() for k in c})
-    out = {f"choice_{k}": [pd.NA] * len(items) for k in kinds}
-    out.update({f"choice_{k}_options": [0] * len(items) for k in kinds})
+    out = {f"{prefix}_{k}": [pd.NA] * len(items) for k in kinds}
+    out.update({f"{prefix}_{k}_options": [0] * len(items) for k in kinds})
     for row, it in enumerate(items.itertuples(index=False)):
+        shown = it.video_id if video_of is None else video_of.get(it.video_id)
+        if shown is None:
+            continue
         history = [Turn(q, a) for q, a in json.loads(it.history)]
         for kind, (truth, options) in choice_options(it.dataset, it.question, it.reference,
                                                      history_text(it.history)).items():
-            ll = answer_logprobs(vlm, tokenizer, tokens[it.video_id], it.question, options, history)
+            ll = answer_logprobs(vlm, tokenizer, tokens[shown], it.question, options, history)
             others = torch.cat([ll[:truth], ll[truth + 1:]])
-            out[f"choice_{kind}"][row] = bool(ll[truth] > others.max())  # a tie is wrong
-            out[f"choice_{kind}_options"][row] = len(options)
+            out[f"{prefix}_{kind}"][row] = bool(ll[truth] > others.max())  # a tie is wrong
+            out[f"{prefix}_{kind}_options"][row] = len(options)
     frame = pd.DataFrame(out, index=items.index)
-    return frame.astype({f"choice_{k}": "boolean" for k in kinds})
+    return frame.astype({f"{prefix}_{k}": "boolean" for k in kinds})

@@ -12,11 +12,13 @@ every candidate is asked the same way. Each answer gets:
 - factual checks against the synthetic event metadata (``hilight.eval.facts``): colour, pocket, action, count,
   direction;
 - with ``choices``, the facts its reference states scored as multiple choices (``hilight.eval.choice``): is the
-  reference more likely, teacher-forced, than the same answer with another colour, pocket or direction?
+  reference more likely, teacher-forced, than the same answer with another colour, pocket or direction? And the
+  same with another clip's video shown (``wrong_video_baseline``), the control for what the video contributes.
 
 ``evaluate_vlm`` returns the per-answer table and summary metrics named ``<dataset>/fact_accuracy``,
 ``<dataset>/fact/<kind>``, ``<dataset>/choice_accuracy`` (with ``<dataset>/choice_chance``, its chance level),
-``<dataset>/choice/<kind>`` and ``<dataset>/<describe|qa>/<bleu|chrf|rougeL|clip_similarity>``.
+``<dataset>/choice/<kind>`` (with ``<dataset>/wrong_video_choice_accuracy`` and ``<dataset>/wrong_video_choice/<kind>``,
+the same shown another clip's video) and ``<dataset>/<describe|qa>/<bleu|chrf|rougeL|clip_similarity>``.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from hilight.data.frames import load_clip_frames
 from hilight.data.probe import sha256_file
 from hilight.data.qa import DESCRIBE_PROMPT, describe_rows, read_qa_manifest
 from hilight.env import resolve_path
-from hilight.eval.choice import score_choices
+from hilight.eval.choice import CHOICES, score_choices, wrong_videos
 from hilight.eval.facts import FACT_KINDS, check_answer, history_text, read_events
 from hilight.models.checkpoints import load_saved_clipvip
 from hilight.models.export import GenerationSpec, VLMBundle, default_device
@@ -48,7 +50,8 @@ log = logging.getLogger(__name__)
 
 TEXT_METRICS = ("bleu", "chrf", "rougeL")
 # bump when evaluate_vlm computes something new or differently: cached evaluations (the incumbent's too) are redone
-EVAL_VERSION = "2"  # 2: multiple-choice fact scores
+EVAL_VERSION = "3"  # 2: multiple-choice fact scores; 3: their wrong-video control
+CHOICE_FAMILIES = ("choice", "wrong_video_choice")  # per-answer column prefixes of hilight.eval.choice
 
 
 class VLMEvalSpec(BaseModel):
@@ -62,6 +65,7 @@ class VLMEvalSpec(BaseModel):
     prompt: str = DESCRIBE_PROMPT
     questions: bool = True  # also ask each held-out QA question
     choices: bool = True  # also score each stated fact as a multiple choice (hilight.eval.choice)
+    wrong_video_baseline: bool = True  # with choices: score them again shown another clip's video (the control)
     max_videos: int | None = Field(64, ge=1)  # per dataset (a fixed random subset)
     events: dict[str, str] = {}  # dataset -> events.json of a synthetic dataset (factual checks)
     judge: str | None = None  # an aligned CLIP-ViP export dir (with tokenizer/) scoring video-answer similarity
@@ -182,25 +186,35 @@ def generate_answers(bundle: VLMBundle, items: pd.DataFrame, spec: VLMEvalSpec,
     return answers
 
 
+def checks_as_float(checks: pd.DataFrame) -> pd.DataFrame:
+    """True/False/NA check columns (nullable booleans, or objects holding ``pd.NA``/None as MLflow tables and
+    loggable_answers have them) as 1.0/0.0/NaN."""
+    return checks.astype("boolean").astype(float)
+
+
 def summarise(answers: pd.DataFrame) -> dict[str, float]:
     metrics: dict[str, float] = {}
     for dataset, g in answers.groupby("dataset"):
-        chosen = [c for c in g.columns if c.startswith("choice_") and not c.endswith("_options") and g[c].notna().any()]
-        if chosen:
-            right = g[chosen].astype(float).stack()  # one value per (item, kind) choice made
-            options = g[[f"{c}_options" for c in chosen]].set_axis(chosen, axis=1).where(g[chosen].notna()).stack()
-            metrics[f"{dataset}/choice_accuracy"] = float(right.mean())
-            metrics[f"{dataset}/choice_chance"] = float((1.0 / options).mean())
+        for family in CHOICE_FAMILIES:
+            kinds = sorted({k for c in CHOICES.values() for k in c})
+            chosen = [f"{family}_{k}" for k in kinds if f"{family}_{k}" in g and g[f"{family}_{k}"].notna().any()]
+            if not chosen:
+                continue
+            right = checks_as_float(g[chosen]).stack()  # one value per (item, kind) choice made
+            metrics[f"{dataset}/{family}_accuracy"] = float(right.mean())
+            if family == "choice":
+                options = g[[f"{c}_options" for c in chosen]].set_axis(chosen, axis=1).where(g[chosen].notna()).stack()
+                metrics[f"{dataset}/choice_chance"] = float((1.0 / options).mean())
             for c in chosen:
-                metrics[f"{dataset}/choice/{c.removeprefix('choice_')}"] = float(g[c].dropna().astype(float).mean())
-        facts = g[[f"fact_{k}" for k in FACT_KINDS if f"fact_{k}" in g]]
-        checked = facts.notna()
-        if checked.to_numpy().any():
-            metrics[f"{dataset}/fact_accuracy"] = float(facts.where(checked).stack().astype(float).mean())
+                metrics[f"{dataset}/{family}/{c.removeprefix(family + '_')}"] = float(
+                    checks_as_float(g[[c]]).stack().mean())
+        facts = checks_as_float(g[[f"fact_{k}" for k in FACT_KINDS if f"fact_{k}" in g]])
+        if facts.notna().to_numpy().any():
+            metrics[f"{dataset}/fact_accuracy"] = float(facts.stack().mean())
             for k in FACT_KINDS:
-                col = g[f"fact_{k}"].dropna() if f"fact_{k}" in g else ()
+                col = facts[f"fact_{k}"].dropna() if f"fact_{k}" in facts else ()
                 if len(col):
-                    metrics[f"{dataset}/fact/{k}"] = float(col.astype(float).mean())
+                    metrics[f"{dataset}/fact/{k}"] = float(col.mean())
         for kind, h in g.groupby("kind"):
             for m in (*TEXT_METRICS, "clip_similarity", "clip_similarity_reference"):
                 if m in h and h[m].notna().any():
@@ -218,6 +232,9 @@ def evaluate_vlm(bundle: VLMBundle, spec: VLMEvalSpec) -> VLMEvaluation:
     items["answer"] = generate_answers(bundle, items, spec, tokens)
     if spec.choices:
         items = pd.concat([items, score_choices(bundle.vlm, bundle.tokenizer, items, tokens)], axis=1)
+        if spec.wrong_video_baseline:
+            items = pd.concat([items, score_choices(bundle.vlm, bundle.tokenizer, items, tokens,
+                                                    prefix="wrong_video_choice", video_of=wrong_videos(items))], axis=1)
     items = pd.concat([items, text_scores(items["answer"].tolist(), items["reference"].tolist())], axis=1)
     if spec.judge:
         items = pd.concat([items, judge_similarity(spec.judge, items, spec.batch_size)], axis=1)

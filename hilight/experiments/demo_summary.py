@@ -4,7 +4,7 @@
 (billiards held-out text→video R@1 and its random-init baseline), ``ablation`` (the selected variant, its colour
 hard-negative accuracy, whether the choice is inconclusive), ``selection`` (champion, incumbent, primary metric, the
 margin behind the decision with its interval, each candidate's colour fact accuracy in generated answers and as a
-multiple choice) and ``seconds``.
+multiple choice, with the video and with another clip's video) and ``seconds``.
 ``render_demo_summary`` turns that dict, and nothing else, into the printed summary, so the two never disagree.
 """
 
@@ -21,7 +21,7 @@ ABLATION_COLUMNS = ["caption/top1_accuracy", "caption/hard_negative_accuracy", "
                     "say_more/short_wins", "retrieval/t2v_r1"]
 SELECTION_COLUMNS = ["billiards/fact_accuracy", "billiards/fact/colour", "billiards/fact/action", "billiards/fact/pocket",
                      "billiards/choice_accuracy", "billiards/choice/colour", "billiards/choice/pocket",
-                     "billiards/choice_chance", "billiards/describe/rougeL", "billiards/describe/clip_similarity",
+                     "billiards/choice_chance", "billiards/wrong_video_choice/colour", "billiards/describe/rougeL", "billiards/describe/clip_similarity",
                      "general/fact_accuracy", "general/choice_accuracy", "general/describe/rougeL"]
 
 
@@ -78,6 +78,7 @@ def selection_summary(run_name: str, decision: dict, evidence: pd.DataFrame, sta
         "margin_of": f"{margin['of']} - {margin['over']}" if margin else None,
         "colour_fact_accuracy": per_candidate("billiards/fact/colour"),
         "colour_choice_accuracy": per_candidate("billiards/choice/colour"),  # teacher-forced 6-way (chance 1/6)
+        "colour_choice_wrong_video": per_candidate("billiards/wrong_video_choice/colour"),  # the same, another clip shown
         "explanation": decision["explanation"], "rule": decision["rule_text"],
         "metrics": {c: {m: _num(rows.at[c, m]) for m in cols} for c in rows.index},
         "stage1": stage1, "merged_dir": f"{merged_root}/{decision['winner']}/merged",

@@ -32,7 +32,9 @@ from hilight.config import deep_merge
 from hilight.data.contracts import load_contracts
 from hilight.data.eval_files import contract_for, validate_eval_file
 from hilight.env import resolve_path
-from hilight.eval.vlm import VLMEvalSpec
+from hilight.eval.choice import CHOICES
+from hilight.eval.facts import FACT_KINDS
+from hilight.eval.vlm import CHOICE_FAMILIES, VLMEvalSpec, checks_as_float
 from hilight.experiments.bootstrap import paired_ratio_difference, ratio_interval
 from hilight.models.export import GenerationSpec
 from hilight.train.lora import LoRAFinetuneConfig
@@ -352,18 +354,19 @@ def per_item(answers: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Each answer's share of a summary metric as (``num``, ``den``): the metric over any set of answers is
     sum(num) / sum(den) (fact checks pool over checks, text metrics average over answers). Indexed by (video_id,
     kind, question) so two models' answers pair up. Metrics: ``<dataset>/fact_accuracy``,
-    ``<dataset>/fact/<kind>``, ``<dataset>/choice_accuracy``, ``<dataset>/choice/<kind>``,
+    ``<dataset>/fact/<kind>``, ``<dataset>/choice_accuracy``, ``<dataset>/choice/<kind>`` (and ``wrong_video_choice``),
     ``<dataset>/<kind>/<column>``."""
     dataset, _, rest = metric.partition("/")
     keys = ["seed", "video_id", "kind", "question"] if "seed" in answers.columns else ["video_id", "kind", "question"]
     rows = answers[answers["dataset"] == dataset].set_index(keys)
     family, _, kind = rest.removesuffix("_accuracy").partition("/")
-    if family in ("fact", "choice") and (rest.endswith("_accuracy") or kind):
-        checked = [c for c in rows.columns if c.startswith(f"{family}_") and not c.endswith("_options")]
+    if family in ("fact", *CHOICE_FAMILIES) and (rest.endswith("_accuracy") or kind):
+        known = FACT_KINDS if family == "fact" else sorted({k for c in CHOICES.values() for k in c})
+        checked = [f"{family}_{k}" for k in known if f"{family}_{k}" in rows.columns]
         cols = [f"{family}_{kind}"] if kind else checked
-        if not set(cols) <= set(checked):
-            raise ValueError(f"cannot pair answers on {metric!r}: no per-answer column {cols[0]!r}")
-        checks = rows[cols].astype(float)
+        if not cols or not set(cols) <= set(checked):
+            raise ValueError(f"cannot pair answers on {metric!r}: no per-answer column {(cols or [family])[0]!r}")
+        checks = checks_as_float(rows[cols])
         return pd.DataFrame({"num": checks.sum(axis=1, min_count=1).fillna(0.0), "den": checks.notna().sum(axis=1)})
     kind, _, column = rest.partition("/")
     if column not in rows.columns:
