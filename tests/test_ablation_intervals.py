@@ -122,3 +122,20 @@ def test_seeds_expand_to_one_training_per_variant_and_seed(tmp_path, caption_man
     assert runs[3][2].output_dir == "out/B/seed1" and runs[3][2].name == "ablation-B-seed1"
     with pytest.raises(ValueError, match="repeat"):
         AblationConfig.model_validate({"base": str(base), "seeds": [0, 0], "variants": [{"name": "A"}]})
+
+
+def test_validation_checkpoints_are_chosen_by_the_training_run_not_by_the_reported_clips():
+    # per variant three checkpoints; "best" takes the highest on the reported clips (and so reports the maximum of
+    # three noisy values), "validation" the one its training run chose on its own validation set
+    rows = [("A", 200, 0.70, False), ("A", 400, 0.60, True), ("A", 600, 0.65, False),
+            ("B", 200, 0.62, True), ("B", 400, 0.66, False), ("B", 600, 0.64, False)]
+    table = pd.DataFrame([{"variant": v, "seed": None, "checkpoint": f"step-{s:08d}", "step": s, "path": "p",
+                           "is_best": b, "caption/top1_accuracy": x} for v, s, x, b in rows])
+    best = select_variant(table, SelectionRule(tie_breakers=[]), ["A", "B"])
+    assert (best["winner"]["variant"], best["winner"]["step"]) == ("A", 200)
+    own = select_variant(table, SelectionRule(checkpoint="validation", tie_breakers=[]), ["A", "B"])
+    assert [(r["variant"], r["step"], r["caption/top1_accuracy"]) for r in own["ranking"]] == [("B", 200, 0.62),
+                                                                                              ("A", 400, 0.60)]
+    with pytest.raises(ValueError, match=r"variant A: the checkpoint its training run chose .* \[200, 600\].*"
+                                         r"eval.checkpoints"):
+        select_variant(table[table["step"] != 400], SelectionRule(checkpoint="validation", tie_breakers=[]), ["A", "B"])

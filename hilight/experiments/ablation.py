@@ -110,14 +110,16 @@ class MetricOrder(BaseModel):
 
 
 class SelectionRule(MetricOrder):
-    """Each variant is represented by its best evaluated checkpoint (``checkpoint: best``) or its last one
-    (``final``); variants are ranked by ``metric``, then each tie-breaker; references are never selected. With
+    """Each variant is represented by its best evaluated checkpoint (``checkpoint: best``), by the checkpoint its
+    training run chose on its own validation set (``validation``: the clips reported on played no part in choosing
+    it, so its value is not the maximum of several noisy ones), or by its last one (``final``); variants are ranked
+    by ``metric``, then each tie-breaker; references are never selected. With
     several training seeds, a variant's value is its mean over seeds. Each variant's ``metric`` gets a bootstrap
     interval over held-out clips; when the top two overlap the selection is "inconclusive", and
     ``require_significance`` then refuses to select."""
 
     metric: str = "caption/top1_accuracy"
-    checkpoint: Literal["best", "final"] = "best"
+    checkpoint: Literal["best", "validation", "final"] = "best"
     tie_breakers: list[MetricOrder] = Field(default_factory=lambda: [MetricOrder(metric="caption/margin")])
     confidence: float = Field(0.95, gt=0, lt=1)
     bootstrap_samples: int = Field(2000, ge=100)
@@ -455,10 +457,21 @@ def select_variant(table: pd.DataFrame, rule: SelectionRule, variants: list[str]
             out.append((True, 0.0) if np.isnan(x) else (False, -x if o.mode == "max" else x))
         return (*out, row["step"])
 
+    def pick(variant: str, rows: list) -> pd.Series:
+        if rule.checkpoint == "final":
+            return max(rows, key=lambda r: r["step"])
+        if rule.checkpoint == "best":
+            return min(rows, key=key)
+        own = [r for r in rows if "is_best" in r and bool(r["is_best"])]
+        if not own:
+            raise ValueError(f"variant {variant}: the checkpoint its training run chose by its validation metric is not "
+                             f"among the evaluated steps {sorted(int(r['step']) for r in rows)}; evaluate it "
+                             f"(eval.checkpoints: all, or add its step) or set selection.checkpoint to best or final")
+        return own[0]
+
     chosen = []  # one row per training run
-    for _, g in candidates.groupby(["variant", "seed"], sort=False, dropna=False):
-        rows = [r for _, r in g.iterrows()]
-        chosen.append(max(rows, key=lambda r: r["step"]) if rule.checkpoint == "final" else min(rows, key=key))
+    for (variant, _), g in candidates.groupby(["variant", "seed"], sort=False, dropna=False):
+        chosen.append(pick(variant, [r for _, r in g.iterrows()]))
     runs = pd.DataFrame(chosen)
     runs["label"] = label_of(runs)
     metric_cols = [o.metric for o in orders]
