@@ -49,6 +49,25 @@ def test_ball_collision_conserves_momentum_along_line_of_centres():
     assert last[1, 0] > 1.1 and last[0, 0] < last[1, 0]  # red was driven forward past the cue ball
 
 
+def test_the_simulations_norm_is_numpys_bit_for_bit():
+    # the speed-up must not change a single clip's bytes: same seed, same dataset, before and after it
+    x = np.random.default_rng(0).normal(size=(16, 6, 2)) * np.logspace(-6, 2, 16)[:, None, None]
+    for axis in (1, 2):
+        assert np.array_equal(ph._norm(x, axis), np.linalg.norm(x, axis=axis))
+
+
+def test_cushions_reflect_each_ball_moving_into_one_in_event_order():
+    r = ph.BALL_RADIUS
+    pos = np.array([[r / 2, 0.5], [ph.TABLE_LENGTH - r / 2, ph.TABLE_WIDTH - r / 3], [r / 2, 0.5], [1.0, 0.5]])
+    vel = np.array([[-1.0, 0.0], [1.0, 2.0], [1.0, 0.0], [0.0, 0.0]])  # ball 2 leaves the cushion: no bounce
+    events = []
+    ph._cushions(["a", "b", "c", "d"], pos, vel, np.ones(4, bool), 0.0, events)
+    assert [(e.ball, e.other) for e in events] == [("a", "left cushion"), ("b", "right cushion"), ("b", "bottom cushion")]
+    assert pos[0, 0] == pytest.approx(1.5 * r) and vel[0, 0] == pytest.approx(ph.CUSHION_RESTITUTION)
+    assert vel[1].tolist() == pytest.approx([-ph.CUSHION_RESTITUTION, -2 * ph.CUSHION_RESTITUTION])
+    assert pos[2].tolist() == [r / 2, 0.5] and vel[2].tolist() == [1.0, 0.0]
+
+
 def test_captions_and_answers_agree_with_event_log():
     for clip in _clips(40):
         pocketed = [(b, p) for b, p in clip.sim.pocketed() if b != "white"]
