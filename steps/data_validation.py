@@ -12,6 +12,7 @@ from zenml import get_step_context, log_metadata, step
 
 from hilight.data import ingest
 from hilight.data.contracts import DataContract
+from hilight.data.manifest import republish
 from hilight.env import resolve_path
 from hilight.tracking import log_lineage
 from steps import EXPERIMENT_TRACKER
@@ -80,8 +81,10 @@ def write_manifest(
     quarantine: pd.DataFrame,
     validation_summary: pd.DataFrame,
     ge_results: dict[str, Any],
-) -> Annotated[Path, "manifest_dir"]:
-    """Write manifests, quarantine, GE JSON and report; log them to MLflow; fail past the threshold."""
+) -> Annotated[str, "manifest_dir"]:
+    """Write manifests, quarantine, GE JSON and report; log them to MLflow; fail past the threshold. Returns the
+    run directory's path: the files are versioned on disk and logged to MLflow, and a ``Path`` artifact would copy
+    them (Valley-scale manifests) into the artifact store a third time, and hand the next step that copy."""
     parsed = _contracts(contracts)
     validation = ingest.Validation(
         valid={"videos": valid_videos, "captions": valid_captions, "qa": valid_qa}, quarantine=quarantine,
@@ -104,4 +107,11 @@ def write_manifest(
     mlflow.log_table(validation_summary, artifact_file="data_validation/summary_table.json")
     log_metadata({"data_fingerprint": fingerprints["combined"], **result.counts})
     ingest.check_thresholds(result, validation)
-    return result.output_dir
+    return str(result.output_dir)
+
+
+@step(enable_cache=False)
+def publish_manifest(manifest_dir: str) -> Annotated[str, "current_manifest"]:
+    """Point ``current`` at this run's manifest, also when ``write_manifest`` came from the cache (same data as an
+    earlier run, but not as the last one): readers follow ``current`` and must see the data this run validated."""
+    return str(republish(Path(manifest_dir)))

@@ -25,6 +25,7 @@ def test_data_validation_pipeline_tracks_and_caches_by_fingerprint(zenml_project
     from zenml.client import Client
     from zenml.enums import ExecutionStatus
 
+    from hilight.data.captions import read_caption_manifest
     from pipelines.run import run_pipeline
     from pipelines.stack import mlflow_tracking_uri
 
@@ -63,7 +64,8 @@ def test_data_validation_pipeline_tracks_and_caches_by_fingerprint(zenml_project
     assert status["load_annotations"] == status["write_manifest"] == ExecutionStatus.CACHED
 
     # new data under the same path: the cache key sees the new fingerprint
-    caps = json.loads((root / "data/billiards/captions.json").read_text())
+    original = (root / "data/billiards/captions.json").read_bytes()
+    caps = json.loads(original)
     caps[0]["captions"].append({"caption": "A new caption about the table", "object": "table"})
     (root / "data/billiards/captions.json").write_text(json.dumps(caps))
     fresh = Client().get_pipeline_run(run_pipeline("data_validation", root / "config.yaml").id)
@@ -73,6 +75,14 @@ def test_data_validation_pipeline_tracks_and_caches_by_fingerprint(zenml_project
     assert new_manifest["counts"]["captions_accepted"] == manifest["counts"]["captions_accepted"] + 1
     runs = client.search_runs([client.get_experiment_by_name("data_validation").experiment_id])
     assert {r.data.tags["hilight.data_fingerprint"] for r in runs} == {manifest["data_fingerprint"], new_manifest["data_fingerprint"]}
+
+    # back to the first data: write_manifest comes from the cache, and the first manifest is current again
+    (root / "data/billiards/captions.json").write_bytes(original)
+    back = Client().get_pipeline_run(run_pipeline("data_validation", root / "config.yaml").id)
+    status = {n: s.status for n, s in back.steps.items()}
+    assert status["write_manifest"] == ExecutionStatus.CACHED and status["publish_manifest"] == ExecutionStatus.COMPLETED
+    assert json.loads((root / "outputs/dv/manifest.json").read_text()) == manifest
+    assert read_caption_manifest(root / "outputs/dv").fingerprint == manifest["data_fingerprint"]
 
 
 def test_pipeline_fails_past_threshold(zenml_project, billiards_dir, caplog):

@@ -74,6 +74,25 @@ def publish(output_dir: Path, version_dir: Path) -> None:
         os.symlink(target, link)
 
 
+def republish(version_dir: Path) -> Path:
+    """Make a passing run directory the current manifest again and return its output directory. For a cached
+    ``write_manifest`` (the data went back to an earlier version): the cache hands back that earlier run's
+    directory without running the step, and ``current`` would go on pointing at the newer, different manifest."""
+    version_dir = Path(version_dir)
+    meta = version_dir / "manifest.json"
+    if not meta.is_file():
+        raise ManifestError(f"the cached manifest {version_dir} no longer exists (only the newest {KEEP_VERSIONS} runs "
+                            f"are kept); rerun data_validation with --no-cache")
+    status = json.loads(meta.read_text()).get("status")
+    if status not in READABLE:
+        raise ManifestError(f"{version_dir} has status {status!r}, not one of {READABLE}; it cannot be made current")
+    output_dir = version_dir.parent.parent
+    if current_dir(output_dir) != version_dir.resolve():
+        log.info("data_validation: %s is current again", version_dir.name)
+        publish(output_dir, version_dir)
+    return output_dir
+
+
 def prune_versions(output_dir: Path, keep: int = KEEP_VERSIONS) -> None:
     """Delete all but the ``keep`` newest run directories; the current one always stays."""
     current = current_dir(output_dir)
