@@ -279,7 +279,8 @@ def _longclip_config(vision):
 
     if vision.longclip_random_init:
         return longclip_preset(vision.longclip_random_init), f"preset {vision.longclip_random_init}"
-    return longclip_preset("longclip-b16"), "preset longclip-b16 (ViT-B/16 of longclip-B.pt)"
+    name = vision.longclip_preset or "longclip-b16"  # null (the file's own) is estimated as LongCLIP-B
+    return longclip_preset(name), f"preset {name} (vision.longclip_preset)"
 
 
 def build_vlm_stage(config, stage: str, text_tokens: int, llm_preset: str | None) -> StageModel:

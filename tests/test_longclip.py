@@ -112,6 +112,17 @@ def test_a_file_of_another_depth_or_width_than_the_preset_is_refused_with_both_n
     assert "depth (blocks) 2 in the file vs 12 in longclip-b16; width 64 in the file vs 768 in longclip-b16" in str(err.value)
 
 
+def test_the_vision_config_names_the_towers_preset(tmp_path):
+    from hilight.train.vlm_parts import VisionSpec, load_longclip_tower
+
+    torch.manual_seed(4)
+    path, _ = _original_file(tmp_path, _OpenAIVisual(res=96, patch=16, width=32, layers=2, heads=2, out=32))
+    tower = load_longclip_tower(VisionSpec(clipvip="unused", longclip=str(path), longclip_preset="tiny"))
+    assert tower.model.config.image_size == 96 and tower.model.config.projection_dim == 32
+    with pytest.raises(CheckpointError, match="in longclip-b16"):  # the default: LongCLIP-B
+        load_longclip_tower(VisionSpec(clipvip="unused", longclip=str(path)))
+
+
 class _OpenAIText(nn.Module):
     """Long-CLIP's text side: OpenAI's causal transformer with two position tables, pe on positions 0-19 and
     pe_res on 20+, pooled at the argmax token and projected."""

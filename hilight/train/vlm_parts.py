@@ -42,6 +42,8 @@ class VisionSpec(BaseModel):
     clipvip: str  # the CLIP-ViP candidate: a saved model dir (alignment export) or an original-layout .pt
     clipvip_preset: str = "clipvip-b16"  # architecture of a .pt file
     longclip: str | None = None  # longclip-B.pt (original OpenAI layout)
+    # the architecture that file must have: a name in presets/longclip (null: whatever the file holds)
+    longclip_preset: str | None = "longclip-b16"
     # demo only (no Long-CLIP weights exist offline): a declared random-init tower from presets/longclip/<name>.json
     longclip_random_init: str | None = None
     longclip_seed: int = 0
@@ -124,7 +126,7 @@ def load_clipvip_tower(spec: VisionSpec) -> CLIPViPModel:
 
 def load_longclip_tower(spec: VisionSpec) -> LongCLIPImageTower:
     if spec.longclip is not None:
-        return LongCLIPImageTower.from_original(resolve_path(spec.longclip))
+        return LongCLIPImageTower.from_original(resolve_path(spec.longclip), spec.longclip_preset)
     log.warning("Long-CLIP tower is randomly initialised (vision.longclip_random_init=%r, seed %d): demo only",
                 spec.longclip_random_init, spec.longclip_seed)
     torch.manual_seed(spec.longclip_seed)
