@@ -40,6 +40,7 @@ CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
     "billiards": {"colour": tuple(BALL_COLOURS), "pocket": POCKET_NAMES},
     "general": {"colour": tuple(COLOURS), "direction": tuple(DIRECTIONS)},
 }
+CHOICE_KINDS = tuple(sorted({kind for kinds in CHOICES.values() for kind in kinds}))  # per-answer column suffixes
 
 
 def _pattern(value: str) -> re.Pattern:
@@ -122,9 +123,8 @@ def score_choices(vlm, tokenizer, items: pd.DataFrame, tokens: dict[str, torch.T
     """``<prefix>_<kind>`` (True/False/NA) and ``<prefix>_<kind>_options`` per item of ``items`` (dataset, video_id,
     question, reference, history), from each video's TokenMining tokens. ``video_of`` shows each item another
     video instead (``wrong_videos``; an item whose video has none is NA)."""
-    kinds = sorted({k for c in CHOICES.values() for k in c})
-    out = {f"{prefix}_{k}": [pd.NA] * len(items) for k in kinds}
-    out.update({f"{prefix}_{k}_options": [0] * len(items) for k in kinds})
+    out = {f"{prefix}_{k}": [pd.NA] * len(items) for k in CHOICE_KINDS}
+    out.update({f"{prefix}_{k}_options": [0] * len(items) for k in CHOICE_KINDS})
     for row, it in enumerate(items.itertuples(index=False)):
         shown = it.video_id if video_of is None else video_of.get(it.video_id)
         if shown is None:
@@ -137,4 +137,4 @@ def score_choices(vlm, tokenizer, items: pd.DataFrame, tokens: dict[str, torch.T
             out[f"{prefix}_{kind}"][row] = bool(ll[truth] > others.max())  # a tie is wrong
             out[f"{prefix}_{kind}_options"][row] = len(options)
     frame = pd.DataFrame(out, index=items.index)
-    return frame.astype({f"{prefix}_{k}": "boolean" for k in kinds})
+    return frame.astype({f"{prefix}_{k}": "boolean" for k in CHOICE_KINDS})

@@ -40,7 +40,7 @@ from hilight.data.frames import load_clip_frames
 from hilight.data.probe import sha256_file
 from hilight.data.qa import DESCRIBE_PROMPT, describe_rows, read_qa_manifest
 from hilight.env import resolve_path
-from hilight.eval.choice import CHOICES, score_choices, wrong_videos
+from hilight.eval.choice import CHOICE_KINDS, score_choices, wrong_videos
 from hilight.eval.facts import FACT_KINDS, check_answer, history_text, read_events
 from hilight.models.checkpoints import load_saved_clipvip
 from hilight.models.export import GenerationSpec, VLMBundle, default_device
@@ -196,8 +196,7 @@ def summarise(answers: pd.DataFrame) -> dict[str, float]:
     metrics: dict[str, float] = {}
     for dataset, g in answers.groupby("dataset"):
         for family in CHOICE_FAMILIES:
-            kinds = sorted({k for c in CHOICES.values() for k in c})
-            chosen = [f"{family}_{k}" for k in kinds if f"{family}_{k}" in g and g[f"{family}_{k}"].notna().any()]
+            chosen = [f"{family}_{k}" for k in CHOICE_KINDS if f"{family}_{k}" in g and g[f"{family}_{k}"].notna().any()]
             if not chosen:
                 continue
             right = checks_as_float(g[chosen]).stack()  # one value per (item, kind) choice made

@@ -32,7 +32,7 @@ from hilight.config import deep_merge
 from hilight.data.contracts import load_contracts
 from hilight.data.eval_files import contract_for, validate_eval_file
 from hilight.env import resolve_path
-from hilight.eval.choice import CHOICES
+from hilight.eval.choice import CHOICE_KINDS
 from hilight.eval.facts import FACT_KINDS
 from hilight.eval.vlm import CHOICE_FAMILIES, VLMEvalSpec, checks_as_float
 from hilight.experiments.bootstrap import paired_ratio_difference, ratio_interval
@@ -361,7 +361,7 @@ def per_item(answers: pd.DataFrame, metric: str) -> pd.DataFrame:
     rows = answers[answers["dataset"] == dataset].set_index(keys)
     family, _, kind = rest.removesuffix("_accuracy").partition("/")
     if family in ("fact", *CHOICE_FAMILIES) and (rest.endswith("_accuracy") or kind):
-        known = FACT_KINDS if family == "fact" else sorted({k for c in CHOICES.values() for k in c})
+        known = FACT_KINDS if family == "fact" else CHOICE_KINDS
         checked = [f"{family}_{k}" for k in known if f"{family}_{k}" in rows.columns]
         cols = [f"{family}_{kind}"] if kind else checked
         if not cols or not set(cols) <= set(checked):
