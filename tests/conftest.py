@@ -15,6 +15,25 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = dict(width=64, height=48, fps=8, duration_s=2.0)  # 16 frames: enough for the 12-frame sampler
 
 
+@pytest.fixture(autouse=True)
+def _no_mlflow_state_between_tests():
+    """MLflow keeps the tracking URI, the active experiment and the run stack in module globals. A test that set them
+    (itself, or through ZenML's tracker) must not hand them to the next test on its worker, whose store is another
+    one: seen as "No Experiment with id=2 exists" and a file-store URI where a test had set an SQLite one."""
+    yield
+    import sys
+
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is None:
+        return
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)  # also unsets MLFLOW_TRACKING_URI
+    sys.modules["mlflow.tracking.fluent"]._active_experiment_id = None
+    for var in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        os.environ.pop(var, None)
+
+
 @pytest.fixture(scope="session")
 def tiny_settings():
     from hilight.data.synth import SynthSettings
