@@ -56,6 +56,34 @@ def test_the_simulations_norm_is_numpys_bit_for_bit():
         assert np.array_equal(ph._norm(x, axis), np.linalg.norm(x, axis=axis))
 
 
+def test_skipping_quiet_substeps_changes_no_clip(monkeypatch):
+    # the simulation skips the pocket/cushion/collision checks on substeps where no ball can reach anything; with
+    # every substep checked (the skip disabled) each clip's frames and event log must be the same, bit for bit
+    fast = [(c.frames, c.metadata()) for c in _clips(24)]
+    monkeypatch.setattr(ph, "_quiet_substeps", lambda *args: 0)
+    slow = [(c.frames, c.metadata()) for c in _clips(24)]
+    assert {c[1]["scenario"] for c in slow} == {"break", "pot", "miss"}
+    for (f_fast, m_fast), (f_slow, m_slow) in zip(fast, slow):
+        assert np.array_equal(f_fast, f_slow) and m_fast == m_slow
+
+
+def test_quiet_substeps_stop_before_a_ball_can_reach_anything():
+    r, dt = ph.BALL_RADIUS, 1 / 600
+    pocket_xy = np.array([[p[0], p[1]] for p in ph.POCKETS.values()])
+    pocket_r = np.array([p[2] for p in ph.POCKETS.values()])
+    alive, touching = np.ones(2, bool), np.zeros((2, 2), bool)
+
+    def quiet(pos, vel, touching=touching):
+        return ph._quiet_substeps(np.array(pos, float), np.array(vel, float), alive, touching, pocket_xy, pocket_r, dt)
+
+    # white at 1 m/s towards a still red 0.5 m away (0.37 m of room): at most 0.37 / (1/600) = 222 quiet substeps
+    assert quiet([[0.5, 0.5], [1.0, 0.5]], [[1.0, 0.0], [0.0, 0.0]]) == 221
+    assert quiet([[0.5, 0.5], [1.0, 0.5]], [[0.0, 0.0], [0.0, 0.0]]) > 10**6  # nothing moves: nothing can happen
+    assert quiet([[0.5, 0.5], [0.5 + 1.9 * r, 0.5]], [[0.0, 0.0], [0.0, 0.0]]) == 0  # an overlap to push apart
+    assert quiet([[0.5, 0.5], [1.0, 0.5]], [[1.0, 0.0], [0.0, 0.0]], touching=~np.eye(2, dtype=bool)) == 0
+    assert quiet([[r + 0.01, 0.5], [1.0, 0.2]], [[-1.0, 0.0], [0.0, 0.0]]) == 5  # 0.01 m from the left cushion
+
+
 def test_cushions_reflect_each_ball_moving_into_one_in_event_order():
     r = ph.BALL_RADIUS
     pos = np.array([[r / 2, 0.5], [ph.TABLE_LENGTH - r / 2, ph.TABLE_WIDTH - r / 3], [r / 2, 0.5], [1.0, 0.5]])
