@@ -298,6 +298,14 @@ def demo(
     from hilight.data.synth import GENERATOR_VERSION, generate_dataset
 
     started = time.monotonic()
+    timings: dict[str, float] = {}  # seconds per part, in order: where the demo's time goes
+
+    def timed(part: str, run, *args, **kwargs):
+        t0 = time.monotonic()
+        out = run(*args, **kwargs)
+        timings[part] = round(time.monotonic() - t0, 1)
+        return out
+
     root = project_root()
     for domain, n, held, n_eval in (("billiards", videos, heldout, eval_clips),
                                     ("general", general_videos, None, DEMO_GENERAL_EVAL_CLIPS)):
@@ -308,23 +316,24 @@ def demo(
         if {k: current.get(k) for k in wanted} == wanted:
             typer.echo(f"{domain}: reusing {out}")
             continue
-        generate_dataset(out, domain=domain, n_videos=n, seed=seed, workers=workers, heldout=held, eval_clips=n_eval)
+        timed(f"synthesis ({domain})", generate_dataset, out, domain=domain, n_videos=n, seed=seed, workers=workers,
+              heldout=held, eval_clips=n_eval)
 
     from pipelines.run import PipelineFailedError, run_pipeline, step_output
     from pipelines.stack import mlflow_tracking_uri
 
     try:
-        result = run_pipeline("data_validation", root / DEMO_CONFIG)
+        result = timed("data validation", run_pipeline, "data_validation", root / DEMO_CONFIG)
         trained = {}
         for label, cfg in DEMO_TRAINING:
-            run = run_pipeline("clipvip_alignment", root / cfg)
+            run = timed(label, run_pipeline, "clipvip_alignment", root / cfg)
             trained[label] = (run.name, step_output(run, "train_clipvip", "heldout_retrieval"))
-        ablation = run_pipeline("alignment_ablation", root / DEMO_ABLATION)
+        ablation = timed("ablation", run_pipeline, "alignment_ablation", root / DEMO_ABLATION)
         comparison = step_output(ablation, "compare_variants", "ablation_comparison")
         selection = step_output(ablation, "compare_variants", "ablation_selection")
-        llm_run = run_pipeline("llm_pretrain", root / DEMO_LLM)
+        llm_run = timed("demo LLM", run_pipeline, "llm_pretrain", root / DEMO_LLM)
         llm_loss = step_output(llm_run, "pretrain_llm", "llm_heldout_loss")
-        selection_run = run_pipeline("select_vision_weights", root / DEMO_SELECTION)
+        selection_run = timed("selection", run_pipeline, "select_vision_weights", root / DEMO_SELECTION)
         decision = step_output(selection_run, "select_and_promote", "selection_decision")
         evidence = step_output(selection_run, "select_and_promote", "selection_evidence")
         stage1 = {r["candidate"]: step_output(selection_run, f"stage1_{r['candidate']}", "stage1_heldout")
@@ -342,7 +351,7 @@ def demo(
     command = exe.relative_to(root) if exe.is_relative_to(root) else "hilight"
     path = root / "outputs" / "demo_summary.json"
     summary = {
-        "seconds": round(time.monotonic() - started, 1), "path": str(path),
+        "seconds": round(time.monotonic() - started, 1), "timings": timings, "path": str(path),
         "data": {"run": result.name, "fingerprint": manifest["data_fingerprint"], "counts": manifest["counts"],
                  "manifest": str(root / "outputs/data_validation"), "report": str(root / "outputs/data_validation/report.md")},
         "alignment": {"billiards_t2v_r1": runs["billiards alignment"]["t2v_r1"],

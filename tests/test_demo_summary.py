@@ -32,6 +32,7 @@ def _summary() -> dict:
               for c in ("table1k", "original")}
     return {
         "seconds": 812.4, "path": "outputs/demo_summary.json",
+        "timings": {"synthesis (billiards)": 52.4, "ablation": 579.2, "selection": 180.0},
         "data": {"run": "dv", "fingerprint": "abc", "counts": {"videos_accepted": 400}, "manifest": "m", "report": "r"},
         "alignment": {"billiards_t2v_r1": 0.12, "billiards_t2v_r1_random": 0.01, "models": "x",
                       "runs": {"billiards alignment": {"run": "a", "t2v_r1": 0.12, "random_t2v_r1": 0.01,
@@ -61,10 +62,14 @@ def test_summary_has_the_issues_keys_and_values():
 
 
 def test_printed_summary_is_rendered_from_the_json():
-    text = render_demo_summary(json.loads(json.dumps(_summary())))
+    summary = json.loads(json.dumps(_summary()))
+    text = render_demo_summary(summary)
     assert "selected variant      BP_WithMask at step-00000100: caption/hard_negative_accuracy" in text
     assert "significant (the top two intervals are apart)" in text and "colour hard-negative accuracy 0." in text
     assert "decision              promoted: table1k beats the champion (champion-v1)" in text
     assert "margin over the incumbent champion-v1: table1k - champion-v1 on billiards/fact_accuracy +0." in text
     assert "champion              models:/hilight-vlm@champion = version 3 (table1k); challenger = version 2" in text
+    assert "time                  synthesis (billiards) 52 s, ablation 579 s, selection 180 s\n" in text
     assert text.rstrip().endswith("(812 s)")
+    del summary["timings"]  # a summary written before the per-part times still renders
+    assert "time    " not in render_demo_summary(summary)

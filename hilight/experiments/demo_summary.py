@@ -1,10 +1,11 @@
 """The demo's machine-readable summary (``outputs/demo_summary.json``) and the text ``hilight demo`` prints from it.
 
-``build_demo_summary`` gathers the numbers of the demo's runs into one JSON-able dict: at least ``alignment``
+``hilight demo`` gathers the numbers of its runs into one JSON-able dict (``ablation_summary`` and
+``selection_summary`` build those two parts): at least ``alignment``
 (billiards held-out text→video R@1 and its random-init baseline), ``ablation`` (the selected variant, its colour
 hard-negative accuracy, whether the choice is inconclusive), ``selection`` (champion, incumbent, primary metric, the
 margin behind the decision with its interval, each candidate's colour fact accuracy in generated answers and as a
-multiple choice, with the video and with another clip's video) and ``seconds``.
+multiple choice, with the video and with another clip's video), ``seconds`` and ``timings`` (seconds per part).
 ``render_demo_summary`` turns that dict, and nothing else, into the printed summary, so the two never disagree.
 """
 
@@ -137,6 +138,8 @@ def render_demo_summary(s: dict) -> str:
     out.append(f"MLflow store          {s['mlflow']['store']}")
     out.append(f"MLflow UI             {s['mlflow']['ui']}")
     out.append(f"ask the champion      {s['ask']}")
+    if s.get("timings"):
+        out.append("time                  " + ", ".join(f"{part} {sec:.0f} s" for part, sec in s["timings"].items()))
     out.append(f"summary               {s['path']} ({s['seconds']:.0f} s)")
     return "\n".join(out)
 
