@@ -69,12 +69,11 @@ def test_skipping_quiet_substeps_changes_no_clip(monkeypatch):
 
 def test_quiet_substeps_stop_before_a_ball_can_reach_anything():
     r, dt = ph.BALL_RADIUS, 1 / 600
-    pocket_xy = np.array([[p[0], p[1]] for p in ph.POCKETS.values()])
-    pocket_r = np.array([p[2] for p in ph.POCKETS.values()])
     alive, touching = np.ones(2, bool), np.zeros((2, 2), bool)
 
     def quiet(pos, vel, touching=touching):
-        return ph._quiet_substeps(np.array(pos, float), np.array(vel, float), alive, touching, pocket_xy, pocket_r, dt)
+        return ph._quiet_substeps(np.array(pos, float), np.array(vel, float), alive, touching, ph._POCKET_XY,
+                                  ph._POCKET_R, dt)
 
     # white at 1 m/s towards a still red 0.5 m away (0.37 m of room): at most 0.37 / (1/600) = 222 quiet substeps
     assert quiet([[0.5, 0.5], [1.0, 0.5]], [[1.0, 0.0], [0.0, 0.0]]) == 221

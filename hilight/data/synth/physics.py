@@ -125,8 +125,6 @@ def simulate(
     frames = np.full((n_frames, n, 2), np.nan)
     frames[0] = pos
     touching = np.zeros((n, n), dtype=bool)  # pairs currently in contact (log each contact once)
-    pocket_xy = np.array([[p[0], p[1]] for p in POCKETS.values()])
-    pocket_r = np.array([p[2] for p in POCKETS.values()])
     t = 0.0
     quiet = 0  # coming substeps in which no ball can reach a pocket, a cushion or another ball
     for frame in range(1, n_frames):
@@ -146,14 +144,16 @@ def simulate(
             if quiet:  # the three checks below would find nothing and change nothing
                 quiet -= 1
                 continue
-            _pockets(names, pos, vel, alive, pocket_xy, pocket_r, t, events)
+            _pockets(names, pos, vel, alive, _POCKET_XY, _POCKET_R, t, events)
             _cushions(names, pos, vel, alive, t, events)
             _collisions(names, pos, vel, alive, touching, t, events)
-            quiet = _quiet_substeps(pos, vel, alive, touching, pocket_xy, pocket_r, dt)
+            quiet = _quiet_substeps(pos, vel, alive, touching, _POCKET_XY, _POCKET_R, dt)
         frames[frame] = np.where(alive[:, None], pos, np.nan)
     return Simulation(names=list(names), positions=frames, events=events)
 
 
+_POCKET_XY = np.array([[p[0], p[1]] for p in POCKETS.values()])  # [6, 2] pocket centres
+_POCKET_R = np.array([p[2] for p in POCKETS.values()])  # [6] capture radii
 _MARGIN = 1e-7  # metres: far above the rounding of a few thousand position updates, far below any distance that matters
 
 
