@@ -154,6 +154,30 @@ def test_padded_batch_gives_each_sample_its_unpadded_logits(tok, vlm):
         n = int(mask[1].sum())
         alone = vlm(ids[1:, :n], mask[1:, :n], labels[1:, :n], video_features=vf[1:], frame_features=ff[1:]).logits
     assert torch.allclose(both[1, :alone.shape[1]], alone[0], atol=1e-5)
+    # the training loss and the evaluation's summed token loss: the padded batch's are the two samples' own
+    with torch.no_grad():
+        per = [vlm.token_loss(ids[i:i + 1, :int(mask[i].sum())], mask[i:i + 1, :int(mask[i].sum())],
+                              labels[i:i + 1, :int(mask[i].sum())], vlm.token_mining(vf[i:i + 1], ff[i:i + 1]))
+               for i in (0, 1)]
+        total, count = vlm.token_loss(ids, mask, labels, vlm.token_mining(vf, ff))
+        loss = vlm(ids, mask, labels, video_features=vf, frame_features=ff).loss
+    assert count == sum(n for _, n in per) and total == pytest.approx(sum(s for s, _ in per), rel=1e-5)
+    assert float(loss) == pytest.approx(total / count, rel=1e-5)
+
+
+def test_padded_text_batch_gives_each_sequence_its_own_loss(tok, vlm):
+    from hilight.models.vlm import token_loss
+    from hilight.train.text_lm import TextDataset
+
+    seqs = [tok(c)["input_ids"] for c in CORPUS[:3]]
+    assert len({len(x) for x in seqs}) > 1  # the batch is padded
+    data = TextDataset(seqs, pad_token_id=0)
+    llm = vlm.llm
+    with torch.no_grad():
+        batch = data.collate([0, 1, 2])
+        total, count = token_loss(llm(input_ids=batch["input_ids"]).logits, batch["labels"])
+        per = [token_loss(llm(input_ids=b["input_ids"]).logits, b["labels"]) for b in map(data.collate, ([0], [1], [2]))]
+    assert count == sum(n for _, n in per) and total == pytest.approx(sum(s for s, _ in per), rel=1e-5)
 
 
 def test_several_videos_in_one_sample_and_mismatches(tok, vlm):

@@ -172,20 +172,24 @@ class HiLightVLM(nn.Module):
                 num_items_in_batch: torch.Tensor | None = None):
         """Gemma's causal-LM output (``.loss`` when ``labels`` are given). The video comes as ready ``video_tokens``,
         as tower ``*_features`` (e.g. from the cache) or as ``pixel_values``; or not at all for text-only input.
-        ``num_items_in_batch``: divide the summed token loss by this instead of taking the batch mean (DDP)."""
+        ``num_items_in_batch``: divide the summed token loss by this instead of taking the batch mean (DDP).
+
+        The LLM gets no attention mask: ``splice`` right-pads, so under the causal mask no real position can see a
+        padding one, and padding positions carry no labels. Without a mask SDPA runs its causal kernel (flash
+        attention on GPUs) instead of materialising a [B, 1, L, L] mask."""
         if video_tokens is None and (video_features is not None or pixel_values is not None):
             if video_features is None:
                 video_features, frame_features = self.tower_features(pixel_values)
             video_tokens = self.token_mining(video_features, frame_features)
         s = self.splice(input_ids, attention_mask, video_tokens, labels)
-        return self.llm(inputs_embeds=s.inputs_embeds, attention_mask=s.attention_mask, position_ids=s.position_ids,
+        return self.llm(inputs_embeds=s.inputs_embeds, attention_mask=None, position_ids=s.position_ids,
                         labels=s.labels, num_items_in_batch=num_items_in_batch)
 
     def token_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                    video_tokens: torch.Tensor | None) -> tuple[float, int]:
         """(summed answer-token loss, answer tokens) of a batch, for per-token means over a whole set."""
         s = self.splice(input_ids, attention_mask, video_tokens, labels)
-        logits = self.llm(inputs_embeds=s.inputs_embeds, attention_mask=s.attention_mask, position_ids=s.position_ids).logits
+        logits = self.llm(inputs_embeds=s.inputs_embeds, attention_mask=None, position_ids=s.position_ids).logits
         return token_loss(logits, s.labels)
 
     @torch.no_grad()
