@@ -165,21 +165,6 @@ def test_padded_batch_gives_each_sample_its_unpadded_logits(tok, vlm):
     assert float(loss) == pytest.approx(total / count, rel=1e-5)
 
 
-def test_padded_text_batch_gives_each_sequence_its_own_loss(tok, vlm):
-    from hilight.models.vlm import token_loss
-    from hilight.train.text_lm import TextDataset
-
-    seqs = [tok(c)["input_ids"] for c in CORPUS[:3]]
-    assert len({len(x) for x in seqs}) > 1  # the batch is padded
-    data = TextDataset(seqs, pad_token_id=0)
-    llm = vlm.llm
-    with torch.no_grad():
-        batch = data.collate([0, 1, 2])
-        total, count = token_loss(llm(input_ids=batch["input_ids"]).logits, batch["labels"])
-        per = [token_loss(llm(input_ids=b["input_ids"]).logits, b["labels"]) for b in map(data.collate, ([0], [1], [2]))]
-    assert count == sum(n for _, n in per) and total == pytest.approx(sum(s for s, _ in per), rel=1e-5)
-
-
 def test_several_videos_in_one_sample_and_mismatches(tok, vlm):
     two = [{"from": "human", "value": "<video>\nFirst?"}, {"from": "gpt", "value": "A."},
            {"from": "human", "value": "<video>\nSecond?"}, {"from": "gpt", "value": "B."}]

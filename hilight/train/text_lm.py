@@ -102,9 +102,8 @@ class TextDataset(torch.utils.data.Dataset):
         labels = [x.clone() for x in ids]
         for x in labels:
             x[0] = IGNORE_INDEX  # nothing predicts <bos>
-        # no attention mask: right padding under the causal mask is never seen by a real token and carries no
-        # labels, so SDPA runs its causal kernel instead of materialising a [B, 1, L, L] mask
         return {"input_ids": pad_sequence(ids, batch_first=True, padding_value=self.pad_token_id),
+                "attention_mask": pad_sequence([torch.ones_like(x) for x in ids], batch_first=True, padding_value=0),
                 "labels": pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX)}
 
 
@@ -158,7 +157,7 @@ def corpus_loss(model, dataset: TextDataset, batch_size: int) -> float:
     total, count = 0.0, 0
     for start in range(0, len(dataset), batch_size):
         b = {k: v.to(device) for k, v in dataset.collate(list(range(start, min(start + batch_size, len(dataset))))).items()}
-        s, n = token_loss(model(input_ids=b["input_ids"]).logits, b["labels"])
+        s, n = token_loss(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
         total, count = total + s, count + n
     return total / max(count, 1)
 
