@@ -13,7 +13,8 @@ from hilight.data.conversations import Turn, encode, encode_prompt
 from hilight.data.synth.billiards import BALL_COLOURS
 from hilight.data.synth.general import DIRECTIONS
 from hilight.data.synth.physics import POCKET_NAMES
-from hilight.eval.choice import answer_logprobs, choice_options, score_choices, wrong_videos
+from hilight.eval.choice import (ChoiceRequest, answer_logprobs, batched_logprobs, choice_options, score_choices,
+                                 wrong_videos)
 from hilight.eval.vlm import VLMEvaluation, summarise
 from hilight.experiments.selection import paired_difference, per_item
 from hilight.models.token_mining import TokenMining, TokenMiningConfig
@@ -102,6 +103,25 @@ def test_answer_logprobs_is_the_answers_own_log_likelihood(tiny):
     assert len(encode_prompt(follow, tok, video_tokens=8, history=hist).input_ids) > 0
 
 
+def test_batched_logprobs_pack_items_of_different_videos_and_lengths_as_each_alone(tiny):
+    vlm, tok = tiny
+    g = torch.Generator().manual_seed(2)
+    q = "What color ball was pocketed by the white cue ball?"
+    requests = [
+        ChoiceRequest(torch.randn(8, 64, generator=g), q, choice_options("billiards", q, POT)["colour"][1]),
+        ChoiceRequest(torch.randn(8, 64, generator=g), "Which ball did the white cue ball hit first?",
+                      ["The white cue ball hit the red ball first.", "Red."], (Turn("Was any ball pocketed?", "Yes."),)),
+        ChoiceRequest(torch.randn(8, 64, generator=g), q, ["A red ball.", "The blue ball went into the top left pocket."]),
+    ]
+    alone = [answer_logprobs(vlm, tok, r.video_tokens, r.question, r.answers, list(r.history)) for r in requests]
+    for batch_rows in (1, 7, 64):  # a request never splits: 1 row means one request per pass
+        got = batched_logprobs(vlm, tok, requests, batch_rows=batch_rows)
+        assert [len(x) for x in got] == [len(r.answers) for r in requests]
+        for a, b in zip(got, alone, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    assert not torch.allclose(alone[0], answer_logprobs(vlm, tok, requests[1].video_tokens, q, requests[0].answers))
+
+
 def test_score_choices_marks_the_most_likely_option(tiny, monkeypatch):
     vlm, tok = tiny
     items = pd.DataFrame({"dataset": "billiards", "video_id": ["v0", "v1", "v2"],
@@ -112,11 +132,12 @@ def test_score_choices_marks_the_most_likely_option(tiny, monkeypatch):
     tokens = {v: torch.zeros(8, 64) for v in items["video_id"]}
     prefer = {"v0": ["red"], "v1": ["pink"]}  # v0 right (red is the truth), v1 wrong (blue is)
 
-    def fake(vlm_, tok_, video, question, answers, history=()):
-        vid = next(v for v, t in tokens.items() if t is video)
-        return torch.tensor([1.0 if any(c in a for c in prefer[vid]) else 0.0 for a in answers])
+    def fake(vlm_, tok_, requests, **kw):
+        vid = [next(v for v, t in tokens.items() if t is r.video_tokens) for r in requests]
+        return [torch.tensor([1.0 if any(c in a for c in prefer[v]) else 0.0 for a in r.answers])
+                for v, r in zip(vid, requests, strict=True)]
 
-    monkeypatch.setattr("hilight.eval.choice.answer_logprobs", fake)
+    monkeypatch.setattr("hilight.eval.choice.batched_logprobs", fake)
     got = score_choices(vlm, tok, items, tokens)
     assert got["choice_colour"].tolist() == [True, False, pd.NA]
     prefer["v0"] = ["red", "blue"]  # a tie with the truth is not a right choice
@@ -153,11 +174,11 @@ def test_the_wrong_video_control_shows_each_item_another_clip_of_its_dataset(tin
     tokens = {v: torch.zeros(8, 64) for v in items["video_id"]}
     says = {"b0": "red", "b1": "blue", "b2": "red", "g0": "red"}  # what each clip's tokens make the model prefer
 
-    def fake(vlm_, tok_, video, question, answers, history=()):
-        vid = next(v for v, t in tokens.items() if t is video)
-        return torch.tensor([1.0 if says[vid] in a else 0.0 for a in answers])
+    def fake(vlm_, tok_, requests, **kw):
+        vid = [next(v for v, t in tokens.items() if t is r.video_tokens) for r in requests]
+        return [torch.tensor([1.0 if says[v] in a else 0.0 for a in r.answers]) for v, r in zip(vid, requests, strict=True)]
 
-    monkeypatch.setattr("hilight.eval.choice.answer_logprobs", fake)
+    monkeypatch.setattr("hilight.eval.choice.batched_logprobs", fake)
     right = score_choices(vlm, tok, items, tokens)
     control = score_choices(vlm, tok, items, tokens, prefix="wrong_video_choice", video_of=wrong_videos(items))
     assert right["choice_colour"].tolist() == [True, True, False, True]

@@ -53,6 +53,25 @@ def test_mixture_sampler_ratios_sequence_and_resume():
         MixtureBatchSampler([a, b], [1.0], batch_size=1)
 
 
+def test_sequence_mode_stages_the_whole_run_not_each_epoch():
+    a, b, c = list(range(0, 10)), list(range(10, 14)), list(range(14, 20))
+    # one epoch is 10 + 8 + 6 = 24 samples; the run draws 30 batches of 4 = 120, five epochs' worth
+    seq = MixtureBatchSampler([a, b, c], [1.0, 2.0, 1.0], batch_size=4, mode="sequence", seed=3, run_batches=30)
+    assert len(seq) == 30
+    source = np.digitize(seq.order(), [10, 14])  # 0, 1, 2 per sample
+    assert source.tolist() == [0] * 50 + [1] * 40 + [2] * 30  # each source once, its ratio's share (10:8:6) of 120
+    order = seq.order()
+    assert np.bincount(order[:50]).tolist() == [5] * 10  # five shuffled passes over a, each sample once per pass
+    assert sorted(order[:10].tolist()) == a and order[:10].tolist() != order[10:20].tolist()
+    # short runs still reach every source; mix is per epoch whatever the run
+    short = MixtureBatchSampler([a, b, c], [1.0, 2.0, 1.0], batch_size=4, mode="sequence", seed=3, run_batches=3)
+    assert np.bincount(np.digitize(short.order(), [10, 14])).tolist() == [5, 4, 3]
+    mix = MixtureBatchSampler([a, b, c], [1.0, 2.0, 1.0], batch_size=4, mode="mix", seed=3, run_batches=30)
+    assert len(mix) == 6 and mix.order().tolist() == MixtureBatchSampler([a, b, c], [1.0, 2.0, 1.0], 4, seed=3).order().tolist()
+    with pytest.raises(ValueError, match="run_batches must be >= 1"):
+        MixtureBatchSampler([a], [1.0], batch_size=1, mode="sequence", run_batches=0)
+
+
 def test_stage2_requires_the_stage1_token_mining(caption_manifest, vlm_weights, tmp_path):
     from pydantic import ValidationError
 

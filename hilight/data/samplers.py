@@ -65,10 +65,15 @@ class MixtureBatchSampler:
     and table QA in one pool); ``sequence`` keeps the sources in the given order, each shuffled within itself, so
     the run sees all of the first source's share before the second's (the notes' staged tuning, e.g. ratio 3 on
     VideoInstruct then 1 on the table QA). The order depends only on (seed, epoch).
+
+    ``run_batches`` (the batches the whole run draws: steps x grad_accum x processes) makes ``sequence`` staged over
+    the run rather than over each epoch: the single "epoch" is the run, and each source gets its ratio's share of
+    it in turn, as consecutive shuffled passes. Without it, a run longer than one epoch would start the sequence
+    again (A, B, A, B, ...), and one shorter would never reach the last sources. ``mix`` ignores it.
     """
 
     def __init__(self, sources: Sequence[Sequence[int]], ratios: Sequence[float], batch_size: int, *,
-                 mode: Literal["mix", "sequence"] = "mix", seed: int = 0):
+                 mode: Literal["mix", "sequence"] = "mix", seed: int = 0, run_batches: int | None = None):
         if len(sources) != len(ratios) or not sources:
             raise ValueError(f"give one ratio per source: {len(sources)} sources, {len(ratios)} ratios")
         if mode not in ("mix", "sequence"):
@@ -84,6 +89,12 @@ class MixtureBatchSampler:
             raise ValueError(f"sources {empty} have no samples")
         self.ratios, self.batch_size, self.mode, self.seed = list(ratios), batch_size, mode, seed
         self.counts = [max(1, round(r * len(s))) for r, s in zip(self.ratios, self.sources, strict=True)]
+        if run_batches is not None and mode == "sequence":
+            if run_batches < 1:
+                raise ValueError(f"run_batches must be >= 1, got {run_batches}")
+            total = run_batches * batch_size  # the run's samples, shared out by ratio: cumulative rounding keeps the sum
+            bounds = np.round(np.cumsum([0, *self.counts]) / sum(self.counts) * total).astype(int)
+            self.counts = np.diff(bounds).tolist()
         self.epoch, self.skip = 0, 0
         if len(self) == 0:
             raise ValueError(f"{sum(self.counts)} samples per epoch make no full batch of {batch_size}; lower batch_size")
@@ -95,6 +106,8 @@ class MixtureBatchSampler:
         rng = np.random.default_rng([self.seed, self.epoch])
         parts = []
         for src, n in zip(self.sources, self.counts, strict=True):
+            if not n:
+                continue
             whole, rest = divmod(n, len(src))
             parts.append(np.concatenate([*(rng.permutation(src) for _ in range(whole)), rng.permutation(src)[:rest]]))
         if self.mode == "sequence":

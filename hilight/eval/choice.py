@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
@@ -75,36 +76,75 @@ def choice_options(dataset: str, question: str, reference: str, history: str = "
     return out
 
 
-@torch.no_grad()
-def answer_logprobs(vlm, tokenizer, video_tokens: torch.Tensor, question: str, answers: list[str],
-                    history: list[Turn] = ()) -> torch.Tensor:
-    """Summed log-likelihood of each of ``answers`` to ``question`` (after ``history``) about one video
-    (``video_tokens [N, D]``), prompted exactly as generation is. ``[len(answers)]``."""
-    n = video_tokens.shape[0]
-    turns = prompt_turns(question, list(history))
-    prompt = encode(turns, tokenizer, video_tokens=n)
+@dataclass(frozen=True)
+class ChoiceRequest:
+    """One item's options to score: the answers to ``question`` (after ``history``) about one video."""
+
+    video_tokens: torch.Tensor  # [N, D] TokenMining tokens
+    question: str
+    answers: list[str]
+    history: tuple[Turn, ...] = ()
+
+
+def _option_rows(tokenizer, request: ChoiceRequest) -> list[tuple[list[int], list[int]]]:
+    """(input ids, labels on the answer only) per option, prompted exactly as generation is."""
+    n = request.video_tokens.shape[0]
+    turns = prompt_turns(request.question, list(request.history))
+    prompt = encode(turns, tokenizer, video_tokens=n).input_ids
     rows = []
-    for a in answers:
+    for a in request.answers:
         enc = encode([*turns[:-1], Turn(turns[-1].question, a)], tokenizer, video_tokens=n)
-        start = len(prompt.input_ids)
-        if enc.input_ids[:start] != prompt.input_ids:
+        if enc.input_ids[:len(prompt)] != prompt:
             raise RuntimeError("the scored answer's prompt differs from the generation prompt; the chat template "
                                "must render a question the same with or without its answer")
-        rows.append((enc.input_ids, [IGNORE_INDEX] * start + enc.labels[start:]))
+        rows.append((enc.input_ids, [IGNORE_INDEX] * len(prompt) + enc.labels[len(prompt):]))
+    return rows
+
+
+@torch.no_grad()
+def _rows_logprobs(vlm, pad_token_id: int, rows: list[tuple[list[int], list[int]]],
+                   videos: torch.Tensor) -> torch.Tensor:
+    """Summed log-likelihood of each row's labelled tokens, row ``i`` shown ``videos[i]``; right-padded. ``[R]``."""
     width = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, (x, y) in enumerate(rows):
         ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
-    device = video_tokens.device
-    s = vlm.splice(ids.to(device), mask.to(device), video_tokens[None].expand(len(rows), -1, -1), labels.to(device))
+    device = videos.device
+    s = vlm.splice(ids.to(device), mask.to(device), videos, labels.to(device))
     logits = vlm.llm(inputs_embeds=s.inputs_embeds, attention_mask=s.attention_mask,
                      position_ids=s.position_ids).logits[:, :-1]
     target = s.labels[:, 1:]
     scored = target != IGNORE_INDEX  # the answer tokens only: a log-softmax over the vocabulary at these alone
     logp = logits[scored].float().log_softmax(-1).gather(-1, target[scored][:, None])[:, 0]
     return torch.zeros(len(rows), device=logp.device).index_add_(0, scored.nonzero()[:, 0], logp).cpu()
+
+
+def batched_logprobs(vlm, tokenizer, requests: list[ChoiceRequest], *, batch_rows: int = 64) -> list[torch.Tensor]:
+    """``answer_logprobs`` of many requests, their options packed into forward passes of about ``batch_rows``
+    sequences (one request's options never split). One pass per item left the CPU demo's evaluation spending most
+    of its time on 6-row batches."""
+    out: list[torch.Tensor] = []
+    i = 0
+    while i < len(requests):
+        chunk, n_rows = [], 0
+        while i < len(requests) and (not chunk or n_rows + len(requests[i].answers) <= batch_rows):
+            chunk.append(requests[i])
+            n_rows += len(requests[i].answers)
+            i += 1
+        rows = [row for r in chunk for row in _option_rows(tokenizer, r)]
+        videos = torch.cat([r.video_tokens[None].expand(len(r.answers), -1, -1) for r in chunk])
+        ll = _rows_logprobs(vlm, tokenizer.pad_token_id, rows, videos)
+        out += list(ll.split([len(r.answers) for r in chunk]))
+    return out
+
+
+def answer_logprobs(vlm, tokenizer, video_tokens: torch.Tensor, question: str, answers: list[str],
+                    history: list[Turn] = ()) -> torch.Tensor:
+    """Summed log-likelihood of each of ``answers`` to ``question`` (after ``history``) about one video
+    (``video_tokens [N, D]``), prompted exactly as generation is. ``[len(answers)]``."""
+    return batched_logprobs(vlm, tokenizer, [ChoiceRequest(video_tokens, question, list(answers), tuple(history))])[0]
 
 
 def wrong_videos(items: pd.DataFrame) -> dict[str, str]:
@@ -125,16 +165,19 @@ def score_choices(vlm, tokenizer, items: pd.DataFrame, tokens: dict[str, torch.T
     video instead (``wrong_videos``; an item whose video has none is NA)."""
     out = {f"{prefix}_{k}": [pd.NA] * len(items) for k in CHOICE_KINDS}
     out.update({f"{prefix}_{k}_options": [0] * len(items) for k in CHOICE_KINDS})
+    todo, requests = [], []  # (row, kind, index of the true option), and what to score for it
     for row, it in enumerate(items.itertuples(index=False)):
         shown = it.video_id if video_of is None else video_of.get(it.video_id)
         if shown is None:
             continue
-        history = [Turn(q, a) for q, a in json.loads(it.history)]
+        history = tuple(Turn(q, a) for q, a in json.loads(it.history))
         for kind, (truth, options) in choice_options(it.dataset, it.question, it.reference,
                                                      history_text(it.history)).items():
-            ll = answer_logprobs(vlm, tokenizer, tokens[shown], it.question, options, history)
-            others = torch.cat([ll[:truth], ll[truth + 1:]])
-            out[f"{prefix}_{kind}"][row] = bool(ll[truth] > others.max())  # a tie is wrong
-            out[f"{prefix}_{kind}_options"][row] = len(options)
+            todo.append((row, kind, truth))
+            requests.append(ChoiceRequest(tokens[shown], it.question, options, history))
+    for (row, kind, truth), ll in zip(todo, batched_logprobs(vlm, tokenizer, requests), strict=True):
+        others = torch.cat([ll[:truth], ll[truth + 1:]])
+        out[f"{prefix}_{kind}"][row] = bool(ll[truth] > others.max())  # a tie is wrong
+        out[f"{prefix}_{kind}_options"][row] = len(ll)
     frame = pd.DataFrame(out, index=items.index)
     return frame.astype({f"{prefix}_{k}": "boolean" for k in CHOICE_KINDS})

@@ -87,7 +87,8 @@ class MixtureDataSpec(BaseModel):
 
     manifest_dir: str = "outputs/data_validation"
     sources: list[SourceSpec] = Field(min_length=1)
-    mode: Literal["mix", "sequence"] = "mix"  # mix: one shuffled pool ("Mix101K"); sequence: source by source
+    mode: Literal["mix", "sequence"] = "mix"  # mix: one shuffled pool ("Mix101K"); sequence: source by source, each
+    # source's ratio share of the whole run in turn (not per epoch: MixtureBatchSampler's run_batches)
     train_splits: list[str] = ["train"]
     val_splits: list[str] = ["val", "test"]
     describe_prompt: str = DESCRIBE_PROMPT
@@ -312,7 +313,9 @@ class LoRARecipe(Recipe):
             vlm.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             settings = settings.model_copy(update={"gradient_checkpointing": False})
         sampler = MixtureBatchSampler(train_index, [s.ratio for s in spec.sources], settings.batch_size,
-                                      mode=spec.mode, seed=settings.seed)
+                                      mode=spec.mode, seed=settings.seed,
+                                      run_batches=settings.max_steps * settings.grad_accum
+                                      * self.accelerator.num_processes)
         resolved = {"lora_finetune": config.model_dump(mode="json"), "data_fingerprint": fingerprint,
                     "run_key": self.key, "digests": digests}
         fit = self.train(vlm, lm_objective, train_set, sampler, resolved=resolved, evaluate=evaluate,
