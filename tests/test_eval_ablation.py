@@ -196,3 +196,30 @@ def test_ablation_config_expands_and_validates_variants(tmp_path, caption_manife
         AblationConfig.model_validate(bad)
     with pytest.raises(ValueError, match="repeated"):
         AblationConfig.model_validate({**raw, "variants": [{"name": "A"}, {"name": "A"}]})
+
+
+def test_a_variant_can_be_another_configs_training_run_verbatim(tmp_path, caption_manifest):
+    """``config:``: the variant is exactly the alignment config the clipvip_alignment pipeline would run (same step
+    parameters, so ZenML's cache can return that run); base_overrides do not apply, and with seeds it trains anew."""
+    import yaml
+
+    from hilight.config import load_config
+    from hilight.train.alignment import AlignmentConfig
+    from tests.conftest import alignment_config
+
+    base, promoted = tmp_path / "base.yaml", tmp_path / "promoted.yaml"
+    base.write_text(yaml.safe_dump(alignment_config(caption_manifest, tmp_path / "out")))
+    promoted.write_text(yaml.safe_dump(alignment_config(caption_manifest, tmp_path / "table1k", keep_every=2)))
+    raw = {"base": str(base), "name": "abl", "output_dir": str(tmp_path / "abl"), "base_overrides": {"train": {"lr": 0.01}},
+           "variants": [{"name": "BP", "config": str(promoted)},
+                        {"name": "AE", "overrides": {"loss": {"local": {"placement": "after_embedding"}}}}]}
+    config = AblationConfig.model_validate(raw)
+    configs = config.variant_configs()
+    assert configs["BP"] == load_config(promoted, AlignmentConfig)  # what `hilight run clipvip_alignment` would train
+    assert configs["BP"].output_dir == str(tmp_path / "table1k") and configs["BP"].train.lr == 1e-3
+    assert configs["AE"].train.lr == 0.01
+    seeded = config.variant_configs(seed=3)["BP"]
+    assert seeded.train.seed == 3 and seeded.output_dir == f"{tmp_path / 'abl'}/BP/seed3" and seeded.train.lr == 1e-3
+    both = {**raw, "variants": [{"name": "BP", "config": str(promoted), "overrides": {"train": {"lr": 1.0}}}]}
+    with pytest.raises(ValueError, match="either config .* or overrides"):
+        AblationConfig.model_validate(both)

@@ -117,6 +117,40 @@ def test_ablation_pipeline_compares_selects_and_logs(zenml_project, caption_mani
                for s in ("train_BP_WithMask", "train_AE_WithMask", "evaluate_BP_WithMask", "evaluate_original"))
 
 
+def test_a_variant_that_is_the_promoted_alignment_run_comes_from_zenmls_cache(zenml_project, caption_manifest,
+                                                                             billiards_dir):
+    """The demo's BP_WithMask is alignment_demo's run (``config:``): after `hilight run clipvip_alignment`, the
+    ablation evaluates that run's kept checkpoints without training it again."""
+    from zenml.client import Client
+    from zenml.enums import ExecutionStatus
+
+    from pipelines.run import run_pipeline, step_output
+
+    root = zenml_project
+    promoted = root / "alignment.yaml"
+    promoted.write_text(yaml.safe_dump(alignment_config(caption_manifest, root / "outputs" / "table1k", keep_every=2)))
+    aligned = Client().get_pipeline_run(run_pipeline("clipvip_alignment", promoted).id)
+    trained = step_output(aligned, "train_clipvip", "training_run")
+    cfg = root / "ablation.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "pipeline": "alignment_ablation", "name": "abl", "base": str(promoted), "output_dir": str(root / "outputs" / "abl"),
+        "variants": [{"name": "BP", "config": str(promoted)},
+                     {"name": "AE", "overrides": {"loss": {"local": {"placement": "after_embedding"}}}}],
+        "eval": {"negatives": {"billiards": str(billiards_dir / "negatives.json")}, "checkpoints": [2, 4, 6],
+                 "attention": {"videos": 1}, "heatmap_videos": 1},
+        "selection": {"metric": "caption/hard_negative_accuracy", "tie_breakers": [], "checkpoint": "final"},
+    }))
+    run = Client().get_pipeline_run(run_pipeline("alignment_ablation", cfg).id)
+    assert run.status == ExecutionStatus.COMPLETED
+    assert run.steps["train_BP"].status == ExecutionStatus.CACHED  # the alignment pipeline's run, not a new one
+    assert run.steps["train_AE"].status == ExecutionStatus.COMPLETED
+    reused = run.steps["train_BP"].outputs["training_run"][0].load()
+    assert reused["run_dir"] == trained["run_dir"] and reused["mlflow_run_id"] == trained["mlflow_run_id"]
+    table = step_output(run, "compare_variants", "ablation_comparison")
+    bp = table[table["variant"] == "BP"]
+    assert sorted(bp["step"]) == [2, 4, 6] and all(p.startswith(trained["run_dir"]) for p in bp["path"])
+
+
 def test_ablation_with_seeds_trains_each_variant_per_seed(zenml_project, caption_manifest, billiards_dir):
     """``seeds: [0, 1]``: one training per (variant, seed); each variant is represented by the mean over its seeds'
     chosen checkpoints, with its standard deviation, the per-seed winners and an interval pooled over seeds."""

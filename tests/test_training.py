@@ -71,6 +71,15 @@ def test_fit_learns_and_checkpoints(tmp_path):
     assert result.best_metric == min(h["val/mse"] for h in result.history)
 
 
+def test_keep_every_keeps_those_checkpoints_and_changes_nothing_else(tmp_path):
+    model, result = toy_fit(tmp_path / "a", ToyData(), ckpt_every=2, keep_every=4, val_every=100)
+    kept = [s for s, _ in list_checkpoints(tmp_path / "a" / "checkpoints")]
+    assert kept == [4, 8, 12, 16, 18, 20]  # multiples of 4, plus the last two (keep_last=2)
+    plain, _ = toy_fit(tmp_path / "b", ToyData(), ckpt_every=2, val_every=100)
+    assert [s for s, _ in list_checkpoints(tmp_path / "b" / "checkpoints")] == [18, 20]
+    torch.testing.assert_close(model.weight, plain.weight, rtol=0, atol=0)  # the same training, bit for bit
+
+
 def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
     data = ToyData(bad_rows={20})  # one bad row: only the batches holding it are skipped
     _, result = toy_fit(tmp_path, data)

@@ -22,7 +22,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from hilight.config import deep_merge
+from hilight.config import deep_merge, read_yaml_mapping
 from hilight.data.captions import read_caption_manifest
 from hilight.data.contracts import load_contracts
 from hilight.data.eval_files import contract_for, validate_eval_file
@@ -59,7 +59,19 @@ class Variant(BaseModel):
 
     name: str = Field(pattern=NAME)  # e.g. BP_WithMask (the notes' names)
     overrides: dict = Field(default_factory=dict)  # nested overrides of the base alignment config
+    # or: this variant IS that alignment config's training run, taken verbatim (no base, base_overrides or
+    # overrides; it writes where that config writes). Its training step then has the same parameters as the
+    # clipvip_alignment pipeline's, so ZenML's cache returns that finished run instead of training it again
+    # (the demo's BP_WithMask is the promoted table1k run). With `seeds`, each seed trains anew under <output_dir>.
+    config: str | None = None
     description: str = ""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Variant:
+        if self.config is not None and self.overrides:
+            raise ValueError(f"variant {self.name!r}: give either config (an alignment config taken verbatim) or "
+                             "overrides (of the base config), not both")
+        return self
 
 
 class Reference(BaseModel):
@@ -172,8 +184,17 @@ class AblationConfig(BaseModel):
         base = deep_merge(base, self.base_overrides)
         out = {}
         for v in self.variants:
-            raw = deep_merge(base, v.overrides)
             suffix = "" if seed is None else f"/seed{seed}"
+            if v.config is not None:
+                raw = read_yaml_mapping(resolve_path(v.config))
+                if seed is None:  # verbatim: the same step parameters as that config's own pipeline run
+                    try:
+                        out[v.name] = AlignmentConfig.model_validate(raw)
+                    except ValueError as exc:
+                        raise ValueError(f"variant {v.name!r}: {v.config} is not a valid alignment config: {exc}") from exc
+                    continue
+            else:
+                raw = deep_merge(base, v.overrides)
             if seed is not None:
                 raw = deep_merge(raw, {"train": {"seed": seed}})
             raw.update(name=f"{self.name}-{v.name}{suffix.replace('/', '-')}", output_dir=f"{self.output_dir}/{v.name}{suffix}",
@@ -222,7 +243,8 @@ def variant_models(variant: str, training_run: dict[str, str], checkpoints: Lite
     missing = [s for s in steps if s not in found]
     if missing:
         raise CheckpointError(f"variant {variant}: checkpoints at steps {missing} were not kept (kept: {sorted(found)}); "
-                              "evaluate kept steps or raise train.keep_last in the base config")
+                              "evaluate kept steps, or keep these in the variant's config (train.keep_every, or a higher "
+                              "train.keep_last)")
     best = json.loads((found[max(found)] / STATE_FILE).read_text()).get("best_step")
     tok = Path(training_run["tokenizer_dir"])
     return [ModelRef(variant, found[s].name, s, found[s], tok, is_best=s == best, seed=seed) for s in steps]

@@ -128,10 +128,11 @@ def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer | None) -> tupl
     return model_state, state
 
 
-def prune_checkpoints(root: Path, keep_last: int, protect: set[int] = frozenset()) -> None:
-    """Delete all but the newest ``keep_last`` checkpoints, never one whose step is in ``protect`` (e.g. the best)."""
+def prune_checkpoints(root: Path, keep_last: int, protect: set[int] = frozenset(), keep_every: int | None = None) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints, never one whose step is in ``protect`` (e.g. the best)
+    or a multiple of ``keep_every``."""
     ckpts = list_checkpoints(root)
     for step, path in ckpts[:max(len(ckpts) - keep_last, 0)]:
-        if step not in protect:
+        if step not in protect and not (keep_every and step % keep_every == 0):
             shutil.rmtree(path)
             log.debug("removed checkpoint %s", path)

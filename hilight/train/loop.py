@@ -58,6 +58,7 @@ class TrainSettings(BaseModel):
     val_every: int = Field(100, ge=1)
     ckpt_every: int = Field(100, ge=1)
     keep_last: int = Field(2, ge=1)
+    keep_every: int | None = Field(None, ge=1)  # also keep every checkpoint at a multiple of this (a later evaluation's)
     max_nonfinite_in_row: int = Field(5, ge=1)
     select_metric: str = "val/t2v_r1"  # decides the best checkpoint
     select_mode: Literal["max", "min"] = "max"
@@ -83,7 +84,7 @@ class TrackingSpec(BaseModel):
 
 
 # settings that do not change what a run computes; a run key ignores them so changing them resumes the same run
-NON_SEMANTIC_TRAIN_KEYS = ("progress", "resume", "num_workers")
+NON_SEMANTIC_TRAIN_KEYS = ("progress", "resume", "num_workers", "keep_every")
 NON_SEMANTIC_KEYS = ("enable_cache", "experiment_name", "tracking")
 
 
@@ -335,7 +336,8 @@ class Trainer:
             trainer = {**asdict(st), "scheduler": self.scheduler.state_dict()}
             path = save_checkpoint(self.ckpt_root, st.step, model_state=weights, optimizer=self.optimizer,
                                    trainer_state=trainer, config=self.config)
-            prune_checkpoints(self.ckpt_root, self.settings.keep_last, protect={st.best_step} if st.best_step else set())
+            prune_checkpoints(self.ckpt_root, self.settings.keep_last, protect={st.best_step} if st.best_step else set(),
+                              keep_every=self.settings.keep_every)
             if self.tracking.checkpoints == "all":
                 self._upload(path)
         acc.wait_for_everyone()
