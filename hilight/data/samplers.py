@@ -68,12 +68,21 @@ class MixtureBatchSampler:
 
     ``run_batches`` (the batches the whole run draws: steps x grad_accum x processes) makes ``sequence`` staged over
     the run rather than over each epoch: the single "epoch" is the run, and each source gets its ratio's share of
-    it in turn, as consecutive shuffled passes. Without it, a run longer than one epoch would start the sequence
+    it (in whole batches) in turn, as consecutive shuffled passes. Without it, a run longer than one epoch would start the sequence
     again (A, B, A, B, ...), and one shorter would never reach the last sources. ``mix`` ignores it.
+
+    ``lengths`` (one per sample index, any unit that orders them: tokens, characters) batches samples of similar
+    length together, as transformers' ``group_by_length``: the epoch's order is cut into megabatches of
+    ``MEGABATCH`` batches, each sorted by length and cut into batches, and the batches are shuffled. An epoch
+    holds the same samples; a batch pads to a length close to its samples' own. In ``sequence`` mode (with
+    ``run_batches``) each source's share is grouped on its own, so the run stays staged.
     """
 
+    MEGABATCH = 50  # batches per length-sorted group (transformers' mega_batch_mult)
+
     def __init__(self, sources: Sequence[Sequence[int]], ratios: Sequence[float], batch_size: int, *,
-                 mode: Literal["mix", "sequence"] = "mix", seed: int = 0, run_batches: int | None = None):
+                 mode: Literal["mix", "sequence"] = "mix", seed: int = 0, run_batches: int | None = None,
+                 lengths: Sequence[int] | None = None):
         if len(sources) != len(ratios) or not sources:
             raise ValueError(f"give one ratio per source: {len(sources)} sources, {len(ratios)} ratios")
         if mode not in ("mix", "sequence"):
@@ -92,9 +101,19 @@ class MixtureBatchSampler:
         if run_batches is not None and mode == "sequence":
             if run_batches < 1:
                 raise ValueError(f"run_batches must be >= 1, got {run_batches}")
-            total = run_batches * batch_size  # the run's samples, shared out by ratio: cumulative rounding keeps the sum
-            bounds = np.round(np.cumsum([0, *self.counts]) / sum(self.counts) * total).astype(int)
+            # the run's batches shared out by ratio, in whole batches (no batch spans two sources); cumulative
+            # rounding keeps the sum
+            bounds = np.round(np.cumsum([0, *self.counts]) / sum(self.counts) * run_batches).astype(int) * batch_size
             self.counts = np.diff(bounds).tolist()
+        self.lengths = None if lengths is None else np.asarray(lengths)
+        if self.lengths is not None and mode == "sequence" and run_batches is None:
+            raise ValueError("grouping by length in sequence mode needs run_batches (each source's share in whole "
+                             "batches, so that grouping keeps every batch within one source)")
+        if self.lengths is not None:
+            top = max(int(s.max()) for s in self.sources)
+            if len(self.lengths) <= top:
+                raise ValueError(f"lengths has {len(self.lengths)} entries but the sources index sample {top}; give one "
+                                 "length per sample")
         self.epoch, self.skip = 0, 0
         if len(self) == 0:
             raise ValueError(f"{sum(self.counts)} samples per epoch make no full batch of {batch_size}; lower batch_size")
@@ -110,9 +129,22 @@ class MixtureBatchSampler:
                 continue
             whole, rest = divmod(n, len(src))
             parts.append(np.concatenate([*(rng.permutation(src) for _ in range(whole)), rng.permutation(src)[:rest]]))
-        if self.mode == "sequence":
-            return np.concatenate(parts)
-        return rng.permutation(np.concatenate(parts))
+        if self.lengths is not None:  # sequence: each part is whole batches (run_batches), grouped on its own
+            pools = parts if self.mode == "sequence" else [rng.permutation(np.concatenate(parts))]
+            return np.concatenate([self._grouped(p, rng) for p in pools])
+        return np.concatenate(parts) if self.mode == "sequence" else rng.permutation(np.concatenate(parts))
+
+    def _grouped(self, order: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """``order`` re-batched by length within consecutive megabatches, whose batches are then shuffled; the
+        megabatches keep their place and an incomplete tail stays last."""
+        bs = self.batch_size
+        full = len(order) // bs * bs
+        out = []
+        for start in range(0, full, self.MEGABATCH * bs):
+            chunk = order[start:min(start + self.MEGABATCH * bs, full)]
+            batches = np.split(chunk[np.argsort(-self.lengths[chunk], kind="stable")], len(chunk) // bs)
+            out += [batches[i] for i in rng.permutation(len(batches))]
+        return np.concatenate([*out, order[full:]])
 
     def __iter__(self) -> Iterator[list[int]]:
         order = self.order()

@@ -159,10 +159,11 @@ def wrong_videos(items: pd.DataFrame) -> dict[str, str]:
 
 
 def score_choices(vlm, tokenizer, items: pd.DataFrame, tokens: dict[str, torch.Tensor], *,
-                  prefix: str = "choice", video_of: dict[str, str] | None = None) -> pd.DataFrame:
+                  prefix: str = "choice", video_of: dict[str, str] | None = None, batch_rows: int = 64) -> pd.DataFrame:
     """``<prefix>_<kind>`` (True/False/NA) and ``<prefix>_<kind>_options`` per item of ``items`` (dataset, video_id,
     question, reference, history), from each video's TokenMining tokens. ``video_of`` shows each item another
-    video instead (``wrong_videos``; an item whose video has none is NA)."""
+    video instead (``wrong_videos``; an item whose video has none is NA). ``batch_rows``: options scored per
+    forward pass (their logits are rows x length x vocabulary: mind a 256k vocabulary)."""
     out = {f"{prefix}_{k}": [pd.NA] * len(items) for k in CHOICE_KINDS}
     out.update({f"{prefix}_{k}_options": [0] * len(items) for k in CHOICE_KINDS})
     todo, requests = [], []  # (row, kind, index of the true option), and what to score for it
@@ -175,7 +176,8 @@ def score_choices(vlm, tokenizer, items: pd.DataFrame, tokens: dict[str, torch.T
                                                      history_text(it.history)).items():
             todo.append((row, kind, truth))
             requests.append(ChoiceRequest(tokens[shown], it.question, options, history))
-    for (row, kind, truth), ll in zip(todo, batched_logprobs(vlm, tokenizer, requests), strict=True):
+    for (row, kind, truth), ll in zip(todo, batched_logprobs(vlm, tokenizer, requests, batch_rows=batch_rows),
+                                      strict=True):
         others = torch.cat([ll[:truth], ll[truth + 1:]])
         out[f"{prefix}_{kind}"][row] = bool(ll[truth] > others.max())  # a tie is wrong
         out[f"{prefix}_{kind}_options"][row] = len(ll)

@@ -70,7 +70,7 @@ class VLMEvalSpec(BaseModel):
     events: dict[str, str] = {}  # dataset -> events.json of a synthetic dataset (factual checks)
     judge: str | None = None  # an aligned CLIP-ViP export dir (with tokenizer/) scoring video-answer similarity
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1)  # generation's batch, and the multiple-choice options per forward pass
     seed: int = 0
 
 
@@ -230,9 +230,10 @@ def evaluate_vlm(bundle: VLMBundle, spec: VLMEvalSpec) -> VLMEvaluation:
     tokens = video_tokens_of(bundle, items, spec.batch_size)
     items["answer"] = generate_answers(bundle, items, spec, tokens)
     if spec.choices:
-        items = pd.concat([items, score_choices(bundle.vlm, bundle.tokenizer, items, tokens)], axis=1)
+        rows = {"batch_rows": spec.batch_size}  # option sequences per forward pass, as generation's batch
+        items = pd.concat([items, score_choices(bundle.vlm, bundle.tokenizer, items, tokens, **rows)], axis=1)
         if spec.wrong_video_baseline:
-            items = pd.concat([items, score_choices(bundle.vlm, bundle.tokenizer, items, tokens,
+            items = pd.concat([items, score_choices(bundle.vlm, bundle.tokenizer, items, tokens, **rows,
                                                     prefix="wrong_video_choice", video_of=wrong_videos(items))], axis=1)
     items = pd.concat([items, text_scores(items["answer"].tolist(), items["reference"].tolist())], axis=1)
     if spec.judge:

@@ -152,7 +152,7 @@ class AblationConfig(BaseModel):
     name: str = Field("ablation", pattern=NAME)
     base: str  # a clipvip_alignment YAML every variant starts from
     base_overrides: dict = Field(default_factory=dict)  # applied to every variant before its own overrides
-    output_dir: str = "outputs/ablation"  # variant V trains under <output_dir>/<V>
+    output_dir: str = "outputs/ablation"  # variant V trains under <output_dir>/<V> (a config: variant where its file says)
     variants: list[Variant] = Field(min_length=1)
     seeds: list[int] | None = Field(None, min_length=1)  # train every variant once per seed (train.seed)
     contracts_dir: str = "data_contracts"  # eval.negatives / eval.probes files are validated by its contracts
@@ -244,7 +244,8 @@ def variant_models(variant: str, training_run: dict[str, str], checkpoints: Lite
     if missing:
         raise CheckpointError(f"variant {variant}: checkpoints at steps {missing} were not kept (kept: {sorted(found)}); "
                               "evaluate kept steps, or keep these in the variant's config (train.keep_every, or a higher "
-                              "train.keep_last)")
+                              "train.keep_last) and train it again: pruned checkpoints do not come back, so delete "
+                              f"{run_dir} first")
     best = json.loads((found[max(found)] / STATE_FILE).read_text()).get("best_step")
     tok = Path(training_run["tokenizer_dir"])
     return [ModelRef(variant, found[s].name, s, found[s], tok, is_best=s == best, seed=seed) for s in steps]

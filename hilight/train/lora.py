@@ -75,7 +75,7 @@ class SourceSpec(BaseModel):
 
     dataset: str
     kind: Literal["qa", "describe"] = "qa"
-    ratio: float = Field(1.0, gt=0)  # samples per epoch = ratio x the source's size
+    ratio: float = Field(1.0, gt=0)  # samples per epoch = ratio x the source's size (sequence: its share of the run)
 
     @property
     def label(self) -> str:
@@ -96,6 +96,9 @@ class MixtureDataSpec(BaseModel):
     max_val_samples: int | None = Field(256, ge=1)  # per source
     tokenize: Tokenize = "lazy"  # training samples: encoded on first use, or "upfront" (as stage 1)
     memo_tokens: bool = False  # keep lazy encodings in <run_dir>/tokens.sqlite
+    # batch conversations of similar length together (by characters, so lazy and upfront batch alike): less
+    # padding per step, at the price of batches less random in length (MixtureBatchSampler's lengths)
+    group_by_length: bool = False
 
     @model_validator(mode="after")
     def _unique(self) -> MixtureDataSpec:
@@ -258,7 +261,11 @@ class LoRARecipe(Recipe):
         vlm.to(self.device)  # the new adapter matrices
         n_params = sum(p.numel() for p in vlm.parameters() if p.requires_grad)
         log.info("stage 2: %d trainable tensors, %d parameters (%s)", len(trainable), n_params, config.lora.describe())
-        self.open_run(data=fingerprint, **digests)
+        # sequence mode stages the whole run (MixtureBatchSampler's run_batches): its order depends on the run's
+        # length in batches, so a resume with other steps, accumulation or process count starts a new run
+        run_batches = config.train.max_steps * config.train.grad_accum * self.accelerator.num_processes
+        self.open_run(data=fingerprint, **digests,
+                      **({"sequence_batches": str(run_batches)} if config.data.mode == "sequence" else {}))
 
         # data: QA and "describe" samples of each source, the feature cache filled on the device
         n_tokens = vlm.token_mining.config.num_tokens(parts.num_frames)
@@ -314,8 +321,9 @@ class LoRARecipe(Recipe):
             settings = settings.model_copy(update={"gradient_checkpointing": False})
         sampler = MixtureBatchSampler(train_index, [s.ratio for s in spec.sources], settings.batch_size,
                                       mode=spec.mode, seed=settings.seed,
-                                      run_batches=settings.max_steps * settings.grad_accum
-                                      * self.accelerator.num_processes)
+                                      run_batches=run_batches,
+                                      lengths=train_enc.rows["conversations"].str.len().to_numpy()
+                                      if spec.group_by_length else None)
         resolved = {"lora_finetune": config.model_dump(mode="json"), "data_fingerprint": fingerprint,
                     "run_key": self.key, "digests": digests}
         fit = self.train(vlm, lm_objective, train_set, sampler, resolved=resolved, evaluate=evaluate,
