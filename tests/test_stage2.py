@@ -167,6 +167,34 @@ def test_frozen_token_mining_is_exported_unchanged(tmp_path, caption_manifest, v
     assert all(torch.equal(exported[k], init[k]) for k in init)
 
 
+def test_stage2_sequence_mode_stages_the_run_and_groups_by_length(tmp_path, caption_manifest, vlm_weights,
+                                                                   stage1_export, monkeypatch):
+    """The recipe hands the sampler the run's length: every training batch comes from one source, the sources in
+    their listed order, and the sampler holds exactly the run's batches."""
+    import hilight.train.lora as lora
+
+    made = []
+
+    class Recording(lora.MixtureBatchSampler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(lora, "MixtureBatchSampler", Recording)
+    raw = lora_config(caption_manifest, tmp_path, vlm_weights["clipvip"], vlm_weights["llm"], stage1_export, max_steps=8,
+                      val_every=8, ckpt_every=8)
+    raw["data"].update(mode="sequence", group_by_length=True)
+    result = lora.run_lora_finetune(lora.LoRAFinetuneConfig.model_validate(raw))
+    (sampler,) = made
+    assert result.fit.step == 8 and len(sampler) == 8 and sampler.lengths is not None
+    source_of = {int(i): k for k, src in enumerate(sampler.sources) for i in src}
+    sampler.set_epoch(0)
+    per_batch = [{source_of[i] for i in batch} for batch in sampler]
+    assert all(len(s) == 1 for s in per_batch)  # no batch spans two sources
+    order = [s.pop() for s in per_batch]
+    assert order == sorted(order) and len(set(order)) > 1  # staged: each source's share in turn
+
+
 def test_merge_keeps_logits_and_the_directory_loads_back(stage2, tmp_path):
     from peft import PeftModel
 
