@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+COMPILED := $(VENV)/.compiled
 # Where the torch wheel comes from. Empty (default): pip's configured index, i.e. PyPI unless pip.conf or PIP_*
 # say otherwise; on Linux x86_64 PyPI serves the CUDA build (several GB with its nvidia-* packages), on macOS and
 # Windows a CPU build. Choose explicitly, e.g.
@@ -19,24 +20,29 @@ export HF_HUB_OFFLINE := 1
 demo: $(STAMP)
 	$(VENV)/bin/hilight demo
 
-test: $(STAMP)
+test: $(STAMP) $(COMPILED)
 	$(PY) -m pytest -n 2
 
 install: $(STAMP)
 
 # torch first, from TORCH_INDEX_URL when set (see above), so the resolve below keeps that build.
-# Byte-compiling: pip does it one file at a time (about 95 s of a 2.5-minute install on 2 cores); compileall -j 0
-# does the same files on every core (about 50 s). Skipping it is no saving where PYTHONDONTWRITEBYTECODE is set:
-# every process would then compile what it imports (about 11 s for the stack per process here). As with pip,
-# a file that does not compile under this Python (e.g. torch's py312-only test helper) is left to its package.
 $(STAMP): pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; assert (3, 10) <= sys.version_info[:2] < (3, 14), f"need Python 3.10-3.13, got {sys.version}"'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet --no-compile $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) torch==2.13.0
 	$(PY) -m pip install --quiet --no-compile -c requirements.lock -e ".[dev]"
-	$(PY) -m compileall -qq -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" || true
 	touch $(STAMP)
+
+# Byte-compiling the installed packages, for the tests only. pip would do it one file at a time (about 95 s on 2
+# cores); compileall -j 0 does the same files on every core (about 60 s). The tests start many processes (xdist
+# workers, CLI subprocesses); where PYTHONDONTWRITEBYTECODE is set, each would compile what it imports, about 11 s
+# for the stack. The demo is one process: compiling its imports in memory costs it about 17 s, less than the
+# compile step (a fresh `make demo` was 65 s faster without it). As with pip, a file that does not compile under
+# this Python (e.g. torch's py312-only test helper) is left to its package.
+$(COMPILED): $(STAMP)
+	$(PY) -m compileall -qq -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" || true
+	touch $(COMPILED)
 
 # refresh requirements.lock from the current environment
 lock:

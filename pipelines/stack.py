@@ -8,6 +8,8 @@ git-ignored.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -20,6 +22,28 @@ log = logging.getLogger(__name__)
 
 RECIPE = Path(".zenml") / "stack.yaml"
 CODE_ROOT = Path(__file__).resolve().parents[1]
+
+
+# What a step's result depends on besides its parameters and inputs: the library and the step wrappers. ZenML's own
+# cache key holds only the step function's source, so a fixed bug in the library would otherwise come back from the
+# cache with the old result. Python files and the model presets; not tests, configs (they are parameters) or docs.
+CODE_DIRS = ("hilight", "steps")
+CODE_SUFFIXES = (".py", ".yaml")
+
+
+@functools.cache
+def code_digest() -> str:
+    """SHA-256 over the paths and bytes of the code a step runs (``CODE_DIRS``), as imported by this process.
+
+    ZenML adds it to every step's cache key (``cache_policy.cache_func``): a rerun after any change to that code trains
+    and evaluates again, instead of returning a result the current code would not produce. Computed once per process:
+    the process runs the code it imported at start, whatever changes on disk later."""
+    h = hashlib.sha256()
+    for top in CODE_DIRS:
+        for path in sorted((CODE_ROOT / top).rglob("*")):
+            if path.suffix in CODE_SUFFIXES and path.is_file() and "__pycache__" not in path.parts:
+                h.update(path.relative_to(CODE_ROOT).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def configure_zenml(root: Path | None = None) -> Path:

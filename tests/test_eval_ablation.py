@@ -210,16 +210,42 @@ def test_a_variant_can_be_another_configs_training_run_verbatim(tmp_path, captio
     base, promoted = tmp_path / "base.yaml", tmp_path / "promoted.yaml"
     base.write_text(yaml.safe_dump(alignment_config(caption_manifest, tmp_path / "out")))
     promoted.write_text(yaml.safe_dump(alignment_config(caption_manifest, tmp_path / "table1k", keep_every=2)))
-    raw = {"base": str(base), "name": "abl", "output_dir": str(tmp_path / "abl"), "base_overrides": {"train": {"lr": 0.01}},
+    raw = {"base": str(base), "name": "abl", "output_dir": str(tmp_path / "abl"), "base_overrides": {"train": {"val_every": 2}},
            "variants": [{"name": "BP", "config": str(promoted)},
                         {"name": "AE", "overrides": {"loss": {"local": {"placement": "after_embedding"}}}}]}
     config = AblationConfig.model_validate(raw)
     configs = config.variant_configs()
     assert configs["BP"] == load_config(promoted, AlignmentConfig)  # what `hilight run clipvip_alignment` would train
-    assert configs["BP"].output_dir == str(tmp_path / "table1k") and configs["BP"].train.lr == 1e-3
-    assert configs["AE"].train.lr == 0.01
+    assert configs["BP"].output_dir == str(tmp_path / "table1k") and configs["BP"].train.val_every == 3
+    assert configs["AE"].train.val_every == 2
     seeded = config.variant_configs(seed=3)["BP"]
-    assert seeded.train.seed == 3 and seeded.output_dir == f"{tmp_path / 'abl'}/BP/seed3" and seeded.train.lr == 1e-3
+    assert seeded.train.seed == 3 and seeded.output_dir == f"{tmp_path / 'abl'}/BP/seed3" and seeded.train.val_every == 3
     both = {**raw, "variants": [{"name": "BP", "config": str(promoted), "overrides": {"train": {"lr": 1.0}}}]}
     with pytest.raises(ValueError, match="either config .* or overrides"):
         AblationConfig.model_validate(both)
+
+
+def test_a_config_variant_must_differ_from_the_base_only_where_the_ablation_varies_something(tmp_path, caption_manifest):
+    """Another learning rate, data or initial weights in the config variant than in the base would make it
+    incomparable with the other variants: refused, naming the settings; a setting that some variant overrides (an axis
+    of the ablation) or bookkeeping (validation and checkpoint schedule, where it writes) may differ."""
+    import yaml
+
+    from tests.conftest import alignment_config
+
+    base, promoted = tmp_path / "base.yaml", tmp_path / "promoted.yaml"
+    base.write_text(yaml.safe_dump(alignment_config(caption_manifest, tmp_path / "out")))
+    promoted.write_text(yaml.safe_dump(alignment_config(caption_manifest, tmp_path / "table1k", keep_every=2)))
+    ae = {"name": "AE", "overrides": {"loss": {"local": {"placement": "after_embedding"}}}}
+    raw = {"base": str(base), "name": "abl", "base_overrides": {"train": {"lr": 0.01, "keep_last": 5}},
+           "variants": [{"name": "BP", "config": str(promoted)}, ae]}
+    with pytest.raises(ValueError, match=r"variant 'BP': .*promoted.yaml differs from the base .* in train.lr: 0.001 "
+                                         r"there, 0.01 in the base\. No variant's overrides vary these") as err:
+        AblationConfig.model_validate(raw)
+    assert "keep_last" not in str(err.value)  # bookkeeping
+    other_data = {**raw, "base_overrides": {"data": {"train_datasets": ["other"]}}}
+    with pytest.raises(ValueError, match=r"data.train_datasets: \['billiards'\] there, \['other'\] in the base"):
+        AblationConfig.model_validate(other_data)
+    # the learning rate is what this ablation varies: the config variant is the lr=1e-3 point of it
+    lr_axis = {**raw, "variants": [{"name": "BP", "config": str(promoted)}, {"name": "fast", "overrides": {"train": {"lr": 0.1}}}]}
+    assert AblationConfig.model_validate(lr_axis).variant_configs()["BP"].train.lr == 1e-3

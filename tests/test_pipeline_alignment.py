@@ -10,7 +10,7 @@ from tests.conftest import alignment_config
 pytestmark = pytest.mark.pipeline
 
 
-def test_alignment_pipeline_tracks_everything_and_caches(zenml_project, caption_manifest):
+def test_alignment_pipeline_tracks_everything_and_caches(zenml_project, caption_manifest, monkeypatch):
     import mlflow
     from zenml.client import Client
     from zenml.enums import ExecutionStatus
@@ -49,3 +49,12 @@ def test_alignment_pipeline_tracks_everything_and_caches(zenml_project, caption_
     # nothing changed: the training step is a cache hit
     rerun = Client().get_pipeline_run(run_pipeline("clipvip_alignment", cfg).id)
     assert rerun.steps["train_clipvip"].status == ExecutionStatus.CACHED
+
+    # the same config after a change to the library's code: trained again, not the old result from the cache
+    import pipelines.stack
+
+    assert len(pipelines.stack.code_digest()) == 64
+    monkeypatch.setattr(pipelines.stack, "code_digest", lambda: "a changed library")
+    changed = Client().get_pipeline_run(run_pipeline("clipvip_alignment", cfg).id)
+    assert changed.steps["train_clipvip"].status == ExecutionStatus.COMPLETED
+    assert changed.steps["locate_training_data"].status == ExecutionStatus.COMPLETED

@@ -71,6 +71,13 @@ def test_sequence_mode_stages_the_whole_run_not_each_epoch():
     assert len(mix) == 6 and mix.order().tolist() == MixtureBatchSampler([a, b, c], [1.0, 2.0, 1.0], 4, seed=3).order().tolist()
     with pytest.raises(ValueError, match="run_batches must be >= 1"):
         MixtureBatchSampler([a], [1.0], batch_size=1, mode="sequence", run_batches=0)
+    # a source too small for a whole batch of a short run: refused by name, not silently left out
+    big, tiny = list(range(100)), [100, 101]
+    with pytest.raises(ValueError, match=r"source 'general/qa' \(2 samples per epoch\) would get no batch of the "
+                                         r"run's 10 in sequence mode.* raise its ratio or train.max_steps"):
+        MixtureBatchSampler([big, tiny], [1.0, 1.0], batch_size=4, mode="sequence", run_batches=10,
+                            names=["billiards/qa", "general/qa"])
+    assert len(MixtureBatchSampler([big, tiny], [1.0, 10.0], batch_size=4, mode="sequence", run_batches=10)) == 10
 
 
 def test_group_by_length_rebatches_the_same_samples_by_length():

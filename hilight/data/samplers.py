@@ -68,8 +68,9 @@ class MixtureBatchSampler:
 
     ``run_batches`` (the batches the whole run draws: steps x grad_accum x processes) makes ``sequence`` staged over
     the run rather than over each epoch: the single "epoch" is the run, and each source gets its ratio's share of
-    it (in whole batches) in turn, as consecutive shuffled passes. Without it, a run longer than one epoch would start the sequence
-    again (A, B, A, B, ...), and one shorter would never reach the last sources. ``mix`` ignores it.
+    it (in whole batches) in turn, as consecutive shuffled passes. Without it, a run longer than one epoch would
+    start the sequence again (A, B, A, B, ...), and one shorter would never reach the last sources. A source whose
+    share rounds to no batch is refused (``names`` label the sources in that message). ``mix`` ignores it.
 
     ``lengths`` (one per sample index, any unit that orders them: tokens, characters) batches samples of similar
     length together, as transformers' ``group_by_length``: the epoch's order is cut into megabatches of
@@ -82,7 +83,7 @@ class MixtureBatchSampler:
 
     def __init__(self, sources: Sequence[Sequence[int]], ratios: Sequence[float], batch_size: int, *,
                  mode: Literal["mix", "sequence"] = "mix", seed: int = 0, run_batches: int | None = None,
-                 lengths: Sequence[int] | None = None):
+                 lengths: Sequence[int] | None = None, names: Sequence[str] | None = None):
         if len(sources) != len(ratios) or not sources:
             raise ValueError(f"give one ratio per source: {len(sources)} sources, {len(ratios)} ratios")
         if mode not in ("mix", "sequence"):
@@ -104,7 +105,15 @@ class MixtureBatchSampler:
             # the run's batches shared out by ratio, in whole batches (no batch spans two sources); cumulative
             # rounding keeps the sum
             bounds = np.round(np.cumsum([0, *self.counts]) / sum(self.counts) * run_batches).astype(int) * batch_size
-            self.counts = np.diff(bounds).tolist()
+            shares, self.counts = self.counts, np.diff(bounds).tolist()
+            starved = [i for i, n in enumerate(self.counts) if not n]
+            if starved:
+                names = names or range(len(sources))
+                label = [f"source {names[i]!r} ({shares[i]} samples per epoch)" for i in starved]
+                raise ValueError(
+                    f"{', '.join(label)} would get no batch of the run's {run_batches} in sequence mode (its share of "
+                    f"{sum(shares)} samples per epoch rounds to zero batches); raise its ratio or train.max_steps, "
+                    "or drop the source")
         self.lengths = None if lengths is None else np.asarray(lengths)
         if self.lengths is not None and mode == "sequence" and run_batches is None:
             raise ValueError("grouping by length in sequence mode needs run_batches (each source's share in whole "

@@ -45,6 +45,7 @@ from hilight.models.export import default_device
 from hilight.models.tokenizers import load_clip_tokenizer
 from hilight.train.alignment import AlignmentConfig
 from hilight.train.checkpoint import STATE_FILE, list_checkpoints
+from hilight.train.loop import NON_SEMANTIC_KEYS, NON_SEMANTIC_TRAIN_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,45 @@ class Variant(BaseModel):
             raise ValueError(f"variant {self.name!r}: give either config (an alignment config taken verbatim) or "
                              "overrides (of the base config), not both")
         return self
+
+
+# settings a `config:` variant may set differently from the base: where it writes and is tracked, how often it
+# validates and saves, which checkpoint it calls best. None changes the weights a step trains to.
+BOOKKEEPING = frozenset({"name", "output_dir", *NON_SEMANTIC_KEYS}
+                        | {f"train.{k}" for k in (*NON_SEMANTIC_TRAIN_KEYS, "val_every", "ckpt_every", "keep_last",
+                                                   "select_metric", "select_mode")})
+
+
+def _leaf_paths(tree: dict, prefix: str = "") -> set[str]:
+    """Dotted paths of the leaves of a nested mapping: {"loss": {"local": {"weight": 1}}} -> {"loss.local.weight"}."""
+    paths = set()
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        paths |= _leaf_paths(value, f"{path}.") if isinstance(value, dict) and value else {path}
+    return paths
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted paths where two nested mappings differ (a list or other leaf is compared whole)."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        x, y, path = a.get(key), b.get(key), f"{prefix}{key}"
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _differences(x, y, f"{path}.")
+        elif x != y:
+            out.append(path)
+    return out
+
+
+def _related(path: str, axis: str) -> bool:
+    """One path lies on or under the other (overriding `loss.local` varies `loss.local.weight`, and vice versa)."""
+    return path == axis or path.startswith(f"{axis}.") or axis.startswith(f"{path}.")
+
+
+def _lookup(tree: dict, path: str):
+    for key in path.split("."):
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
 
 
 class Reference(BaseModel):
@@ -192,6 +232,7 @@ class AblationConfig(BaseModel):
                         out[v.name] = AlignmentConfig.model_validate(raw)
                     except ValueError as exc:
                         raise ValueError(f"variant {v.name!r}: {v.config} is not a valid alignment config: {exc}") from exc
+                    self._check_comparable(v, out[v.name], base)
                     continue
             else:
                 raw = deep_merge(base, v.overrides)
@@ -204,6 +245,25 @@ class AblationConfig(BaseModel):
             except ValueError as exc:
                 raise ValueError(f"variant {v.name!r} is not a valid alignment config: {exc}") from exc
         return out
+
+    def _check_comparable(self, variant: Variant, verbatim: AlignmentConfig, base: dict) -> None:
+        """A ``config:`` variant is compared with variants built from the base, so it may differ from the base only
+        where the ablation varies something (a setting some variant overrides) or in bookkeeping (``BOOKKEEPING``):
+        other data, initial weights or optimisation would make the comparison unfair without any sign of it."""
+        try:
+            reference = AlignmentConfig.model_validate(base).model_dump(mode="json")
+        except ValueError as exc:
+            raise ValueError(f"base {self.base} (with base_overrides) is not a valid alignment config: {exc}") from exc
+        axes = {path for v in self.variants for path in _leaf_paths(v.overrides)}
+        unfair = [path for path in _differences(verbatim.model_dump(mode="json"), reference)
+                  if path not in BOOKKEEPING and not any(_related(path, axis) for axis in axes)]
+        if unfair:
+            shown = "; ".join(f"{p}: {_lookup(verbatim.model_dump(mode='json'), p)!r} there, "
+                              f"{_lookup(reference, p)!r} in the base" for p in unfair)
+            raise ValueError(
+                f"variant {variant.name!r}: {variant.config} differs from the base {self.base} (with base_overrides) in "
+                f"{shown}. No variant's overrides vary these, so the variants would not be comparable; make the base "
+                f"and {variant.config} agree, or give {variant.name!r} overrides of the base instead of config:")
 
     def training_runs(self) -> list[tuple[str, int | None, AlignmentConfig]]:
         """(variant, seed, config) of every training: one per variant, or one per (variant, seed) with ``seeds``."""

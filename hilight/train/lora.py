@@ -323,7 +323,8 @@ class LoRARecipe(Recipe):
                                       mode=spec.mode, seed=settings.seed,
                                       run_batches=run_batches,
                                       lengths=train_enc.rows["conversations"].str.len().to_numpy()
-                                      if spec.group_by_length else None)
+                                      if spec.group_by_length else None,
+                                      names=[s.label for s in spec.sources])
         resolved = {"lora_finetune": config.model_dump(mode="json"), "data_fingerprint": fingerprint,
                     "run_key": self.key, "digests": digests}
         fit = self.train(vlm, lm_objective, train_set, sampler, resolved=resolved, evaluate=evaluate,
