@@ -255,11 +255,11 @@ class AblationConfig(BaseModel):
         except ValueError as exc:
             raise ValueError(f"base {self.base} (with base_overrides) is not a valid alignment config: {exc}") from exc
         axes = {path for v in self.variants for path in _leaf_paths(v.overrides)}
-        unfair = [path for path in _differences(verbatim.model_dump(mode="json"), reference)
+        own = verbatim.model_dump(mode="json")
+        unfair = [path for path in _differences(own, reference)
                   if path not in BOOKKEEPING and not any(_related(path, axis) for axis in axes)]
         if unfair:
-            shown = "; ".join(f"{p}: {_lookup(verbatim.model_dump(mode='json'), p)!r} there, "
-                              f"{_lookup(reference, p)!r} in the base" for p in unfair)
+            shown = "; ".join(f"{p}: {_lookup(own, p)!r} there, {_lookup(reference, p)!r} in the base" for p in unfair)
             raise ValueError(
                 f"variant {variant.name!r}: {variant.config} differs from the base {self.base} (with base_overrides) in "
                 f"{shown}. No variant's overrides vary these, so the variants would not be comparable; make the base "
