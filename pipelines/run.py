@@ -17,7 +17,7 @@ from hilight.data.manifest import ManifestError, open_manifest
 from hilight.env import resolve_path
 from pipelines import PIPELINES
 from pipelines.lock import take_retrain_lock
-from pipelines.stack import code_digest, configure_zenml, ensure_stack
+from pipelines.stack import code_cache_policy, configure_zenml, ensure_stack
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +39,13 @@ def run_pipeline(name: str, config_path: Path, *, enable_cache: bool | None = No
     check_inputs(config)  # before ZenML starts: a wrong path is a message, not a failed step
     configure_zenml()
     ensure_stack()
-    from zenml.config.cache_policy import CachePolicy
-
     pipeline = getattr(importlib.import_module(module_name), name)
     kwargs = {"config": config}
     if name == "data_validation":
         kwargs["contracts"] = {t: c.model_dump(mode="json") for t, c in contracts_of(config).items()}
     options = {
         "enable_cache": config.enable_cache if enable_cache is None else enable_cache,
-        # the default key (parameters, inputs, the step function's source) plus the library's code: see code_digest
-        "cache_policy": CachePolicy(cache_func=f"{code_digest.__module__}.{code_digest.__name__}"),
+        "cache_policy": code_cache_policy(),
         "settings": {"experiment_tracker.mlflow": {"experiment_name": getattr(config, "experiment_name", name)}},
     }
     if run_name:
@@ -224,9 +221,8 @@ def schedule_selection(config_path: Path):
             "switch to a stack whose orchestrator supports schedules (e.g. Kubernetes, .zenml/remote_stack.yaml)")
     name, selection = "select_vision_weights", resolve_path(config.selection)
     module_name, config_ref = PIPELINES[name]
-    from zenml.config.cache_policy import CachePolicy
-
     pipeline = getattr(importlib.import_module(module_name), name)
     sel = load_config(selection, import_object(config_ref))
     return pipeline.with_options(schedule=Schedule(cron_expression=config.schedule.cron_expression),
+                                 cache_policy=code_cache_policy(),
                                  settings={"experiment_tracker.mlflow": {"experiment_name": sel.experiment_name}})(config=sel)

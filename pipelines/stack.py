@@ -26,24 +26,30 @@ CODE_ROOT = Path(__file__).resolve().parents[1]
 
 # What a step's result depends on besides its parameters and inputs: the library and the step wrappers. ZenML's own
 # cache key holds only the step function's source, so a fixed bug in the library would otherwise come back from the
-# cache with the old result. Python files and the model presets; not tests, configs (they are parameters) or docs.
+# cache with the old result. Every file under these folders counts: Python, the model presets (JSON), anything else
+# a step reads from the package. Not tests, configs (they are parameters), docs, or installed packages.
 CODE_DIRS = ("hilight", "steps")
-CODE_SUFFIXES = (".py", ".yaml")
 
 
 @functools.cache
 def code_digest() -> str:
-    """SHA-256 over the paths and bytes of the code a step runs (``CODE_DIRS``), as imported by this process.
-
-    ZenML adds it to every step's cache key (``cache_policy.cache_func``): a rerun after any change to that code trains
-    and evaluates again, instead of returning a result the current code would not produce. Computed once per process:
-    the process runs the code it imported at start, whatever changes on disk later."""
+    """SHA-256 over the paths and bytes of every file under ``CODE_DIRS`` (``__pycache__`` aside), read once per
+    process, at its first step: the process runs the code it imported, whatever changes on disk later."""
     h = hashlib.sha256()
     for top in CODE_DIRS:
         for path in sorted((CODE_ROOT / top).rglob("*")):
-            if path.suffix in CODE_SUFFIXES and path.is_file() and "__pycache__" not in path.parts:
+            if path.is_file() and "__pycache__" not in path.parts:
                 h.update(path.relative_to(CODE_ROOT).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()
+
+
+def code_cache_policy():
+    """ZenML's default step cache key (parameters, inputs, the step function's source) plus ``code_digest``: a rerun
+    after any change under ``CODE_DIRS`` trains and evaluates again instead of returning a result the current code
+    would not produce. Every pipeline run and schedule uses it."""
+    from zenml.config.cache_policy import CachePolicy
+
+    return CachePolicy(cache_func=f"{__name__}.code_digest")  # by import path: ZenML loads it at each step
 
 
 def configure_zenml(root: Path | None = None) -> Path:

@@ -246,6 +246,11 @@ def test_a_config_variant_must_differ_from_the_base_only_where_the_ablation_vari
     other_data = {**raw, "base_overrides": {"data": {"train_datasets": ["other"]}}}
     with pytest.raises(ValueError, match=r"data.train_datasets: \['billiards'\] there, \['other'\] in the base"):
         AblationConfig.model_validate(other_data)
+    # another seed is unfair for one training per variant, not when `seeds` retrains every variant at each seed
+    other_seed = {**raw, "base_overrides": {"train": {"seed": 7}}}
+    with pytest.raises(ValueError, match=r"in train.seed: 42 there, 7 in the base"):
+        AblationConfig.model_validate(other_seed)
+    assert AblationConfig.model_validate({**other_seed, "seeds": [0, 1]}).variant_configs(seed=1)["BP"].train.seed == 1
     # the learning rate is what this ablation varies: the config variant is the lr=1e-3 point of it
     lr_axis = {**raw, "variants": [{"name": "BP", "config": str(promoted)}, {"name": "fast", "overrides": {"train": {"lr": 0.1}}}]}
     assert AblationConfig.model_validate(lr_axis).variant_configs()["BP"].train.lr == 1e-3

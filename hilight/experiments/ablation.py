@@ -76,8 +76,10 @@ class Variant(BaseModel):
 
 
 # settings a `config:` variant may set differently from the base: where it writes and is tracked, how often it
-# validates and saves, which checkpoint it calls best. None changes the weights a step trains to.
-BOOKKEEPING = frozenset({"name", "output_dir", *NON_SEMANTIC_KEYS}
+# validates and saves, which checkpoint it calls best, evaluation batch size, frame caching, where the contracts
+# are. None changes the weights a step trains to.
+BOOKKEEPING = frozenset({"name", "output_dir", "eval_batch_size", "data.cache_frames", "data.contracts_dir",
+                         *NON_SEMANTIC_KEYS}
                         | {f"train.{k}" for k in (*NON_SEMANTIC_TRAIN_KEYS, "val_every", "ckpt_every", "keep_last",
                                                    "select_metric", "select_mode")})
 
@@ -255,6 +257,8 @@ class AblationConfig(BaseModel):
         except ValueError as exc:
             raise ValueError(f"base {self.base} (with base_overrides) is not a valid alignment config: {exc}") from exc
         axes = {path for v in self.variants for path in _leaf_paths(v.overrides)}
+        if self.seeds is not None:  # every variant, this one included, then trains once per seed
+            axes.add("train.seed")
         own = verbatim.model_dump(mode="json")
         unfair = [path for path in _differences(own, reference)
                   if path not in BOOKKEEPING and not any(_related(path, axis) for axis in axes)]
