@@ -243,6 +243,9 @@ def test_a_config_variant_must_differ_from_the_base_only_where_the_ablation_vari
                                          r"there, 0.01 in the base\. No variant's overrides vary these") as err:
         AblationConfig.model_validate(raw)
     assert "keep_last" not in str(err.value)  # bookkeeping
+    noop = {**raw, "variants": [*raw["variants"], {"name": "same", "overrides": {"train": {}}}]}
+    with pytest.raises(ValueError, match=r"in train.lr: 0.001 there, 0.01 in the base"):
+        AblationConfig.model_validate(noop)  # an empty override varies nothing, so it makes no axis of train
     other_data = {**raw, "base_overrides": {"data": {"train_datasets": ["other"]}}}
     with pytest.raises(ValueError, match=r"data.train_datasets: \['billiards'\] there, \['other'\] in the base"):
         AblationConfig.model_validate(other_data)

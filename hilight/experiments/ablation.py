@@ -85,11 +85,12 @@ BOOKKEEPING = frozenset({"name", "output_dir", "eval_batch_size", "data.cache_fr
 
 
 def _leaf_paths(tree: dict, prefix: str = "") -> set[str]:
-    """Dotted paths of the leaves of a nested mapping: {"loss": {"local": {"weight": 1}}} -> {"loss.local.weight"}."""
+    """Dotted paths of the leaves of a nested mapping: {"loss": {"local": {"weight": 1}}} -> {"loss.local.weight"}.
+    An empty mapping has none: overriding ``loss: {}`` changes nothing."""
     paths = set()
     for key, value in tree.items():
         path = f"{prefix}{key}"
-        paths |= _leaf_paths(value, f"{path}.") if isinstance(value, dict) and value else {path}
+        paths |= _leaf_paths(value, f"{path}.") if isinstance(value, dict) else {path}
     return paths
 
 
