@@ -247,7 +247,7 @@ def test_a_config_variant_must_differ_from_the_base_only_where_the_ablation_vari
     with pytest.raises(ValueError, match=r"in train.lr: 0.001 there, 0.01 in the base"):
         AblationConfig.model_validate(noop)  # an empty override varies nothing, so it makes no axis of train
     other_data = {**raw, "base_overrides": {"data": {"train_datasets": ["other"]}}}
-    with pytest.raises(ValueError, match=r"data.train_datasets: \['billiards'\] there, \['other'\] in the base"):
+    with pytest.raises(ValueError, match=r'data.train_datasets: \["billiards"\] there, \["other"\] in the base'):
         AblationConfig.model_validate(other_data)
     # another seed is unfair for one training per variant, not when `seeds` retrains every variant at each seed
     other_seed = {**raw, "base_overrides": {"train": {"seed": 7}}}

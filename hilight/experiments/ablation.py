@@ -45,6 +45,7 @@ from hilight.models.export import default_device
 from hilight.models.tokenizers import load_clip_tokenizer
 from hilight.train.alignment import AlignmentConfig
 from hilight.train.checkpoint import STATE_FILE, list_checkpoints
+from hilight.tracking import flatten
 from hilight.train.loop import NON_SEMANTIC_KEYS, NON_SEMANTIC_TRAIN_KEYS
 
 log = logging.getLogger(__name__)
@@ -84,37 +85,9 @@ BOOKKEEPING = frozenset({"name", "output_dir", "eval_batch_size", "data.cache_fr
                                                    "select_metric", "select_mode")})
 
 
-def _leaf_paths(tree: dict, prefix: str = "") -> set[str]:
-    """Dotted paths of the leaves of a nested mapping: {"loss": {"local": {"weight": 1}}} -> {"loss.local.weight"}.
-    An empty mapping has none: overriding ``loss: {}`` changes nothing."""
-    paths = set()
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        paths |= _leaf_paths(value, f"{path}.") if isinstance(value, dict) else {path}
-    return paths
-
-
-def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
-    """Dotted paths where two nested mappings differ (a list or other leaf is compared whole)."""
-    out = []
-    for key in sorted(set(a) | set(b)):
-        x, y, path = a.get(key), b.get(key), f"{prefix}{key}"
-        if isinstance(x, dict) and isinstance(y, dict):
-            out += _differences(x, y, f"{path}.")
-        elif x != y:
-            out.append(path)
-    return out
-
-
 def _related(path: str, axis: str) -> bool:
     """One path lies on or under the other (overriding `loss.local` varies `loss.local.weight`, and vice versa)."""
     return path == axis or path.startswith(f"{axis}.") or axis.startswith(f"{path}.")
-
-
-def _lookup(tree: dict, path: str):
-    for key in path.split("."):
-        tree = tree.get(key) if isinstance(tree, dict) else None
-    return tree
 
 
 class Reference(BaseModel):
@@ -257,14 +230,14 @@ class AblationConfig(BaseModel):
             reference = AlignmentConfig.model_validate(base).model_dump(mode="json")
         except ValueError as exc:
             raise ValueError(f"base {self.base} (with base_overrides) is not a valid alignment config: {exc}") from exc
-        axes = {path for v in self.variants for path in _leaf_paths(v.overrides)}
+        axes = {path for v in self.variants for path in flatten(v.overrides)}  # an empty override varies nothing
         if self.seeds is not None:  # every variant, this one included, then trains once per seed
             axes.add("train.seed")
-        own = verbatim.model_dump(mode="json")
-        unfair = [path for path in _differences(own, reference)
-                  if path not in BOOKKEEPING and not any(_related(path, axis) for axis in axes)]
+        own, reference = flatten(verbatim.model_dump(mode="json")), flatten(reference)
+        unfair = [path for path in sorted(set(own) | set(reference)) if own.get(path) != reference.get(path)
+                  and path not in BOOKKEEPING and not any(_related(path, axis) for axis in axes)]
         if unfair:
-            shown = "; ".join(f"{p}: {_lookup(own, p)!r} there, {_lookup(reference, p)!r} in the base" for p in unfair)
+            shown = "; ".join(f"{p}: {own.get(p)} there, {reference.get(p)} in the base" for p in unfair)
             raise ValueError(
                 f"variant {variant.name!r}: {variant.config} differs from the base {self.base} (with base_overrides) in "
                 f"{shown}. No variant's overrides vary these, so the variants would not be comparable; make the base "
