@@ -71,6 +71,38 @@ def test_fit_learns_and_checkpoints(tmp_path):
     assert result.best_metric == min(h["val/mse"] for h in result.history)
 
 
+class TwoPart(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_lr_scale_trains_a_prefix_at_its_factor_of_the_rate(tmp_path):
+    """One AdamW step moves every element by about lr (m / sqrt(v) = sign(g) at step 1), so with {head: 4} the head's
+    elements move 4x as far as the body's."""
+    data = ToyData()
+    sampler = CaptionBatchSampler(np.arange(len(data)), 8, mode="random", seed=1)
+    settings = TrainSettings(max_steps=1, batch_size=8, lr=1e-3, weight_decay=0.0, progress=False, eps=1e-12,
+                             max_grad_norm=None, lr_scale={"head": 4.0})
+    torch.manual_seed(0)
+    model = TwoPart()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fit(model, toy_objective, data, sampler, settings, tmp_path)
+    step = {n: (p.detach() - before[n]).abs() for n, p in model.named_parameters()}
+    for name, moved in step.items():
+        torch.testing.assert_close(moved, torch.full_like(moved, 4e-3 if name.startswith("head.") else 1e-3),
+                                   rtol=1e-3, atol=0)
+
+    with pytest.raises(ValueError, match=r"lr_scale prefix\(es\) \['heads'\] match no trained parameter.*'body.weight'"):
+        fit(TwoPart(), toy_objective, data, sampler, settings.model_copy(update={"lr_scale": {"heads": 4.0}}),
+            tmp_path / "typo")
+    with pytest.raises(ValueError, match=r"lr_scale \{'head': 0.0\}: every factor must be positive"):
+        TrainSettings(max_steps=1, lr_scale={"head": 0.0})
+
+
 def test_keep_every_keeps_those_checkpoints_and_changes_nothing_else(tmp_path):
     model, result = toy_fit(tmp_path / "a", ToyData(), ckpt_every=2, keep_every=4, val_every=100)
     kept = [s for s, _ in list_checkpoints(tmp_path / "a" / "checkpoints")]

@@ -45,6 +45,9 @@ class TrainSettings(BaseModel):
     batch_size: int = Field(8, ge=1)  # per process and micro-step
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-5, gt=0)
+    # learning-rate multipliers by parameter-name prefix, e.g. {token_mining: 3.0}: the parameters under a prefix train
+    # at lr * factor, on the same schedule (LLaVA's mm_projector_lr, as a ratio); a prefix must name trained parameters
+    lr_scale: dict[str, float] = Field(default_factory=dict)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.2, ge=0)  # not applied to biases, norms, embeddings tables and scalars
@@ -69,6 +72,10 @@ class TrainSettings(BaseModel):
     def _check(self) -> TrainSettings:
         if self.warmup_steps >= self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
+        bad = {k: v for k, v in self.lr_scale.items() if not v > 0}
+        if bad:
+            raise ValueError(f"train.lr_scale {bad}: every factor must be positive (freeze a module in its stage's "
+                             "config instead)")
         return self
 
 
@@ -147,14 +154,30 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor],
     model.load_state_dict(state, strict=False)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """CLIP's convention: decay matrices and convolutions, not biases, norms, 1-D tables or scalars."""
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float,
+                 lr_scale: dict[str, float] | None = None) -> list[dict]:
+    """CLIP's convention: decay matrices and convolutions, not biases, norms, 1-D tables or scalars. ``lr_scale``
+    (parameter-name prefix -> factor) puts the parameters under a prefix in their own groups at ``lr * factor``;
+    the longest matching prefix wins, and a prefix that matches no trained parameter is an error (a typo would
+    otherwise train at the base rate unnoticed)."""
+    lr_scale = lr_scale or {}
+    groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {(1.0, True): [], (1.0, False): []}  # as before
+    used = set()
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "embedding" in name or "norm" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        prefix = max((k for k in lr_scale if name == k or name.startswith(k + ".")), key=len, default=None)
+        used.add(prefix)
+        decay = not (p.ndim < 2 or "embedding" in name or "norm" in name)
+        groups.setdefault((lr_scale.get(prefix, 1.0), decay), []).append(p)
+    unused = sorted(set(lr_scale) - used)
+    if unused:
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        raise ValueError(f"train.lr_scale prefix(es) {unused} match no trained parameter; trained parameters are "
+                         f"e.g. {names[:3]} (a prefix is a dotted module path such as "
+                         f"{names[0].rsplit('.', 1)[0]!r})")
+    order = sorted(groups, key=lambda k: (k[0] != 1.0, k[0], not k[1]))  # the base-rate decay group first
+    return [{"params": groups[k], "weight_decay": weight_decay if k[1] else 0.0, "lr": lr * k[0]} for k in order]
 
 
 Objective = Callable[[torch.nn.Module, dict], dict[str, torch.Tensor]]
@@ -187,8 +210,8 @@ class Trainer:
         if settings.gradient_checkpointing:
             model.set_gradient_checkpointing(True)
         model.to(acc.device)
-        optimizer = torch.optim.AdamW(param_groups(model, settings.weight_decay), lr=settings.lr,
-                                      betas=settings.betas, eps=settings.eps)
+        groups = param_groups(model, settings.weight_decay, settings.lr, settings.lr_scale)
+        optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, eps=settings.eps)
         scheduler = get_cosine_with_min_lr_schedule_with_warmup(
             optimizer, settings.warmup_steps, settings.max_steps, min_lr_rate=settings.min_lr_ratio)
         resumed_from = self._resume(model, optimizer, scheduler)
