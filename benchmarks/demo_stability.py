@@ -9,7 +9,7 @@ and the demo LLM stay the demo's). Prints one Markdown row per seed and writes b
 Per seed: table1k's held-out billiards t2v R@1 (and the random-init model's), its colour hard-negative accuracy on
 held-out clips (the ablation's suite and scorer), each candidate's billiards colour-fact accuracy, the winner, the
 primary-metric margin of the winner over the runner-up with its 95% paired bootstrap interval, and whether that
-interval excludes 0. About 7 minutes per seed on 2 CPU cores.
+interval excludes 0. About 9-11 minutes per seed on 2 CPU cores (about 12 on the slower Zen 2 box).
 """
 
 from __future__ import annotations
