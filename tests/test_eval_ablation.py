@@ -249,6 +249,12 @@ def test_a_config_variant_must_differ_from_the_base_only_where_the_ablation_vari
     other_data = {**raw, "base_overrides": {"data": {"train_datasets": ["other"]}}}
     with pytest.raises(ValueError, match=r'data.train_datasets: \["billiards"\] there, \["other"\] in the base'):
         AblationConfig.model_validate(other_data)
+    # the same manifest written another way (a `..` detour) is the same setting, not an unfair difference
+    detour = f"{caption_manifest}/../{caption_manifest.name}"
+    respelled = {**raw, "base_overrides": {**raw["base_overrides"], "data": {"manifest_dir": detour}}}
+    with pytest.raises(ValueError, match=r"in train.lr: 0.001 there, 0.01 in the base\. No") as err:
+        AblationConfig.model_validate(respelled)
+    assert "manifest_dir" not in str(err.value)
     # another seed is unfair for one training per variant, not when `seeds` retrains every variant at each seed
     other_seed = {**raw, "base_overrides": {"train": {"seed": 7}}}
     with pytest.raises(ValueError, match=r"in train.seed: 42 there, 7 in the base"):

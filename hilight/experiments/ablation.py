@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,16 @@ BOOKKEEPING = frozenset({"name", "output_dir", "eval_batch_size", "data.cache_fr
                          *NON_SEMANTIC_KEYS}
                         | {f"train.{k}" for k in (*NON_SEMANTIC_TRAIN_KEYS, "val_every", "ckpt_every", "keep_last",
                                                    "select_metric", "select_mode")})
+
+
+def _same_setting(a, b) -> bool:
+    """Equal values, or two strings that name the same path under the config path rule (``./outputs/x``,
+    ``outputs/x`` and its absolute form): a path spelled another way is not another setting."""
+    if a == b:
+        return True
+    if isinstance(a, str) and isinstance(b, str) and a and b:
+        return os.path.normpath(resolve_path(a)) == os.path.normpath(resolve_path(b))
+    return False
 
 
 def _related(path: str, axis: str) -> bool:
@@ -234,7 +245,8 @@ class AblationConfig(BaseModel):
         if self.seeds is not None:  # every variant, this one included, then trains once per seed
             axes.add("train.seed")
         own, reference = flatten(verbatim.model_dump(mode="json")), flatten(reference)
-        unfair = [path for path in sorted(set(own) | set(reference)) if own.get(path) != reference.get(path)
+        unfair = [path for path in sorted(set(own) | set(reference))
+                  if not _same_setting(own.get(path), reference.get(path))
                   and path not in BOOKKEEPING and not any(_related(path, axis) for axis in axes)]
         if unfair:
             shown = "; ".join(f"{p}: {own.get(p)} there, {reference.get(p)} in the base" for p in unfair)
