@@ -174,8 +174,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float, lr: float,
     if unused:
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         raise ValueError(f"train.lr_scale prefix(es) {unused} match no trained parameter; trained parameters are "
-                         f"e.g. {names[:3]} (a prefix is a dotted module path such as "
-                         f"{names[0].rsplit('.', 1)[0]!r})")
+                         f"e.g. {names[:3]} (a prefix is a dotted module path, such as the part of one of those "
+                         "names before its last dot)")
     order = sorted(groups, key=lambda k: (k[0] != 1.0, k[0], not k[1]))  # the base-rate decay group first
     return [{"params": groups[k], "weight_decay": weight_decay if k[1] else 0.0, "lr": lr * k[0]} for k in order]
 
