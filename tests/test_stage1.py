@@ -133,3 +133,61 @@ def test_feature_cache_projects_its_size_and_refuses_a_full_disk(caption_manifes
         run_tokenmining_pretrain(full)
     assert "GiB free" in str(err.value)
     assert not list((tmp_path / "full" / "features").glob("*/shard-*"))  # refused before computing anything
+
+
+class _ClipDataset:
+    """Held-out samples whose 'video' is their clip's number: enough for answer_loss to run without a model."""
+
+    with_video = True
+
+    def __init__(self, clips: list[int]):
+        import pandas as pd
+
+        self.clips = clips
+        self.rows = pd.DataFrame({"video_sha256": [f"sha{c}" for c in clips]})
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def collate(self, index: list[int]) -> dict[str, torch.Tensor]:
+        ids = torch.tensor(index)[:, None]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids,
+                "video_features": torch.tensor([float(self.clips[i]) for i in index])[:, None, None],
+                "frame_features": torch.zeros(len(index), 1, 1)}
+
+
+class _ClipVLM(torch.nn.Module):
+    """token_loss = how many samples of the batch were shown their own clip."""
+
+    def __init__(self, clips: list[int]):
+        super().__init__()
+        self.clips = clips
+        self.token_mining = _PassVideo()
+
+    def token_loss(self, input_ids, attention_mask, labels, tokens):
+        own = torch.tensor([float(self.clips[i]) for i in input_ids[:, 0].tolist()])
+        return float((tokens[:, 0, 0] == own).sum()), len(own)
+
+
+class _PassVideo(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, video, frames):
+        return video
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_the_wrong_video_control_never_shows_a_sample_its_own_clip(batch_size):
+    from hilight.train.vlm_parts import answer_loss, other_clip_index
+
+    clips = [0, 0, 1, 2, 2, 2, 3, 4, 5, 5]  # neighbouring samples of one clip, as several QA of one video are
+    data, vlm = _ClipDataset(clips), _ClipVLM(clips)
+    assert answer_loss(vlm, data, batch_size) == 1.0  # the control's measure: 1 = every sample saw its own clip
+    assert answer_loss(vlm, data, batch_size, shuffle_video=True) == 0.0  # (a batch of 1 used to see its own)
+    wrong = other_clip_index([f"sha{c}" for c in clips])
+    assert wrong == other_clip_index([f"sha{c}" for c in clips])  # fixed, so checkpoints are compared alike
+    assert all(clips[j] != clips[i] for i, j in enumerate(wrong)) and len(set(wrong)) > 3
+    with pytest.raises(ValueError, match="2 or more clips, got 1"):
+        other_clip_index(["sha0"] * 3)

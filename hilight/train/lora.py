@@ -307,7 +307,12 @@ class LoRARecipe(Recipe):
 
         def evaluate(_vlm) -> dict[str, float]:
             out = {"val/lm_loss": answer_loss(vlm, val_all, bs)}
-            out.update({f"val/lm_loss/{label}": answer_loss(vlm, ds, bs) for label, ds in val_sets.items()})
+            for label, ds in val_sets.items():
+                out[f"val/lm_loss/{label}"] = loss = answer_loss(vlm, ds, bs)
+                # the wrong-video control per source (each sample given another clip's tokens): how much of the
+                # source's answers the VLM reads from its own video; near 0, it answers from the text alone
+                if ds.rows["video_sha256"].nunique() > 1:
+                    out[f"val/video_gain/{label}"] = answer_loss(vlm, ds, bs, shuffle_video=True) - loss
             return out
 
         initial = evaluate(vlm)
@@ -344,8 +349,8 @@ class LoRARecipe(Recipe):
         samples = {"train": len(train_set) - len(train_enc.rejections()), "val": len(val_all),
                    "rejected": len(rejected), "truncated": train_enc.truncated + val_enc.truncated,
                    **{f"train/{s.label}": len(idx) for s, idx in zip(spec.sources, train_index, strict=True)}}
-        metrics = {"lm_loss_initial": initial["val/lm_loss"], "lm_loss": best["val/lm_loss"],
-                   **{f"lm_loss/{k.split('/', 2)[2]}": v for k, v in best.items() if k.count("/") >= 2}}
+        metrics = {"lm_loss_initial": initial["val/lm_loss"],
+                   **{k.removeprefix("val/"): v for k, v in best.items()}}  # lm_loss[/<source>], video_gain/<source>
         return Stage2Result(self.run_dir, best_dir, final_dir, fit, metrics, samples, rejected)
 
 

@@ -145,10 +145,6 @@ class TokenMiningRecipe(Recipe):
                                   num_frames=parts.num_frames, image_size=parts.image_size, with_video=with_video)
 
         train_set, val_set, val_text_set = dataset(train_enc), dataset(val_enc), dataset(val_text, with_video=False)
-        # the wrong-video control: every held-out sample with another clip's tokens (clips mixed across batches)
-        order = val_enc.rows.sample(frac=1.0, random_state=1).index
-        val_shuffled = dataset(EncodedSet(val_enc.rows.loc[order].reset_index(drop=True),
-                                          [val_enc.samples[i] for i in order], val_enc.rejected, 0))
         log.info("stage 1: %d training (%s) and %d held-out samples (%d held-out rejected); %d video tokens per clip",
                  len(train_set), config.data.tokenize, len(val_set), len(val_enc.rejected), n_tokens)
 
@@ -157,14 +153,14 @@ class TokenMiningRecipe(Recipe):
         baselines = {"val/lm_loss_zero_video": answer_loss(vlm, val_set, bs, zero_video=True),
                      "val/lm_loss_no_video": answer_loss(vlm, val_text_set, bs)}
         initial = answer_loss(vlm, val_set, bs)
-        initial_wrong = answer_loss(vlm, val_shuffled, bs, shuffle_video=True)
+        initial_wrong = answer_loss(vlm, val_set, bs, shuffle_video=True)
         self.tracker.log_metrics({"val/lm_loss": initial, "val/lm_loss_wrong_video": initial_wrong, **baselines}, 0)
         log.info("held-out loss before training %.4f; zeroed video %.4f; no video %.4f", initial,
                  baselines["val/lm_loss_zero_video"], baselines["val/lm_loss_no_video"])
 
         def evaluate(_token_mining) -> dict[str, float]:  # vlm holds the same TokenMining
             loss = answer_loss(vlm, val_set, bs)
-            wrong = answer_loss(vlm, val_shuffled, bs, shuffle_video=True)
+            wrong = answer_loss(vlm, val_set, bs, shuffle_video=True)
             return {"val/lm_loss": loss, "val/lm_loss_wrong_video": wrong, **baselines, "val/video_gain": wrong - loss}
 
         # train TokenMining alone: checkpoints hold its 6.9M parameters, DDP all-reduces only its gradients
@@ -189,7 +185,7 @@ class TokenMiningRecipe(Recipe):
         samples = {"train": len(train_set) - len(train_enc.rejections()), "val": len(val_set),
                    "rejected": len(rejected), "truncated": train_enc.truncated + val_enc.truncated}
         metrics = {"lm_loss_initial": initial, "lm_loss": answer_loss(vlm, val_set, bs),
-                   "lm_loss_wrong_video": answer_loss(vlm, val_shuffled, bs, shuffle_video=True),
+                   "lm_loss_wrong_video": answer_loss(vlm, val_set, bs, shuffle_video=True),
                    "lm_loss_zero_video": baselines["val/lm_loss_zero_video"],
                    "lm_loss_no_video": baselines["val/lm_loss_no_video"]}
         return Stage1Result(self.run_dir, best_dir, final_dir, fit, metrics, samples, rejected)

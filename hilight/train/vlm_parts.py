@@ -269,24 +269,49 @@ class VideoAnswerObjective:
         return {"loss": loss, "lm_loss": loss.detach()}
 
 
+VIDEO_INPUTS = ("video_features", "frame_features", "pixel_values")  # a batch's video, cached or as frames
+
+
+def other_clip_index(clips: list[str], seed: int = 1) -> list[int]:
+    """For each sample, the sample whose clip the wrong-video control shows it: the nearest one before it, in a fixed
+    random cyclic order of the samples, whose clip is another one (a random order, so that neighbouring rows, often
+    clips of one source video, are not paired). Raises when every sample shows one clip."""
+    if len(set(clips)) < 2:
+        raise ValueError(f"the wrong-video control needs held-out samples of 2 or more clips, got {len(set(clips))}")
+    order = torch.randperm(len(clips), generator=torch.Generator().manual_seed(seed)).tolist()
+    out = [0] * len(clips)
+    for pos, i in enumerate(order):
+        back = 1
+        while clips[order[(pos - back) % len(order)]] == clips[i]:
+            back += 1
+        out[i] = order[(pos - back) % len(order)]
+    return out
+
+
 @torch.no_grad()
 def answer_loss(vlm: HiLightVLM, dataset: VideoQADataset, batch_size: int, *, zero_video: bool = False,
                 shuffle_video: bool = False) -> float:
     """Per-token answer loss of ``vlm`` (its own TokenMining) over ``dataset``, on the device ``vlm`` is on; none
-    for a text-only dataset. ``zero_video`` zeroes the video tokens; ``shuffle_video`` gives each sample the tokens
-    of the next sample's clip in its batch (a wrong video)."""
+    for a text-only dataset. ``zero_video`` zeroes the video tokens; ``shuffle_video`` gives each sample another clip's
+    tokens (``other_clip_index``): a wrong video for every sample, in any batch size."""
     total, count = 0.0, 0
     device = next(vlm.token_mining.parameters()).device
     tokens_of = VideoAnswerObjective(vlm).video_tokens
     was_training = vlm.training
     vlm.eval()  # no dropout (LoRA's) in a measurement
-    for start in range(0, len(dataset), batch_size):
-        batch = {k: v.to(device) for k, v in dataset.collate(list(range(start, min(start + batch_size, len(dataset))))).items()}
+    size = len(dataset)
+    wrong = other_clip_index(dataset.rows["video_sha256"].tolist()) if shuffle_video and dataset.with_video else None
+    for start in range(0, size, batch_size):
+        index = list(range(start, min(start + batch_size, size)))
+        batch = {k: v.to(device) for k, v in dataset.collate(index).items()}
+        if wrong is not None:
+            other = dataset.collate([wrong[i] for i in index])
+            if len(other["input_ids"]) != len(batch["input_ids"]):  # a lazily rejected sample left one of them
+                raise ValueError("the wrong-video control needs every held-out sample encoded; encode them upfront")
+            batch.update({k: other[k].to(device) for k in VIDEO_INPUTS if k in other})
         tokens = tokens_of(vlm.token_mining, batch) if dataset.with_video else None
         if zero_video:
             tokens = torch.zeros_like(tokens)
-        if shuffle_video:
-            tokens = tokens.roll(1, dims=0)
         s, n = vlm.token_loss(batch["input_ids"], batch["attention_mask"], batch["labels"], tokens)
         total, count = total + s, count + n
     vlm.train(was_training)
