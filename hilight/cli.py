@@ -319,6 +319,8 @@ def demo(
         timed(f"synthesis ({domain})", generate_dataset, out, domain=domain, n_videos=n, seed=seed, workers=workers,
               heldout=held, eval_clips=n_eval)
 
+    from hilight.config import load_config
+    from hilight.experiments.selection import SelectionConfig
     from pipelines.run import PipelineFailedError, run_pipeline, step_output
     from pipelines.stack import mlflow_tracking_uri
 
@@ -336,7 +338,8 @@ def demo(
         selection_run = timed("selection", run_pipeline, "select_vision_weights", root / DEMO_SELECTION)
         decision = step_output(selection_run, "select_and_promote", "selection_decision")
         evidence = step_output(selection_run, "select_and_promote", "selection_evidence")
-        stage1 = {r["candidate"]: step_output(selection_run, f"stage1_{r['candidate']}", "stage1_heldout")
+        owner = load_config(root / DEMO_SELECTION, SelectionConfig).stage1_owner  # whose stage-1 run each one uses
+        stage1 = {r["candidate"]: step_output(selection_run, f"stage1_{owner(r['candidate'])}", "stage1_heldout")
                   for r in decision["ranking"]}  # the new candidates (the evidence also lists the incumbent)
     except PipelineFailedError as exc:
         typer.secho(str(exc), fg="red", err=True)

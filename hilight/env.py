@@ -1,4 +1,5 @@
-"""Process-wide defaults: offline operation and the project root.
+"""Process-wide defaults: offline operation and the project root; what a cached result depends on besides its inputs
+(the versions of the numeric libraries, the source of the code that computed it).
 
 Nothing here runs at import time; entry points (the CLI, tests, benchmarks) call
 ``apply_offline_defaults()`` once.
@@ -6,6 +7,8 @@ Nothing here runs at import time; entry points (the CLI, tests, benchmarks) call
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import os
 from pathlib import Path
 
@@ -64,3 +67,33 @@ def resolve_path(path: str | Path, root: Path | None = None) -> Path:
 def cli_path(path: str | Path) -> Path:
     """A path typed on the command line: absolute, relative to the working directory (``..`` collapsed)."""
     return Path(os.path.abspath(os.path.expanduser(path)))
+
+
+# Installed libraries whose version can change what a stage computes: kernels and numerics (torch, numpy), model and
+# adapter code (transformers, peft, accelerate), weight files (safetensors), video decoding (decord; PyAV sizes it).
+NUMERIC_PACKAGES = ("torch", "numpy", "transformers", "peft", "accelerate", "safetensors", "decord", "av")
+
+
+def package_versions(names: tuple[str, ...] = NUMERIC_PACKAGES) -> dict[str, str]:
+    """``{distribution: installed version}`` (``"absent"`` when not installed), for cache keys: after an upgrade a
+    cached result is computed again instead of being returned as if today's libraries had produced it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def source_digest(*objects) -> str:
+    """SHA-256 over the source of ``objects`` (modules, classes, functions), in the order given: a cache key part
+    that changes with any edit of the code that computed the cached values (comments included: a needless
+    recomputation is cheaper than a stale value)."""
+    h = hashlib.sha256()
+    for obj in objects:
+        label = f"{getattr(obj, '__module__', '')}:{getattr(obj, '__qualname__', obj.__name__)}"
+        h.update(label.encode() + b"\0" + inspect.getsource(obj).encode() + b"\0")
+    return h.hexdigest()

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import os
 from pathlib import Path
 
 import yaml
 
-from hilight.env import apply_offline_defaults, project_root
+from hilight.env import apply_offline_defaults, package_versions, project_root
 
 log = logging.getLogger(__name__)
 
@@ -24,18 +25,20 @@ RECIPE = Path(".zenml") / "stack.yaml"
 CODE_ROOT = Path(__file__).resolve().parents[1]
 
 
-# What a step's result depends on besides its parameters and inputs: the library and the step wrappers. ZenML's own
-# cache key holds only the step function's source, so a fixed bug in the library would otherwise come back from the
-# cache with the old result. Every file under these folders counts: Python, the model presets (JSON), anything else
-# a step reads from the package. Not tests, configs (they are parameters), docs, or installed packages.
+# What a step's result depends on besides its parameters and inputs: the library, the step wrappers and the numeric
+# libraries installed under them. ZenML's own cache key holds only the step function's source, so a fixed bug in the
+# library, or an upgraded torch, would otherwise come back from the cache with the old result. Every file under these
+# folders counts: Python, the model presets (JSON), anything else a step reads from the package. Not tests, configs
+# (they are parameters) or docs; of the installed packages, those of ``hilight.env.NUMERIC_PACKAGES``.
 CODE_DIRS = ("hilight", "steps")
 
 
 @functools.cache
 def code_digest() -> str:
-    """SHA-256 over the paths and bytes of every file under ``CODE_DIRS`` (``__pycache__`` aside), read once per
-    process, at its first step: the process runs the code it imported, whatever changes on disk later."""
-    h = hashlib.sha256()
+    """SHA-256 over the paths and bytes of every file under ``CODE_DIRS`` (``__pycache__`` aside) and the versions of
+    the numeric libraries, read once per process, at its first step: the process runs the code it imported, whatever
+    changes on disk later."""
+    h = hashlib.sha256(json.dumps(package_versions(), sort_keys=True).encode())
     for top in CODE_DIRS:
         for path in sorted((CODE_ROOT / top).rglob("*")):
             if path.is_file() and "__pycache__" not in path.parts:

@@ -33,18 +33,21 @@ def test_stage2_axis_comparison_runs_and_decides(zenml_project, caption_manifest
     parsed = SelectionConfig.model_validate(config)
     (a1, a2), (b1, b2) = parsed.candidate_configs("lora_only"), parsed.candidate_configs("tune_tm")
     assert (a2.lora.tune_token_mining, b2.lora.tune_token_mining) == (False, True)
-    assert a1.model_dump(exclude={"name", "output_dir"}) == b1.model_dump(exclude={"name", "output_dir"})
+    # only stage 2 differs, so tune_tm starts from lora_only's stage-1 run instead of training the same one again
+    assert parsed.stage1_owner("tune_tm") == "lora_only" and a1 == b1
+    assert a2.token_mining.init == b2.token_mining.init == f"{a1.output_dir}/best"
 
     run = Client().get_pipeline_run(run_pipeline("select_vision_weights", cfg).id)
     assert run.status == ExecutionStatus.COMPLETED
+    assert {s for s in run.steps if s.startswith("stage1_")} == {"stage1_lora_only"}  # one stage-1 training
     decision = step_output(run, "select_and_promote", "selection_decision")
     assert decision["status"] == "first" and {decision["winner"], decision["runner_up"]} == {"lora_only", "tune_tm"}
     assert decision["registry"]["model_name"] == "hilight-vlm-tune-token-mining"
 
     # the axis did what it says: frozen TokenMining leaves stage 2 with the stage-1 weights, tuned one moves them
     def token_mining(candidate: str, part: str) -> dict[str, torch.Tensor]:
-        base = root / "outputs" / "selection" / candidate
-        path = base / "merged" / "token_mining" if part == "merged" else base / "tokenmining" / "best"
+        path = (root / parsed.merged_dir(candidate) / "token_mining" if part == "merged"
+                else root / parsed.candidate_configs(candidate)[0].output_dir / "best")  # the shared stage 1
         return load_file(next(path.glob("*.safetensors")))
 
     for candidate, moved in (("lora_only", False), ("tune_tm", True)):

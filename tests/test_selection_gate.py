@@ -195,6 +195,12 @@ def test_candidates_override_any_stage_setting_and_seeds_expand():
     assert (s1.token_mining.depth, s2.token_mining.depth) == ("attn_mlp", "attn_mlp")  # stage 2 inherits stage 1's
     assert (s1.train.seed, s2.train.seed) == (1, 1) and s1.output_dir == "outputs/compare_depth/attn_mlp/seed1/tokenmining"
     assert s2.token_mining.init == f"{s1.output_dir}/best" and len(config.runs()) == 6
+    # depths differ in stage 1: each candidate trains its own; stage-2-only axes share the first candidate's
+    assert [config.stage1_owner(c, 1) for c in config.candidates] == list(config.candidates)
+    modes = SelectionConfig.model_validate(yaml.safe_load((REPO / "configs" / "compare_data_mode_demo.yaml").read_text()))
+    (m1, m2), (q1, q2) = modes.candidate_configs("mix"), modes.candidate_configs("sequence")
+    assert modes.stage1_owner("sequence") == "mix" and q1 == m1 and q2.token_mining.init == f"{m1.output_dir}/best"
+    assert (m2.data.mode, q2.data.mode) == ("mix", "sequence") and q2.output_dir.endswith("/sequence/lora")
     with pytest.raises(ValueError, match="stage 2 inherits"):
         SelectionConfig.model_validate({**raw, "candidates": {"a": {"stage2": {"token_mining": {"depth": "attn_mlp"}}},
                                                               "b": {}}})

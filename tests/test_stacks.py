@@ -38,3 +38,13 @@ def test_accelerate_configs_parse(name, kind):
     assert config.distributed_type.name == kind and config.num_processes >= 2
     if kind == "DEEPSPEED":
         assert config.deepspeed_config["zero_stage"] == 2 and config.deepspeed_config["gradient_clipping"] == 1.0
+
+
+def test_step_cache_key_follows_the_numeric_libraries(monkeypatch):
+    import pipelines.stack as stack
+
+    monkeypatch.setattr(stack, "code_digest", stack.code_digest.__wrapped__)  # uncached, so the patch is read
+    installed = stack.code_digest()
+    assert installed == stack.code_digest()  # the same code and libraries: the same key
+    monkeypatch.setattr(stack, "package_versions", lambda: {"torch": "99.0"})
+    assert stack.code_digest() != installed  # an upgraded torch trains again instead of returning the old result

@@ -135,6 +135,51 @@ def test_feature_cache_projects_its_size_and_refuses_a_full_disk(caption_manifes
     assert not list((tmp_path / "full" / "features").glob("*/shard-*"))  # refused before computing anything
 
 
+def test_feature_cache_key_changes_with_tower_settings_code_and_libraries(caption_manifest, vlm_weights, tmp_path,
+                                                                         monkeypatch):
+    from hilight.data.feature_cache import FeatureCache
+    from hilight.train import vlm_parts
+
+    cfg = _config(caption_manifest, vlm_weights, tmp_path / "run")
+    parts = build_vlm_parts(cfg.vision, cfg.llm, cfg.token_mining)
+    key = vlm_parts.feature_cache_key(parts)
+    assert key == vlm_parts.feature_cache_key(build_vlm_parts(cfg.vision, cfg.llm, cfg.token_mining))  # stable
+    assert key["packages"]["torch"] == torch.__version__ and len(key["code"]) == 64
+    home = FeatureCache(tmp_path / "features", key).dir
+
+    # an upgraded library, an edited tower or decoder, a tower setting that no weight shape shows: another cache
+    monkeypatch.setattr(vlm_parts, "package_versions", lambda: {**key["packages"], "torch": "99.0"})
+    upgraded = vlm_parts.feature_cache_key(parts)
+    monkeypatch.undo()
+    monkeypatch.setattr(vlm_parts, "FEATURE_CODE", (*vlm_parts.FEATURE_CODE, _ClipDataset))
+    edited = vlm_parts.feature_cache_key(parts)
+    monkeypatch.undo()
+    parts.vlm.clipvip.config.vision.layer_norm_eps *= 10
+    retuned = vlm_parts.feature_cache_key(parts)
+    dirs = {FeatureCache(tmp_path / "features", k).dir for k in (upgraded, edited, retuned)}
+    assert len(dirs) == 3 and home not in dirs
+
+
+def test_source_digest_follows_edits_of_the_file(tmp_path):
+    import importlib.util
+
+    from hilight.env import source_digest
+
+    def load(text: str):
+        path = tmp_path / "tower_code.py"
+        path.write_text(text)
+        spec = importlib.util.spec_from_file_location("tower_code", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    before = load("def forward(x):\n    return x * 2\n\n\ndef other():\n    return 0\n")
+    digest, forward = source_digest(before), source_digest(before.forward)
+    after = load("def forward(x):\n    return x * 30\n\n\ndef other():\n    return 0\n")
+    assert source_digest(after) != digest and source_digest(after.forward) != forward
+    assert source_digest(after.other) == source_digest(before.other)  # only what changed counts
+
+
 class _ClipDataset:
     """Held-out samples whose 'video' is their clip's number: enough for answer_loss to run without a model."""
 

@@ -3,9 +3,11 @@
 In stages 1–2 both vision towers are frozen, so decoding a clip and running CLIP-ViP + Long-CLIP on it gives the
 same tensors every epoch. The cache stores them as safetensors shards under ``<root>/<key>/``, where ``key`` hashes
 everything the features depend on: each tower's weights (a digest of the loaded tensors, so any change of weights
-or loader shows), the frame sampling (frame count, image size, sampler, resize, normalisation) and the stored
-dtype. A change of any of them lands in a new directory, so stale features are never read; ``key.json`` in each
-directory says what it was computed from.
+or loader shows) and settings, the frame sampling (frame count, image size, sampler, resize, normalisation), the
+source of the decoding and tower code, the versions of torch, transformers and the decoders, and the stored dtype
+(``hilight.train.vlm_parts.feature_cache_key``). A change of any of them lands in a new directory, so stale
+features are never read; ``key.json`` in each directory says what it was computed from. Old directories are not
+deleted: remove ``<root>/<key>/`` by hand once no run reads it.
 
 Entries are keyed by the video file's SHA-256 (from the validated manifest), so the same clip under two datasets
 is computed once. Each shard is written to a temporary name and renamed, so a killed extraction leaves only whole

@@ -121,7 +121,9 @@ class SelectionConfig(BaseModel):
     pipeline: Literal["select_vision_weights"] = "select_vision_weights"
     experiment_name: str = "select_vision_weights"
     name: str = Field("selection", pattern=NAME)
-    output_dir: str = "outputs/selection"  # candidate C writes under <output_dir>/<C>/{tokenmining,lora,merged}
+    # candidate C writes under <output_dir>/<C>/{tokenmining,lora,merged}; one whose stage-1 settings are an earlier
+    # candidate's starts from that one's tokenmining (``stage1_owner``)
+    output_dir: str = "outputs/selection"
     candidates: dict[str, Candidate] = Field(min_length=2)
     seeds: list[int] | None = Field(None, min_length=1)  # train every candidate once per seed (train.seed of both stages)
     stage1: str  # a tokenmining_pretrain YAML
@@ -165,14 +167,31 @@ class SelectionConfig(BaseModel):
     def merged_dir(self, name: str, seed: int | None = None) -> str:
         return f"{self.candidate_dir(name, seed)}/merged"
 
-    def candidate_configs(self, name: str, seed: int | None = None) -> tuple[TokenMiningPretrainConfig, LoRAFinetuneConfig]:
-        c, out = self.candidates[name], self.candidate_dir(name, seed)
-        key = self.run_key(name, seed).replace("_seed", "-seed")
+    def _stage1_settings(self, name: str, seed: int | None) -> dict:
+        """Candidate ``name``'s stage-1 config (at ``seed``) before its name and output directory are set."""
+        c = self.candidates[name]
         seeded = {} if seed is None else {"train": {"seed": seed}}
         s1 = deep_merge(deep_merge(self._base(self.stage1, self.stage1_overrides), c.stage1), seeded)
         weights = {k: v for k, v in (("clipvip", c.clipvip), ("clipvip_preset", c.clipvip_preset)) if v is not None}
         s1["vision"] = {**s1.get("vision", {}), **weights}
-        s1.update(name=f"{self.name}-{key}-stage1", output_dir=f"{out}/tokenmining",
+        return s1
+
+    def stage1_owner(self, name: str, seed: int | None = None) -> str:
+        """The candidate whose stage-1 run candidate ``name`` starts stage 2 from: the first one (in config order)
+        with the same stage-1 settings. Candidates that differ only in stage 2 (§7.1 vs §7.2, mix vs sequence)
+        share one stage-1 training: the same weights a second run would give, at half the cost (at real shapes,
+        TokenMining on Valley-703K through a frozen Gemma-2B), and their comparison is then about stage 2 alone."""
+        mine = self._stage1_settings(name, seed)
+        return next(n for n in self.candidates if n == name or self._stage1_settings(n, seed) == mine)
+
+    def candidate_configs(self, name: str, seed: int | None = None) -> tuple[TokenMiningPretrainConfig, LoRAFinetuneConfig]:
+        out = self.candidate_dir(name, seed)
+        key = self.run_key(name, seed).replace("_seed", "-seed")
+        seeded = {} if seed is None else {"train": {"seed": seed}}
+        c, owner = self.candidates[name], self.stage1_owner(name, seed)
+        s1 = self._stage1_settings(name, seed)
+        s1.update(name=f"{self.name}-{self.run_key(owner, seed).replace('_seed', '-seed')}-stage1",
+                  output_dir=f"{self.candidate_dir(owner, seed)}/tokenmining",
                   experiment_name=self.experiment_name, enable_cache=self.enable_cache)
         try:
             stage1 = TokenMiningPretrainConfig.model_validate(s1)

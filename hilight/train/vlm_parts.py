@@ -19,8 +19,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from hilight.data.feature_cache import FeatureCache, fill_cache
 from hilight.data.qa import FEATURE_NAMES, EncodedSet, VideoQADataset, encode_samples, lazy_samples
-from hilight.env import resolve_path
+from hilight.data import frames as frames_module
+from hilight.data import probe as probe_module
+from hilight.env import package_versions, resolve_path, source_digest
 from hilight.losses.distributed import tokens_per_rank
+from hilight.models import clipvip as clipvip_module
+from hilight.models import longclip as longclip_module
 from hilight.models.checkpoints import load_clipvip_weights, load_saved_clipvip, module_digest
 from hilight.models.clipvip import CLIPViPModel, build_clipvip, load_preset
 from hilight.models.longclip import LongCLIPImageTower, longclip_preset
@@ -170,10 +174,27 @@ def tower_encoder(vlm: HiLightVLM):
     return encode
 
 
+# The code between a video file and its cached features, besides the weights: decoding, frame sampling and
+# preprocessing, and the two towers' forward passes. Hashed by source, so an edit of any of them opens a new cache, as
+# a change of weights does; the rest of the library (losses, TokenMining, the LLM) can change without recomputing.
+FEATURE_CODE = (frames_module, probe_module, clipvip_module, longclip_module, HiLightVLM.tower_features)
+
+
+def feature_cache_key(parts: VLMParts) -> dict:
+    """Everything a clip's cached features depend on besides the clip: the towers' weights (digests) and settings,
+    the frame sampling, the source of ``FEATURE_CODE`` and the installed numeric libraries (an upgraded torch or
+    decoder computes the features again instead of reading the old ones)."""
+    longclip = parts.vlm.longclip.model.config.to_dict()
+    return {"clipvip": parts.digests["clipvip"], "longclip": parts.digests["longclip"],
+            "towers": {"clipvip": parts.vlm.clipvip.config.vision.model_dump(mode="json"),
+                       "longclip": {k: v for k, v in sorted(longclip.items())  # not where it was read from
+                                    if not k.startswith("_") and k != "transformers_version"}},
+            "num_frames": parts.num_frames, "image_size": parts.image_size, "frames": FRAME_PIPELINE,
+            "code": source_digest(*FEATURE_CODE), "packages": package_versions()}
+
+
 def open_feature_cache(spec: FeatureCacheSpec, parts: VLMParts) -> FeatureCache:
-    key = {"clipvip": parts.digests["clipvip"], "longclip": parts.digests["longclip"], "num_frames": parts.num_frames,
-           "image_size": parts.image_size, "frames": FRAME_PIPELINE}
-    return FeatureCache(resolve_path(spec.dir), key, dtype=DTYPES[spec.dtype])
+    return FeatureCache(resolve_path(spec.dir), feature_cache_key(parts), dtype=DTYPES[spec.dtype])
 
 
 Tokenize = Literal["lazy", "upfront"]
