@@ -71,6 +71,17 @@ def test_fit_learns_and_checkpoints(tmp_path):
     assert result.best_metric == min(h["val/mse"] for h in result.history)
 
 
+def test_select_mode_picks_the_checkpoint_and_a_missing_metric_is_an_error(tmp_path):
+    # max on an MSE that falls: the first validation is "best"; last: the final step is, whatever its value
+    _, worst = toy_fit(tmp_path / "max", ToyData(), select_mode="max")
+    _, last = toy_fit(tmp_path / "last", ToyData(), select_mode="last")
+    assert worst.best_step == 5 and worst.best_metric == max(h["val/mse"] for h in worst.history)
+    assert last.best_step == last.step == 20 and last.best_metric == last.history[-1]["val/mse"]
+    assert last.best_checkpoint == last.final_checkpoint and worst.best_checkpoint != worst.final_checkpoint
+    with pytest.raises(ValueError, match=r"'val/mae' is not among this stage's validation metrics \['val/mse'\]"):
+        toy_fit(tmp_path / "typo", ToyData(), select_metric="val/mae")
+
+
 class TwoPart(torch.nn.Module):
     def __init__(self):
         super().__init__()

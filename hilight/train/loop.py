@@ -64,7 +64,10 @@ class TrainSettings(BaseModel):
     keep_every: int | None = Field(None, ge=1)  # also keep every checkpoint at a multiple of this (a later evaluation's)
     max_nonfinite_in_row: int = Field(5, ge=1)
     select_metric: str = "val/t2v_r1"  # decides the best checkpoint
-    select_mode: Literal["max", "min"] = "max"
+    # max / min: the validated checkpoint with the highest / lowest select_metric is the run's model ("best");
+    # last: the last one is, whatever its value (the reference's and LLaVA's final model; select_metric is only
+    # recorded), for a recipe whose end is its budget rather than a noisy choice among near-equal checkpoints
+    select_mode: Literal["max", "min", "last"] = "max"
     progress: bool = True
     resume: bool = True
 
@@ -122,9 +125,10 @@ class TrainState:
     best_metric: float | None = None
     history: list[dict[str, Any]] = field(default_factory=list)  # validation metrics per evaluation
 
-    def improves(self, value: float | None, mode: str) -> bool:
-        return value is not None and (self.best_metric is None
-                                      or (value > self.best_metric if mode == "max" else value < self.best_metric))
+    def improves(self, value: float, mode: str) -> bool:
+        if mode == "last" or self.best_metric is None:
+            return True
+        return value > self.best_metric if mode == "max" else value < self.best_metric
 
 
 @dataclass
@@ -308,7 +312,10 @@ class Trainer:
         st.history.append({"step": st.step, **val})
         self.tracker.log_metrics(val, st.step)
         log.info("step %d: %s", st.step, ", ".join(f"{k}={v:.4f}" for k, v in val.items()))
-        value = val.get(settings.select_metric)
+        if settings.select_metric not in val:  # else no step would be "best" and the final one would pass for it
+            raise ValueError(f"train.select_metric {settings.select_metric!r} is not among this stage's validation "
+                             f"metrics {sorted(val)}; set it to one of them")
+        value = val[settings.select_metric]
         if st.improves(value, settings.select_mode):
             st.best_step, st.best_metric = st.step, value
             return True
