@@ -56,10 +56,30 @@ def test_hard_negative_gradient_pushes_the_video_away_from_the_wrong_caption():
     torch.testing.assert_close(v.grad[[0, 2]], v2.grad[[0, 2]])
 
 
+def test_several_negatives_of_a_row_are_each_one_more_column_of_its_softmax():
+    v, t, neg = _unit(3, 8), _unit(3, 8, seed=1), _unit(4, 8, seed=2)
+    scale = torch.tensor(10.0)
+    negative_of = torch.tensor([2, 0, 2, 2])  # row 2 has three negatives, not adjacent; row 1 none
+    got = ClipGlobalLoss()(v, t, scale, negative_embeds=neg, negative_of=negative_of)["global_loss"]
+
+    logits = scale * v @ t.T
+    v2t = 0.0
+    for i in range(3):
+        own = [scale * v[i] @ neg[j] for j in range(4) if negative_of[j] == i]
+        row = torch.cat([logits[i], torch.stack(own)]) if own else logits[i]
+        v2t = v2t + F.cross_entropy(row[None], torch.tensor([i]))
+    torch.testing.assert_close(got, v2t / 3 + F.cross_entropy(logits.T, torch.arange(3)))
+    # one negative per row is the same loss whichever way it is passed
+    one = ClipGlobalLoss()(v, t, scale, negative_embeds=neg[:2], negative_of=negative_of[:2])["global_loss"]
+    assert got > one
+
+
 def test_bad_negative_rows_are_refused():
     v, t = _unit(2, 4), _unit(2, 4, seed=1)
-    with pytest.raises(ValueError, match="negative_of"):
-        ClipGlobalLoss()(v, t, torch.tensor(1.0), negative_embeds=_unit(2, 4), negative_of=torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match=r"negative_of.*2 negatives, 1 row indices"):
+        ClipGlobalLoss()(v, t, torch.tensor(1.0), negative_embeds=_unit(2, 4), negative_of=torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"outside 0\.\.1: \[0, 2\]"):
+        ClipGlobalLoss()(v, t, torch.tensor(1.0), negative_embeds=_unit(2, 4), negative_of=torch.tensor([0, 2]))
 
 
 class _Tok:
@@ -84,15 +104,25 @@ def test_batches_carry_each_captions_negative_after_the_captions(tmp_path):
 
     ds = CaptionVideoDataset(rows, _Tok(), num_frames=2, image_size=8, max_length=6)
     ds._cache = {0: torch.zeros(2, 3, 8, 8), 1: torch.ones(2, 3, 8, 8)}  # no decoding in this test
-    assert [ds[i][2] for i in range(3)] == ["pink ball in", None, "yellow ball in"]
+    assert [ds[i][2] for i in range(3)] == [("pink ball in",), (), ("yellow ball in",)]
     ds.epoch = 1  # the next epoch cycles to the caption's next negative
-    assert ds[0][2] == "red ball out"
+    assert ds[0][2] == ("red ball out",)
     batch = ds.collate([ds[i] for i in range(3)])
     assert batch["input_ids"].shape[0] == 5 and batch["groups"].tolist() == [0, 0, 1]
     assert batch["negative_of"].tolist() == [0, 2]
     assert batch["video_index"].tolist() == [0, 0, 1, 0, 1]  # each negative is scored against its row's video
     tok = _Tok()(["red ball out", "yellow ball in"])["input_ids"]
     assert torch.equal(batch["input_ids"][3:], tok)
+
+    # two per caption: every negative of the first caption in one batch, in turn by epoch; a caption with one
+    # keeps showing it
+    ds.negatives_per_caption = 2
+    ds.epoch = 0
+    assert [ds[i][2] for i in range(3)] == [("pink ball in", "red ball out"), (), ("yellow ball in",)]
+    batch = ds.collate([ds[i] for i in range(3)])
+    assert batch["negative_of"].tolist() == [0, 0, 2]
+    assert batch["video_index"].tolist() == [0, 0, 1, 0, 0, 1]
+    assert torch.equal(batch["input_ids"][3:], _Tok()(["pink ball in", "red ball out", "yellow ball in"])["input_ids"])
 
 
 def test_alignment_job_with_hard_negatives_trains_and_rejects_a_bad_file(tmp_path, caption_manifest, billiards_dir):

@@ -75,17 +75,19 @@ def attach_hard_negatives(rows: pd.DataFrame, records: pd.DataFrame) -> pd.DataF
 
 
 class CaptionVideoDataset(Dataset):
-    """Index → (video number, caption, hard negative or None). ``collate`` decodes the batch's distinct videos and
+    """Index → (video number, caption, hard negatives). ``collate`` decodes the batch's distinct videos and
     tokenises the captions, then the hard negatives after them (NegCLIP: each is an extra, wrong caption for its
-    row's video; rows come with a ``negatives`` column from :func:`attach_hard_negatives`)."""
+    row's video; rows come with a ``negatives`` column from :func:`attach_hard_negatives`). Each item carries up to
+    ``negatives_per_caption`` of its caption's negatives."""
 
     def __init__(self, rows: pd.DataFrame, tokenizer, *, num_frames: int, image_size: int, max_length: int,
-                 jitter_seed: int | None = None, cache_frames: bool = False):
+                 jitter_seed: int | None = None, cache_frames: bool = False, negatives_per_caption: int = 1):
         self.rows = rows.reset_index(drop=True)
         self.video_files, self.groups = np.unique(self.rows["video_file"].to_numpy(), return_inverse=True)
         self.captions = self.rows["caption"].tolist()
         self.negatives: list[tuple[str, ...]] | None = (self.rows["negatives"].tolist()
                                                         if "negatives" in self.rows.columns else None)
+        self.negatives_per_caption = negatives_per_caption
         self.tokenizer = tokenizer
         self.num_frames, self.image_size, self.max_length = num_frames, image_size, max_length
         self.jitter_seed = jitter_seed
@@ -95,10 +97,12 @@ class CaptionVideoDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int) -> tuple[int, str, str | None]:
+    def __getitem__(self, i: int) -> tuple[int, str, tuple[str, ...]]:
         negs = self.negatives[i] if self.negatives is not None else ()
+        k = min(self.negatives_per_caption, len(negs))
         # each epoch the next of the caption's negatives: deterministic, so a resumed run sees the same ones
-        return int(self.groups[i]), self.captions[i], (negs[(self.epoch + i) % len(negs)] if negs else None)
+        start = (self.epoch + i) * k
+        return int(self.groups[i]), self.captions[i], tuple(negs[(start + j) % len(negs)] for j in range(k))
 
     def frames(self, video: int) -> torch.Tensor:
         """[T, 3, S, S] for video number ``video``; the jitter depends on (seed, epoch, video) only."""
@@ -110,12 +114,12 @@ class CaptionVideoDataset(Dataset):
             self._cache[video] = x
         return x
 
-    def collate(self, items: list[tuple[int, str, str | None]]) -> dict[str, torch.Tensor]:
+    def collate(self, items: list[tuple[int, str, tuple[str, ...]]]) -> dict[str, torch.Tensor]:
         videos = [v for v, _, _ in items]
         unique, inverse = np.unique(videos, return_inverse=True)
         inverse = inverse.reshape(-1)
-        negative_of = [i for i, (_, _, n) in enumerate(items) if n is not None]
-        texts = [c for _, c, _ in items] + [items[i][2] for i in negative_of]
+        negative_of = [i for i, (_, _, negs) in enumerate(items) for _ in negs]
+        texts = [c for _, c, _ in items] + [n for _, _, negs in items for n in negs]
         text = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_length,
                               return_tensors="pt")
         return {

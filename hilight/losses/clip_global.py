@@ -18,8 +18,8 @@ the full [N, N] matrix on every rank: the same gradients for 1/world of the logi
 Hard negatives (NegCLIP, Yuksekgonul et al. 2023, "When and why vision-language models behave like bags-of-words"):
 a contrastive model trained on captions that differ in many words at once can ignore a word, e.g. every colour,
 and still match its batch. With ``negative_embeds`` (a caption of row i with one fact changed, ``negative_of[j] = i``)
-row i's video→text softmax gets that wrong caption as one more column, so the model is pushed to tell the two
-apart. Negatives are per row (never another row's candidates, which may be true of another video), so the DDP
+row i's video→text softmax gets that wrong caption as one more column (several negatives of a row: one column
+each), so the model is pushed to tell them apart. Negatives are per row (never another row's candidates, which may be true of another video), so the DDP
 reasoning above is unchanged.
 """
 
@@ -48,7 +48,7 @@ class ClipGlobalLoss(nn.Module):
                 negative_of: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``video_embeds``/``text_embeds`` [B, P], L2-normalised, row i a matching pair; ``scale`` = exp(logit_scale);
         ``groups`` [B] video ids (needed for group-aware mode); ``negative_embeds`` [N, P] hard-negative captions,
-        ``negative_of`` [N] their rows (at most one per row). Under DDP, B is this rank's share of the batch and
+        ``negative_of`` [N] their rows (any number per row). Under DDP, B is this rank's share of the batch and
         the negatives are every rank's rows."""
         if self.group_aware and groups is None:
             raise ValueError("group-aware CLIP loss needs `groups` (one video id per pair)")
@@ -65,12 +65,20 @@ class ClipGlobalLoss(nn.Module):
             same[torch.arange(n, device=v.device), target] = False
             v2t, t2v = v2t.masked_fill(same, _MASKED), t2v.masked_fill(same, _MASKED)
         if negative_embeds is not None and len(negative_embeds):
-            if (negative_of is None or len(negative_of) != len(negative_embeds)
-                    or len(set(negative_of.tolist())) < len(negative_of)):
-                raise ValueError("hard negatives need `negative_of`: one distinct row index per negative")
-            extra = torch.full((n, 1), _MASKED, device=v.device, dtype=v2t.dtype)
+            if negative_of is None or len(negative_of) != len(negative_embeds):
+                raise ValueError(f"hard negatives need `negative_of`: one row index per negative "
+                                 f"({len(negative_embeds)} negatives, "
+                                 f"{'no' if negative_of is None else len(negative_of)} row indices)")
+            if len(negative_of) and (int(negative_of.min()) < 0 or int(negative_of.max()) >= n):
+                raise ValueError(f"`negative_of` holds row indices outside 0..{n - 1}: {negative_of.tolist()}")
+            # column j of row i's extra block: its (j+1)-th negative; rows with fewer keep the masked fill
+            order = torch.argsort(negative_of, stable=True)
+            counts = torch.bincount(negative_of, minlength=n)
+            slot = torch.empty_like(negative_of)
+            slot[order] = torch.arange(len(order), device=order.device) - (counts.cumsum(0) - counts)[negative_of[order]]
+            extra = torch.full((n, int(slot.max()) + 1), _MASKED, device=v.device, dtype=v2t.dtype)
             own = (v[negative_of] * negative_embeds.float()).sum(-1)
-            extra = extra.index_put((negative_of, torch.zeros_like(negative_of)), scale.float() * own)
+            extra = extra.index_put((negative_of, slot), scale.float() * own)
             v2t = torch.cat([v2t, extra], dim=1)
         loss = F.cross_entropy(v2t, target) + F.cross_entropy(t2v, target)
         return {"global_loss": loss if self.reduction == "sum" else loss / 2}

@@ -45,6 +45,10 @@ class AlignmentData(BaseModel):
     # dataset -> hard-negatives file (records video_id, caption, negative, changed; the `hard_negatives` contract):
     # each training caption's negatives become extra wrong captions for its video (NegCLIP). Empty: none.
     hard_negatives: dict[str, str] = Field(default_factory=dict)
+    # how many of a caption's negatives each step shows (the next ones in turn, every epoch; all when it has fewer):
+    # 1 is NegCLIP's one per caption; more puts every changed fact (colour, action, place) against its caption at
+    # once, for a few more text rows per step
+    negatives_per_caption: int = Field(1, ge=1)
     contracts_dir: str = "data_contracts"
     cache_frames: bool = False  # keep decoded clips in memory (small datasets, no jitter)
 
@@ -278,7 +282,7 @@ class AlignmentRecipe(Recipe):
         make = lambda rows, jitter: CaptionVideoDataset(  # noqa: E731
             rows, tokenizer, num_frames=mcfg.num_frames, image_size=mcfg.vision.image_size,
             max_length=config.tokenizer.max_length, jitter_seed=config.train.seed if jitter else None,
-            cache_frames=config.data.cache_frames)
+            cache_frames=config.data.cache_frames, negatives_per_caption=config.data.negatives_per_caption)
         train_rows = manifest.select(config.data.train_datasets, config.data.train_splits)
         if config.data.hard_negatives:
             train_rows = attach_hard_negatives(train_rows, self.read_hard_negatives(train_rows))
