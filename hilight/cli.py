@@ -69,6 +69,8 @@ app = typer.Typer(help="HiLight Pipelines: tracked, reproducible pipelines for t
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False, cls=_Commands)
 data_app = typer.Typer(help="Create and inspect datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+cache_app = typer.Typer(help="List and prune the frozen-tower feature cache (stages 1-2).", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
 log = logging.getLogger("hilight")
 
 DEMO_CONFIG = Path("configs/data_validation_demo.yaml")
@@ -666,6 +668,65 @@ def ui(
     if code != 0:
         typer.secho(f"the MLflow server exited with status {code}", fg="red", err=True)
     raise typer.Exit(code)
+
+
+CACHE_DIR = typer.Option(None, "--dir", help="The cache root, as the stage configs' `features.dir` names it "
+                         "[default: outputs/feature_cache under the project root].")
+
+
+def _cache_root(cache_dir: Path | None) -> Path:
+    return resolve_path("outputs/feature_cache") if cache_dir is None else cli_path(cache_dir)
+
+
+def _cache_rows(dirs) -> str:
+    import time
+
+    lines = [f"{'directory':<16}  {'last used':<16}  {'shards':>6}  {'size':>10}  clipvip       longclip"]
+    for c in dirs:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(c.last_used))
+        lines.append(f"{c.digest:<16}  {used:<16}  {c.shards:>6}  {c.bytes / 2**20:>7.1f} MiB  "
+                     f"{str(c.key.get('clipvip', '?'))[:12]:<12}  {str(c.key.get('longclip', '?'))[:12]}")
+    return "\n".join(lines)
+
+
+@cache_app.command("list")
+def cache_list(cache_dir: Optional[Path] = CACHE_DIR) -> None:
+    """The cache's directories (one per tower weights, settings, code and library versions), most recently used
+    first."""
+    from hilight.data.feature_cache import cache_dirs
+
+    root = _cache_root(cache_dir)
+    dirs = cache_dirs(root)
+    if not dirs:
+        typer.echo(f"no feature-cache directories under {root}")
+        return
+    typer.echo(_cache_rows(dirs))
+    typer.echo(f"{len(dirs)} directories, {sum(c.bytes for c in dirs) / 2**30:.2f} GiB under {root}")
+
+
+@cache_app.command("prune")
+def cache_prune(
+    keep: Optional[int] = typer.Option(None, "--keep", min=0, help="Keep the N most recently used directories."),
+    unused_days: Optional[float] = typer.Option(None, "--unused-days", min=0,
+                                                help="Delete only directories no run opened for D days."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would go; delete nothing."),
+    cache_dir: Optional[Path] = CACHE_DIR,
+) -> None:
+    """Delete old feature-cache directories (each retrain with new vision weights adds one; at Valley-703K scale
+    each is terabytes). Run it when no training job is reading the cache."""
+    from hilight.config import InputError
+    from hilight.data.feature_cache import prune_cache_dirs
+
+    root = _cache_root(cache_dir)
+    if keep is None and unused_days is None:
+        raise InputError("say what to keep: --keep N (the N most recently used directories) and/or --unused-days D")
+    gone = prune_cache_dirs(root, keep=keep, unused_days=unused_days, dry_run=dry_run)
+    if not gone:
+        typer.echo(f"nothing to delete under {root}")
+        return
+    typer.echo(_cache_rows(gone))
+    verb = "would delete" if dry_run else "deleted"
+    typer.echo(f"{verb} {len(gone)} directories, {sum(c.bytes for c in gone) / 2**30:.2f} GiB, under {root}")
 
 
 @app.command("stack")

@@ -6,8 +6,12 @@ everything the features depend on: each tower's weights (a digest of the loaded 
 or loader shows) and settings, the frame sampling (frame count, image size, sampler, resize, normalisation), the
 source of the decoding and tower code, the versions of torch, transformers and the decoders, and the stored dtype
 (``hilight.train.vlm_parts.feature_cache_key``). A change of any of them lands in a new directory, so stale
-features are never read; ``key.json`` in each directory says what it was computed from. Old directories are not
-deleted: remove ``<root>/<key>/`` by hand once no run reads it.
+features are never read; ``key.json`` in each directory says what it was computed from.
+
+Old directories are never read again but stay until pruned: at Valley-703K scale one directory is terabytes (about
+3.5 MiB per clip in bf16), and every retrain that produces new vision weights adds one. Each open stamps
+``<dir>/last_used``; :func:`cache_dirs` lists the directories with their size and last use, and
+:func:`prune_cache_dirs` (``hilight cache prune``) removes those beyond the most recently used ones.
 
 Entries are keyed by the video file's SHA-256 (from the validated manifest), so the same clip under two datasets
 is computed once. Each shard is written to a temporary name and renamed, so a killed extraction leaves only whole
@@ -21,8 +25,11 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,6 +42,7 @@ from hilight.data.frames import load_clip_frames
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1  # bump when the layout or the meaning of an entry changes
+KEY_FILE, USED_FILE = "key.json", "last_used"
 
 
 class FeatureCache:
@@ -44,11 +52,12 @@ class FeatureCache:
         self.dir = Path(root) / self.digest
         self.dtype = dtype
         self.dir.mkdir(parents=True, exist_ok=True)
-        key_file = self.dir / "key.json"
+        key_file = self.dir / KEY_FILE
         if not key_file.is_file():
             tmp = key_file.with_name(f".key.{uuid.uuid4().hex}.tmp")
             tmp.write_text(json.dumps(self.key, indent=1, sort_keys=True))
             tmp.replace(key_file)
+        (self.dir / USED_FILE).touch()  # its mtime: when a run last opened this directory (for pruning)
         self._index: dict[str, Path] = {}
         self._handles: dict[Path, object] = {}
         self.refresh()
@@ -126,3 +135,67 @@ def fill_cache(cache: FeatureCache, videos: dict[str, str], encode: Callable[[to
         cache.put(pending)
     bar.close()
     return stats
+
+
+# ------------------------------------------------------------------------------------------------ housekeeping
+
+
+@dataclass(frozen=True)
+class CacheDir:
+    """One key directory under a cache root."""
+
+    path: Path
+    key: dict  # what its features were computed from (key.json)
+    last_used: float  # when a run last opened it (epoch seconds; key.json's mtime for directories never stamped)
+    shards: int
+    bytes: int
+
+    @property
+    def digest(self) -> str:
+        return self.path.name
+
+
+def cache_dirs(root: str | Path) -> list[CacheDir]:
+    """The feature-cache directories under ``root``, most recently used first. Only directories holding a
+    ``key.json`` count: anything else under ``root`` is not the cache's and is left alone."""
+    found = []
+    for d in sorted(Path(root).iterdir()) if Path(root).is_dir() else []:
+        key_file = d / KEY_FILE
+        if d.name.startswith(".") or not key_file.is_file():  # ".deleting-…": a prune under way
+            continue
+        used = d / USED_FILE
+        files = [f for f in d.iterdir() if f.is_file()]
+        found.append(CacheDir(d, json.loads(key_file.read_text()),
+                              (used if used.is_file() else key_file).stat().st_mtime,
+                              sum(f.name.startswith("shard-") and f.suffix == ".safetensors" for f in files),
+                              sum(f.stat().st_size for f in files)))
+    return sorted(found, key=lambda c: c.last_used, reverse=True)
+
+
+def prune_cache_dirs(root: str | Path, *, keep: int | None = None, unused_days: float | None = None,
+                     dry_run: bool = False, now: float | None = None) -> list[CacheDir]:
+    """Delete the cache directories under ``root`` that are not among the ``keep`` most recently used and (with
+    ``unused_days``) were not used for that many days; with both, a directory goes only when both say so. Returns
+    what was (with ``dry_run``: would be) deleted.
+
+    A directory is renamed away first and deleted after, so a run that opens the same key meanwhile starts a fresh
+    directory instead of reading one half gone. A run that is reading a directory while it is deleted fails on its
+    next shard: prune directories no running job uses (``keep`` >= 1 keeps the latest one)."""
+    if keep is None and unused_days is None:
+        raise ValueError("say what to keep: keep=N (the N most recently used directories) and/or unused_days=D "
+                         "(directories used in the last D days)")
+    if keep is not None and keep < 0:
+        raise ValueError(f"keep must be >= 0, got {keep}")
+    if unused_days is not None and unused_days < 0:
+        raise ValueError(f"unused_days must be >= 0, got {unused_days}")
+    now = time.time() if now is None else now
+    dirs = cache_dirs(root)
+    doomed = [c for i, c in enumerate(dirs)
+              if (keep is None or i >= keep) and (unused_days is None or now - c.last_used > unused_days * 86400)]
+    if not dry_run:
+        for c in doomed:
+            trash = c.path.with_name(f".deleting-{c.path.name}-{uuid.uuid4().hex[:8]}")
+            c.path.rename(trash)
+            shutil.rmtree(trash)
+            log.info("feature cache: deleted %s (%d shards, %.1f MiB)", c.path, c.shards, c.bytes / 2**20)
+    return doomed
