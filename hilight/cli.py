@@ -346,6 +346,8 @@ def demo(
     except PipelineFailedError as exc:
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(1) from None
+    import pandas as pd
+
     from hilight.experiments.demo_summary import ablation_summary, render_demo_summary, selection_summary
 
     manifest = json.loads((root / "outputs" / "data_validation" / "manifest.json").read_text())
@@ -363,7 +365,8 @@ def demo(
                       "billiards_t2v_r1_random": runs["billiards alignment"]["random_t2v_r1"], "runs": runs,
                       "models": f"{root / 'outputs/pretrain_general/best'}  (\"original\"),  "
                                 f"{root / 'outputs/alignment/best'}  (\"table1k\")"},
-        "ablation": ablation_summary(ablation.name, comparison, selection, str(root / "outputs/ablation/report")),
+        "ablation": ablation_summary(ablation.name, comparison, selection, str(root / "outputs/ablation/report"),
+                                     pd.read_parquet(root / "outputs/ablation/report/caption_scores.parquet")),
         "llm": {"run": llm_run.name, "lm_loss": llm_loss["lm_loss"], "lm_loss_untrained": llm_loss["lm_loss_untrained"],
                 "model": str(root / "outputs/llm_pretrain/model")},
         "selection": {**selection_summary(selection_run.name, decision, evidence, stage1, str(root / "outputs/selection")),

@@ -37,7 +37,7 @@ def _summary() -> dict:
         "alignment": {"billiards_t2v_r1": 0.12, "billiards_t2v_r1_random": 0.01, "models": "x",
                       "runs": {"billiards alignment": {"run": "a", "t2v_r1": 0.12, "random_t2v_r1": 0.01,
                                                        "t2v_median_rank": 4, "random_t2v_median_rank": 40}}},
-        "ablation": ablation_summary("abl", abl_table, ablation, "outputs/ablation/report"),
+        "ablation": ablation_summary("abl", abl_table, ablation, "outputs/ablation/report", scores),
         "llm": {"run": "llm", "lm_loss": 1.2, "lm_loss_untrained": 6.0, "model": "outputs/llm_pretrain/model"},
         "selection": selection_summary("sel", decision, evidence, stage1, "outputs/selection"),
         "mlflow": {"store": "sqlite:///x", "ui": "hilight ui"}, "ask": "hilight ask v.mp4 \"What's happened?\"",
@@ -50,6 +50,10 @@ def test_summary_has_the_issues_keys_and_values():
     ab = s["ablation"]
     assert ab["selected"] == "BP_WithMask" and ab["inconclusive"] is False
     assert 0.6 < ab["colour_hard_negative_accuracy"] < 1.0 and ab["interval"]["low"] < ab["value"] < ab["interval"]["high"]
+    # the colour hard negatives' interval: over the winner's clips, around the value the table reports
+    civ = ab["colour_hard_negative_interval"]
+    assert civ["estimate"] == pytest.approx(ab["colour_hard_negative_accuracy"]) and civ["items"] == 60
+    assert civ["low"] < civ["estimate"] < civ["high"] and civ["confidence"] == 0.95
     sel = s["selection"]
     assert {"champion", "incumbent", "primary_metric", "margin", "ci_low", "ci_high", "colour_fact_accuracy"} <= set(sel)
     assert sel["champion"] == "table1k" and sel["incumbent"]["label"] == "champion-v1" and sel["status"] == "promoted"
@@ -65,7 +69,10 @@ def test_printed_summary_is_rendered_from_the_json():
     summary = json.loads(json.dumps(_summary()))
     text = render_demo_summary(summary)
     assert "selected variant      BP_WithMask at step-00000100: caption/hard_negative_accuracy" in text
-    assert "significant (the top two intervals are apart)" in text and "colour hard-negative accuracy 0." in text
+    assert "significant (the top two intervals are apart)" in text
+    civ = summary["ablation"]["colour_hard_negative_interval"]
+    assert (f"colour hard-negative accuracy {summary['ablation']['colour_hard_negative_accuracy']:.3f} "
+            f"[{civ['low']:.3f}, {civ['high']:.3f}] over 60 clips (chance 0.5)") in text
     assert "decision              promoted: table1k beats the champion (champion-v1)" in text
     assert "margin over the incumbent champion-v1: table1k - champion-v1 on billiards/fact_accuracy +0." in text
     assert "champion              models:/hilight-vlm@champion = version 3 (table1k); challenger = version 2" in text

@@ -589,23 +589,10 @@ def _intervals(rule: SelectionRule, ranked: list[dict], references: list[dict], 
                refs: pd.DataFrame, scores: pd.DataFrame) -> dict:
     """Bootstrap intervals of ``rule.metric`` over clips per variant (its runs' chosen checkpoints pooled) and per
     reference, and whether the top two variants' intervals overlap."""
-    scores = scores if "seed" in scores.columns else scores.assign(seed=None)
-
-    def items(rows: pd.DataFrame) -> pd.DataFrame | None:
-        parts = []
-        for _, r in rows.iterrows():
-            sel = ((scores["variant"] == r["variant"]) & (scores["step"] == r["step"])
-                   & (scores["seed"].isna() if _seed(r["seed"]) is None else scores["seed"] == r["seed"]))
-            part = clip_items(scores[sel], rule.metric)
-            if part is None:
-                return None
-            parts.append(part)
-        return pd.concat(parts).groupby(level=0).sum()
-
     intervals = {}
     for name, rows in [*((e["variant"], runs[runs["variant"] == e["variant"]]) for e in ranked),
                        *((r["variant"], refs[refs["variant"] == r["variant"]]) for r in references)]:
-        it = items(rows)
+        it = _pooled_items(scores, [(r["variant"], r["step"], r["seed"]) for _, r in rows.iterrows()], rule.metric)
         intervals[name] = (None if it is None else ratio_interval(it, confidence=rule.confidence,
                                                                   n=rule.bootstrap_samples).as_dict())
     top = [e["variant"] for e in ranked[:2]]
@@ -620,6 +607,30 @@ def _intervals(rule: SelectionRule, ranked: list[dict], references: list[dict], 
     text = (f"{top[0]} {Interval(**a).text()} vs {top[1]} {Interval(**b).text()} on {rule.metric}: "
             + ("the intervals overlap, inconclusive" if overlap else "the intervals do not overlap"))
     return {"intervals": intervals, "inconclusive": bool(overlap), "significance": text}
+
+
+def _pooled_items(scores: pd.DataFrame, models: list[tuple[str, int, int | None]], metric: str) -> pd.DataFrame | None:
+    """``clip_items`` of ``metric`` summed over the (variant, step, seed) models' score tables (a variant's seeds
+    pooled clip by clip); ``None`` when the metric does not decompose over clips."""
+    scores = scores if "seed" in scores.columns else scores.assign(seed=None)
+    parts = []
+    for variant, step, seed in models:
+        sel = ((scores["variant"] == variant) & (scores["step"] == step)
+               & (scores["seed"].isna() if _seed(seed) is None else scores["seed"] == seed))
+        part = clip_items(scores[sel], metric)
+        if part is None:
+            return None
+        parts.append(part)
+    return pd.concat(parts).groupby(level=0).sum()
+
+
+def winner_interval(selection: dict, scores: pd.DataFrame, metric: str) -> dict | None:
+    """Bootstrap interval over held-out clips of any clip-decomposable ``metric`` (e.g. the colour hard negatives)
+    for ``select_variant``'s winner, its seeds' chosen checkpoints pooled, at the rule's confidence."""
+    winner, rule = selection["winner"], selection["rule"]
+    items = _pooled_items(scores, [(winner["variant"], s["step"], s["seed"]) for s in winner["seeds"]], metric)
+    return None if items is None else ratio_interval(items, confidence=rule["confidence"],
+                                                     n=rule["bootstrap_samples"]).as_dict()
 
 
 def check_significance(selection: dict, rule: SelectionRule) -> None:

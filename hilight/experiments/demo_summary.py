@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from hilight.experiments.ablation import chosen_labels
+from hilight.experiments.ablation import chosen_labels, winner_interval
 
 ABLATION_COLUMNS = ["caption/top1_accuracy", "caption/hard_negative_accuracy", "caption/hard_negative_accuracy/colour",
                     "say_more/short_wins", "retrieval/t2v_r1"]
@@ -34,9 +34,11 @@ def _num(x: Any) -> float | None:
     return None if math.isnan(x) else x
 
 
-def ablation_summary(run_name: str, comparison: pd.DataFrame, selection: dict, report_dir: str) -> dict:
+def ablation_summary(run_name: str, comparison: pd.DataFrame, selection: dict, report_dir: str,
+                     scores: pd.DataFrame | None = None) -> dict:
     """The ablation's choice: variant, checkpoint, its metrics (mean over its seeds' chosen checkpoints), the
-    interval on the selection metric and whether the top two overlap."""
+    interval on the selection metric and whether the top two overlap; with the per-model ``scores``, an interval on
+    its colour hard-negative accuracy too."""
     rows = comparison.set_index("label")
     labels = chosen_labels(selection)
     cols = [c for c in ABLATION_COLUMNS if c in comparison.columns]
@@ -50,6 +52,7 @@ def ablation_summary(run_name: str, comparison: pd.DataFrame, selection: dict, r
         "interval": selection.get("intervals", {}).get(winner["variant"]),
         "colour_hard_negative_accuracy": (_num(rows.loc[mine, colour].astype(float).mean())
                                           if colour in rows.columns else None),
+        "colour_hard_negative_interval": None if scores is None else winner_interval(selection, scores, colour),
         "inconclusive": selection.get("inconclusive"), "significance": selection.get("significance", ""),
         "per_seed_winners": selection.get("per_seed_winners"), "table": table, "report": report_dir,
     }
@@ -111,7 +114,9 @@ def render_demo_summary(s: dict) -> str:
                None: "no interval for this metric"}[ab["inconclusive"]]
     out.append(f"selected variant      {ab['selected']} at {ab['checkpoint']}: {ab['metric']} {_fmt(ab['value'])}{iv_text}; "
                f"{verdict}")
-    out.append(f"                      colour hard-negative accuracy {_fmt(ab['colour_hard_negative_accuracy'])} "
+    civ = ab.get("colour_hard_negative_interval")
+    civ_text = f" [{civ['low']:.3f}, {civ['high']:.3f}] over {civ['items']} clips" if civ else ""
+    out.append(f"                      colour hard-negative accuracy {_fmt(ab['colour_hard_negative_accuracy'])}{civ_text} "
                f"(chance 0.5); report {ab['report']}")
     if ab.get("per_seed_winners"):
         out.append(f"                      winner per training seed: {ab['per_seed_winners']}")
