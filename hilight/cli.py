@@ -436,6 +436,9 @@ def retrain(
     typer.echo(f"retrained ({out['reason']}): runs {', '.join(out['runs'])}")
     typer.echo(f"champion {d['registry']['champion_uri']} = version {d['registry']['champion']} ({d['champion']}); "
                f"{d['status']}: {d['explanation']}")
+    if "pruned" in out:
+        typer.echo(f"feature cache: deleted {len(out['pruned'])} old directories "
+                   f"({sum(p['bytes'] for p in out['pruned']) / 2**30:.2f} GiB)")
 
 
 @app.command("ask")

@@ -34,6 +34,17 @@ class ScheduleSpec(BaseModel):
     cron_expression: str = "0 3 * * *"  # daily at 03:00, for orchestrators that run ZenML schedules
 
 
+class FeatureCachePrune(BaseModel):
+    """After a retrain, delete feature-cache directories beyond the ``keep`` most recently used (those the retrain's
+    candidates just read come first); with ``unused_days``, only those also unused for that many days."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dir: str = "outputs/feature_cache"  # the stage configs' features.dir
+    keep: int = Field(2, ge=1)  # at least the candidates of one selection (the demo has two)
+    unused_days: float | None = Field(None, ge=0)
+
+
 class RetrainConfig(BaseModel):
     """Config of ``hilight retrain`` (``configs/retrain_*.yaml``)."""
 
@@ -46,6 +57,9 @@ class RetrainConfig(BaseModel):
     selection: str = "configs/select_vision_weights_demo.yaml"
     lock_file: str = "outputs/retrain.lock"
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    # each retrain with new vision weights adds a feature-cache directory (terabytes at Valley-703K scale);
+    # set this to prune after every successful retrain, under the retrain lock (None: never)
+    prune_feature_cache: FeatureCachePrune | None = None
 
 
 @dataclass

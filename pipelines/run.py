@@ -196,6 +196,11 @@ def run_retrain(config_path: Path, *, if_new_data: bool, lock_held: bool = False
         selection = run_pipeline("select_vision_weights", resolve_path(config.selection))
         out["runs"].append(selection.name)
         out["decision"] = step_output(selection, "select_and_promote", "selection_decision")
+        if (prune := config.prune_feature_cache) is not None:  # still under the lock: no other retrain reads it
+            from hilight.data.feature_cache import prune_cache_dirs
+
+            gone = prune_cache_dirs(resolve_path(prune.dir), keep=prune.keep, unused_days=prune.unused_days)
+            out["pruned"] = [{"dir": str(c.path), "bytes": c.bytes} for c in gone]
         return out
     finally:
         if lock is not None:

@@ -1,10 +1,13 @@
 """`hilight retrain --if-new-data`: new billiards clips trigger validation → selection and a new champion; unchanged
-data does not; a second retrain while one holds the lock exits 75; the local orchestrator refuses schedules clearly."""
+data does not; the retrain prunes old feature-cache directories when configured; a second retrain while one holds the
+lock exits 75; the local orchestrator refuses schedules clearly."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 
 import pytest
 import yaml
@@ -34,6 +37,7 @@ def test_new_clips_trigger_a_retrain_and_unchanged_data_does_not(zenml_project, 
     from typer.testing import CliRunner
 
     from hilight.cli import app
+    from hilight.data.feature_cache import FeatureCache, cache_dirs
     from hilight.data.hashcache import STATS
     from hilight.data.synth import generate_dataset
     from pipelines.run import run_pipeline, run_retrain
@@ -72,7 +76,17 @@ def test_new_clips_trigger_a_retrain_and_unchanged_data_does_not(zenml_project, 
 
     _add_clips(dataset_copy, generate_dataset(tmp_path / "extra", domain="billiards", n_videos=4, seed=9,
                                               settings=tiny_settings, progress=False))
+    # prune the stage-1 feature cache after this retrain; a directory of weights no run uses any more waits there
+    features = root / "unused" / "features"
+    live = {c.path for c in cache_dirs(features)}
+    assert len(live) == 2  # one per candidate's CLIP-ViP weights
+    stale = FeatureCache(features, {"clipvip": "weights of a champion long gone"}).dir
+    os.utime(stale / "last_used", (time.time() - 10 * 86400,) * 2)
+    cfg.write_text(yaml.safe_dump({**yaml.safe_load(cfg.read_text()),
+                                   "prune_feature_cache": {"dir": str(features), "keep": 2}}))
     second = run_retrain(cfg, if_new_data=True)
+    assert [p["dir"] for p in second["pruned"]] == [str(stale)]
+    assert {c.path for c in cache_dirs(features)} == live
     assert second["due"] and "new data in billiards" in second["reason"] and len(second["runs"]) == 2
     assert second["current"]["billiards"] != first["current"]["billiards"]
     assert second["recorded"]["billiards"] == first["current"]["billiards"]
