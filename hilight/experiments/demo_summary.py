@@ -35,10 +35,10 @@ def _num(x: Any) -> float | None:
 
 
 def ablation_summary(run_name: str, comparison: pd.DataFrame, selection: dict, report_dir: str,
-                     scores: pd.DataFrame | None = None) -> dict:
+                     scores: pd.DataFrame) -> dict:
     """The ablation's choice: variant, checkpoint, its metrics (mean over its seeds' chosen checkpoints), the
-    interval on the selection metric and whether the top two overlap; with the per-model ``scores``, an interval on
-    its colour hard-negative accuracy too."""
+    interval on the selection metric and whether the top two overlap, and (from the per-model ``scores``) an
+    interval on its colour hard-negative accuracy."""
     rows = comparison.set_index("label")
     labels = chosen_labels(selection)
     cols = [c for c in ABLATION_COLUMNS if c in comparison.columns]
@@ -52,7 +52,7 @@ def ablation_summary(run_name: str, comparison: pd.DataFrame, selection: dict, r
         "interval": selection.get("intervals", {}).get(winner["variant"]),
         "colour_hard_negative_accuracy": (_num(rows.loc[mine, colour].astype(float).mean())
                                           if colour in rows.columns else None),
-        "colour_hard_negative_interval": None if scores is None else winner_interval(selection, scores, colour),
+        "colour_hard_negative_interval": winner_interval(selection, scores, colour),
         "inconclusive": selection.get("inconclusive"), "significance": selection.get("significance", ""),
         "per_seed_winners": selection.get("per_seed_winners"), "table": table, "report": report_dir,
     }

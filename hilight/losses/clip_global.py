@@ -19,8 +19,8 @@ Hard negatives (NegCLIP, Yuksekgonul et al. 2023, "When and why vision-language 
 a contrastive model trained on captions that differ in many words at once can ignore a word, e.g. every colour,
 and still match its batch. With ``negative_embeds`` (a caption of row i with one fact changed, ``negative_of[j] = i``)
 row i's video→text softmax gets that wrong caption as one more column (several negatives of a row: one column
-each), so the model is pushed to tell them apart. Negatives are per row (never another row's candidates, which may be true of another video), so the DDP
-reasoning above is unchanged.
+each), so the model is pushed to tell them apart. Negatives are per row (never another row's candidates, which may
+be true of another video), so the DDP reasoning above is unchanged.
 """
 
 from __future__ import annotations
