@@ -43,8 +43,9 @@ def fixed_batch(n: int = 8) -> dict[str, torch.Tensor]:
     ids = torch.where(mask.bool(), ids, torch.full_like(ids, cfg.text.eos_token_id))
     return {"pixel_values": torch.randn(n, cfg.num_frames, 3, size, size, generator=g), "input_ids": ids,
             "attention_mask": mask, "video_index": torch.arange(n), "groups": torch.arange(n) // 2,
-            # hard negatives (NegCLIP) for some rows: the caption with one token changed
-            "negative_of": torch.tensor([0, 3, 5, 6])}
+            # hard negatives (NegCLIP) for some rows: the caption with one token changed; on two ranks, three on
+            # the first and one on the second (the pairwise term's mean must not weight ranks equally)
+            "negative_of": torch.tensor([0, 1, 3, 6])}
 
 
 def rank_rows(batch: dict[str, torch.Tensor], rank: int, n: int) -> dict[str, torch.Tensor]:
@@ -71,7 +72,8 @@ def loss_terms(out: Path) -> None:
     n = len(batch["input_ids"]) // state.num_processes
     local = rank_rows(batch, state.process_index, n)
     model = build_clipvip(load_preset("tiny"), seed=0)
-    spec = LossSpec.model_validate({"group_aware": True, "local": {"keep": 12, "placement": "all_hidden_states"},
+    spec = LossSpec.model_validate({"group_aware": True, "hard_negative_weight": 0.5,
+                                    "local": {"keep": 12, "placement": "all_hidden_states"},
                                     "token_similarity_weight": 0.1, "patch_similarity_weight": 0.1})
     terms = AlignmentObjective(spec, model.config)(model, local)
     terms["loss"].backward()

@@ -61,13 +61,14 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: f
 
 
 def test_stage0_loss_and_gradient_with_gathered_negatives_equal_one_process(tmp_path):
-    """Global (group-aware, with per-row hard negatives) + local (all hidden states) + penalties on one fixed batch of
-    8: each rank holds 4 pairs and its rows' hard negatives, its global loss sees all 8 captions and videos as
-    negatives; rank-averaged terms and gradients = one process."""
+    """Global (group-aware, with per-row hard negatives and their pairwise term) + local (all hidden states) +
+    penalties on one fixed batch of 8: each rank holds 4 pairs and its rows' hard negatives (3 and 1), its global loss
+    sees all 8 captions and videos as negatives; rank-averaged terms and gradients = one process."""
     _run([sys.executable, str(SCRIPT), "loss", str(tmp_path / "one.json")])
     _run(_torchrun("loss", str(tmp_path / "two.json")), ACCELERATE_USE_CPU="true")
     one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
-    assert one.keys() == two.keys() >= {"global_loss", "local_loss", "token_similarity_loss", "grad_norm"}
+    assert one.keys() == two.keys() >= {"global_loss", "hard_negative_loss", "local_loss", "token_similarity_loss",
+                                        "grad_norm"}
     for k in one:
         assert two[k] == pytest.approx(one[k], rel=1e-5, abs=1e-6), k
     # a per-rank loss would differ: 4 negatives per row instead of 8 (checked by the loss tests' values too)

@@ -56,6 +56,63 @@ def test_hard_negative_gradient_pushes_the_video_away_from_the_wrong_caption():
     torch.testing.assert_close(v.grad[[0, 2]], v2.grad[[0, 2]])
 
 
+def test_pairwise_hard_negative_term_is_each_negatives_two_way_loss_against_its_own_caption():
+    v, t, neg = _unit(4, 8), _unit(4, 8, seed=1), _unit(3, 8, seed=2)
+    scale, negative_of = torch.tensor(10.0), torch.tensor([2, 0, 2])
+    terms = ClipGlobalLoss(group_aware=True, hard_negative_pairs=True)(v, t, scale, torch.tensor([0, 0, 1, 2]),
+                                                                       negative_embeds=neg, negative_of=negative_of)
+    # by hand: -log of the caption's share of {caption, negative}, averaged over the three negatives
+    want = torch.stack([-F.log_softmax(torch.stack([scale * v[i] @ t[i], scale * v[i] @ neg[j]]), 0)[0]
+                        for j, i in enumerate(negative_of.tolist())]).mean()
+    torch.testing.assert_close(terms["hard_negative_loss"], want)
+    assert "hard_negative_loss" not in ClipGlobalLoss()(v, t, scale, negative_embeds=neg, negative_of=negative_of)
+    # a negative equal to its caption is a coin toss: log 2, whatever the batch around it
+    tie = ClipGlobalLoss(hard_negative_pairs=True)(torch.eye(4, 8), torch.eye(4, 8), torch.tensor(100.0),
+                           negative_embeds=torch.eye(4, 8)[1:2], negative_of=torch.tensor([1]))
+    assert tie["hard_negative_loss"].item() == pytest.approx(torch.log(torch.tensor(2.0)).item())
+
+
+def test_pairwise_term_pushes_a_negative_as_hard_however_crowded_the_batch():
+    # billiards captions share templates, so a batch's other captions score close to a video's own and take most of
+    # its softmax: the negative's column gets a small share of the push. The pairwise term's push does not depend
+    # on the rest of the batch.
+    t0, neg_dir = torch.eye(8)[0], torch.eye(8)[5]
+    v = F.normalize(t0 + 0.3 * neg_dir, dim=0)[None].repeat(4, 1)
+    negative = F.normalize(t0 + 0.6 * neg_dir, dim=0)
+
+    def pushes(others_near: bool):
+        t = torch.eye(4, 8)
+        if others_near:  # the other rows' captions nearly the video's own
+            t[1:] = F.normalize(t0 + 0.2 * torch.eye(8)[1:4] + 0.25 * neg_dir, dim=-1)
+        neg = negative[None].clone().requires_grad_()
+        terms = ClipGlobalLoss(hard_negative_pairs=True)(v, t, torch.tensor(20.0), negative_embeds=neg,
+                                                         negative_of=torch.tensor([0]))
+        (soft,) = torch.autograd.grad(terms["global_loss"], neg, retain_graph=True)
+        (pair,) = torch.autograd.grad(terms["hard_negative_loss"], neg)
+        return soft.norm().item(), pair.norm().item()
+
+    soft_far, pair_far = pushes(False)
+    soft_near, pair_near = pushes(True)
+    # alone with its caption, the column pushes as hard (per row: the global loss is a mean over its 4 rows)
+    assert 4 * soft_far == pytest.approx(pair_far, rel=0.1)
+    assert soft_near < 0.4 * soft_far  # in a crowded batch the column's push shrinks
+    assert pair_near == pytest.approx(pair_far)  # the pairwise push does not
+    # and the pairwise push is sigmoid(s_neg - s_pos) x scale x |v|: the two-way softmax's share of the negative
+    s_pos, s_neg = 20 * v[0] @ t0, 20 * v[0] @ negative
+    assert pair_far == pytest.approx((torch.sigmoid(s_neg - s_pos) * 20).item(), rel=1e-4)
+
+
+def test_hard_negative_weight_adds_the_term_and_needs_a_negatives_file(caption_manifest, tmp_path, billiards_dir):
+    from hilight.train.alignment import AlignmentConfig
+
+    raw = alignment_config(caption_manifest, tmp_path / "out", max_steps=2, val_every=2)
+    raw["loss"] = {**raw.get("loss", {}), "hard_negative_weight": 0.5}
+    with pytest.raises(ValueError, match=r"hard_negative_weight is 0.5 but data.hard_negatives is empty"):
+        AlignmentConfig.model_validate(raw)
+    raw["data"]["hard_negatives"] = {"billiards": str(billiards_dir / "negatives.json")}
+    assert AlignmentConfig.model_validate(raw).loss.hard_negative_weight == 0.5
+
+
 def test_several_negatives_of_a_row_are_each_one_more_column_of_its_softmax():
     v, t, neg = _unit(3, 8), _unit(3, 8, seed=1), _unit(4, 8, seed=2)
     scale = torch.tensor(10.0)

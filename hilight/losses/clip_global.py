@@ -21,6 +21,14 @@ and still match its batch. With ``negative_embeds`` (a caption of row i with one
 row i's video→text softmax gets that wrong caption as one more column (several negatives of a row: one column
 each), so the model is pushed to tell them apart. Negatives are per row (never another row's candidates, which may
 be true of another video), so the DDP reasoning above is unchanged.
+
+In that softmax a hard negative is one column among the batch's captions, and its gradient fades as soon as it
+scores a little below the positive. ``hard_negative_loss`` is the pairwise term that keeps pushing: the two-way
+cross-entropy of each negative against its own row's positive, ``softplus(s_neg - s_pos)`` at the same scale,
+averaged over the negatives (CE-CLIP's cross-modal ranking term, Zhang et al. 2023, in its smooth form). With
+``hard_negative_pairs=True`` it is returned beside ``global_loss``; the caller decides its weight
+(``loss.hard_negative_weight``). Under DDP each rank divides its sum by the global count of negatives over the
+world size, so the rank average is the mean over every negative however unevenly the ranks hold them.
 """
 
 from __future__ import annotations
@@ -31,17 +39,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hilight.losses.distributed import gather_plain, gather_with_grad, world
+from hilight.losses.distributed import gather_plain, gather_with_grad, global_sum, world
 
 # a finite fill (not -inf): -inf logits multiplied by zero weights turn into NaN
 _MASKED = -1e4
 
 
 class ClipGlobalLoss(nn.Module):
-    def __init__(self, *, group_aware: bool = False, reduction: Literal["sum", "mean"] = "sum"):
+    def __init__(self, *, group_aware: bool = False, reduction: Literal["sum", "mean"] = "sum",
+                 hard_negative_pairs: bool = False):
         super().__init__()
         self.group_aware = group_aware
         self.reduction = reduction
+        self.hard_negative_pairs = hard_negative_pairs
 
     def forward(self, video_embeds: torch.Tensor, text_embeds: torch.Tensor, scale: torch.Tensor,
                 groups: torch.Tensor | None = None, negative_embeds: torch.Tensor | None = None,
@@ -52,7 +62,7 @@ class ClipGlobalLoss(nn.Module):
         the negatives are every rank's rows."""
         if self.group_aware and groups is None:
             raise ValueError("group-aware CLIP loss needs `groups` (one video id per pair)")
-        rank, _ = world()
+        rank, size = world()
         v, t = video_embeds.float(), text_embeds.float()
         v_all, t_all = gather_with_grad(v), gather_with_grad(t)
         n = v.shape[0]
@@ -64,6 +74,9 @@ class ClipGlobalLoss(nn.Module):
             same = groups[:, None] == g_all[None, :]
             same[torch.arange(n, device=v.device), target] = False
             v2t, t2v = v2t.masked_fill(same, _MASKED), t2v.masked_fill(same, _MASKED)
+        terms: dict[str, torch.Tensor] = {}
+        # the pairwise term's sum; a zero in the graph (DDP needs one) while a rank holds no negatives
+        pair_sum = v.sum() * 0.0 if self.hard_negative_pairs else None
         if negative_embeds is not None and len(negative_embeds):
             if negative_of is None or len(negative_of) != len(negative_embeds):
                 raise ValueError(f"hard negatives need `negative_of`: one row index per negative "
@@ -77,8 +90,15 @@ class ClipGlobalLoss(nn.Module):
             slot = torch.empty_like(negative_of)
             slot[order] = torch.arange(len(order), device=order.device) - (counts.cumsum(0) - counts)[negative_of[order]]
             extra = torch.full((n, int(slot.max()) + 1), _MASKED, device=v.device, dtype=v2t.dtype)
-            own = (v[negative_of] * negative_embeds.float()).sum(-1)
-            extra = extra.index_put((negative_of, slot), scale.float() * own)
+            own = scale.float() * (v[negative_of] * negative_embeds.float()).sum(-1)
+            extra = extra.index_put((negative_of, slot), own)
+            if self.hard_negative_pairs:
+                positive = v2t.gather(1, target[:, None]).squeeze(1)  # each row's own caption (never masked)
+                pair_sum = F.softplus(own - positive[negative_of]).sum()
             v2t = torch.cat([v2t, extra], dim=1)
+        if self.hard_negative_pairs and negative_embeds is not None:  # every rank joins the count, even with none
+            total = global_sum(torch.tensor(float(len(negative_embeds)), device=v.device))
+            terms["hard_negative_loss"] = pair_sum * size / total.clamp(min=1.0)
         loss = F.cross_entropy(v2t, target) + F.cross_entropy(t2v, target)
-        return {"global_loss": loss if self.reduction == "sum" else loss / 2}
+        terms["global_loss"] = loss if self.reduction == "sum" else loss / 2
+        return terms

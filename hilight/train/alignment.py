@@ -14,7 +14,7 @@ from typing import Literal
 
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hilight.data.captions import CaptionManifest, CaptionVideoDataset, attach_hard_negatives, read_caption_manifest
 from hilight.data.samplers import CaptionBatchSampler
@@ -89,6 +89,8 @@ class LossSpec(BaseModel):
     global_weight: float = Field(1.0, ge=0)
     group_aware: bool = False
     reduction: Literal["sum", "mean"] = "sum"  # CLIP-ViP's NCELearnableTempLoss sums both directions
+    # pairwise term of each hard negative against its caption (ClipGlobalLoss); needs data.hard_negatives
+    hard_negative_weight: float = Field(0.0, ge=0)
     local: LocalLossSpec = Field(default_factory=LocalLossSpec)
     token_similarity_weight: float = Field(0.0, ge=0)  # anti-collapse penalties (notes §1.3)
     patch_similarity_weight: float = Field(0.0, ge=0)
@@ -112,6 +114,13 @@ class AlignmentConfig(BaseModel):
     train: TrainSettings
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     enable_cache: bool = True
+
+    @model_validator(mode="after")
+    def _negatives_for_their_loss(self) -> AlignmentConfig:
+        if self.loss.hard_negative_weight > 0 and not self.data.hard_negatives:
+            raise ValueError(f"loss.hard_negative_weight is {self.loss.hard_negative_weight} but data.hard_negatives "
+                             "is empty: name a hard-negatives file per dataset, or set the weight to 0")
+        return self
 
 
 @dataclass
@@ -140,7 +149,8 @@ class AlignmentObjective:
         num_patches = config.seq_len if spec.local.include_proxies else config.seq_len - config.vision.num_proxies
         self.depths = placement_depths(spec.local.placement, config.vision.num_hidden_layers,
                                        config.text.num_hidden_layers)
-        self.global_loss = ClipGlobalLoss(group_aware=spec.group_aware, reduction=spec.reduction)
+        self.global_loss = ClipGlobalLoss(group_aware=spec.group_aware, reduction=spec.reduction,
+                                          hard_negative_pairs=spec.hard_negative_weight > 0)
         self.local_loss = SparcLocalLoss(parse_keep(spec.local.keep, num_patches) if self.uses_local else num_patches)
         self.penalty = SimilarityPenalty()
         self.eos = config.text.eos_token_id
@@ -160,6 +170,8 @@ class AlignmentObjective:
         terms = self.global_loss(out.video_embeds[:b], out.text_embeds[:b], out.scale, batch["groups"],
                                  negative_embeds=out.text_embeds[b:], negative_of=negative_of)
         loss = self.spec.global_weight * terms["global_loss"]
+        if "hard_negative_loss" in terms:
+            loss = loss + self.spec.hard_negative_weight * terms["hard_negative_loss"]
         if self.uses_local:
             mask = language_mask(batch["input_ids"][:b], batch["attention_mask"][:b], self.eos,
                                  enabled=self.spec.local.language_mask, exclude_special=self.spec.local.exclude_special)
