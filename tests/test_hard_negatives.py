@@ -103,7 +103,20 @@ def test_pairwise_term_pushes_a_negative_as_hard_however_crowded_the_batch():
 
 
 def test_hard_negative_weight_adds_the_term_and_needs_a_negatives_file(caption_manifest, tmp_path, billiards_dir):
-    from hilight.train.alignment import AlignmentConfig
+    from hilight.models.clipvip import build_clipvip, load_preset
+    from hilight.train.alignment import AlignmentConfig, AlignmentObjective, LossSpec
+    from tests.ddp_recipe import fixed_batch, rank_rows
+
+    model = build_clipvip(load_preset("tiny"), seed=0)
+    batch = rank_rows(fixed_batch(), 0, 8)
+    spec = {"group_aware": True, "local": {"keep": 12}}  # the local loss too: the term is added beside it
+    plain = AlignmentObjective(LossSpec.model_validate(spec), model.config)(model, batch)
+    weighted_spec = LossSpec.model_validate({**spec, "hard_negative_weight": 0.5})
+    weighted = AlignmentObjective(weighted_spec, model.config)(model, batch)
+    assert "hard_negative_loss" not in plain
+    torch.testing.assert_close(weighted["global_loss"], plain["global_loss"])
+    torch.testing.assert_close(weighted["loss"], plain["loss"] + 0.5 * weighted["hard_negative_loss"])
+    assert weighted["hard_negative_loss"] > 0
 
     raw = alignment_config(caption_manifest, tmp_path / "out", max_steps=2, val_every=2)
     raw["loss"] = {**raw.get("loss", {}), "hard_negative_weight": 0.5}
