@@ -321,6 +321,8 @@ def demo(
         timed(f"synthesis ({domain})", generate_dataset, out, domain=domain, n_videos=n, seed=seed, workers=workers,
               heldout=held, eval_clips=n_eval)
 
+    import pandas as pd
+
     from hilight.config import load_config
     from hilight.experiments.selection import SelectionConfig
     from pipelines.run import PipelineFailedError, run_pipeline, step_output
@@ -340,13 +342,19 @@ def demo(
         selection_run = timed("selection", run_pipeline, "select_vision_weights", root / DEMO_SELECTION)
         decision = step_output(selection_run, "select_and_promote", "selection_decision")
         evidence = step_output(selection_run, "select_and_promote", "selection_evidence")
-        owner = load_config(root / DEMO_SELECTION, SelectionConfig).stage1_owner  # whose stage-1 run each one uses
+        selection_config = load_config(root / DEMO_SELECTION, SelectionConfig)
+        owner = selection_config.stage1_owner  # whose stage-1 run each one uses
         stage1 = {r["candidate"]: step_output(selection_run, f"stage1_{owner(r['candidate'])}", "stage1_heldout")
                   for r in decision["ranking"]}  # the new candidates (the evidence also lists the incumbent)
+        answers = {}  # per candidate, its seeds' answers stacked with a `seed` column as the decision pooled them
+        for name, seed in selection_config.runs():
+            a = step_output(selection_run, f"evaluate_{selection_config.run_key(name, seed)}", "vlm_answers")
+            answers[name] = a if seed is None else pd.concat([answers.get(name), a.assign(seed=seed)])
+        if decision.get("incumbent"):
+            answers[decision["incumbent"]["label"]] = step_output(selection_run, "evaluate_incumbent", "incumbent_answers")
     except PipelineFailedError as exc:
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(1) from None
-    import pandas as pd
 
     from hilight.experiments.demo_summary import ablation_summary, render_demo_summary, selection_summary
 
@@ -369,7 +377,8 @@ def demo(
                                      pd.read_parquet(root / "outputs/ablation/report/caption_scores.parquet")),
         "llm": {"run": llm_run.name, "lm_loss": llm_loss["lm_loss"], "lm_loss_untrained": llm_loss["lm_loss_untrained"],
                 "model": str(root / "outputs/llm_pretrain/model")},
-        "selection": {**selection_summary(selection_run.name, decision, evidence, stage1, str(root / "outputs/selection")),
+        "selection": {**selection_summary(selection_run.name, decision, evidence, stage1, str(root / "outputs/selection"),
+                                          answers),
                       "report": str(root / "outputs/selection/decision/decision.md")},
         "mlflow": {"store": mlflow_tracking_uri(),
                    "ui": "hilight ui   (then open http://127.0.0.1:5000: experiments 'select_vision_weights', "

@@ -39,7 +39,7 @@ def _summary() -> dict:
                                                        "t2v_median_rank": 4, "random_t2v_median_rank": 40}}},
         "ablation": ablation_summary("abl", abl_table, ablation, "outputs/ablation/report", scores),
         "llm": {"run": "llm", "lm_loss": 1.2, "lm_loss_untrained": 6.0, "model": "outputs/llm_pretrain/model"},
-        "selection": selection_summary("sel", decision, evidence, stage1, "outputs/selection"),
+        "selection": selection_summary("sel", decision, evidence, stage1, "outputs/selection", answers=tables),
         "mlflow": {"store": "sqlite:///x", "ui": "hilight ui"}, "ask": "hilight ask v.mp4 \"What's happened?\"",
     }
 
@@ -59,6 +59,11 @@ def test_summary_has_the_issues_keys_and_values():
     assert sel["champion"] == "table1k" and sel["incumbent"]["label"] == "champion-v1" and sel["status"] == "promoted"
     assert sel["ci_low"] > 0 and sel["margin_of"] == "table1k - champion-v1"
     assert set(sel["colour_fact_accuracy"]) == {"champion-v1", "table1k", "original"}
+    # each model's colour facts with an interval over its answers, around the value the evidence table holds
+    for name, iv in sel["colour_fact_interval"].items():
+        assert iv["estimate"] == pytest.approx(sel["colour_fact_accuracy"][name]) and iv["items"] == 200
+        assert iv["low"] < iv["estimate"] < iv["high"] and iv["high"] - iv["low"] < 0.2
+    assert sel["colour_fact_interval"]["table1k"]["low"] > sel["colour_fact_interval"]["original"]["high"]
     assert sel["colour_choice_accuracy"] == {"champion-v1": 0.4, "table1k": 0.7, "original": 0.3}
     assert sel["metrics"]["table1k"]["billiards/choice/colour"] == 0.7
     assert sel["colour_choice_wrong_video"]["table1k"] == 0.25  # the control: what table1k's video reading adds
@@ -73,6 +78,9 @@ def test_printed_summary_is_rendered_from_the_json():
     civ = summary["ablation"]["colour_hard_negative_interval"]
     assert (f"colour hard-negative accuracy {summary['ablation']['colour_hard_negative_accuracy']:.3f} "
             f"[{civ['low']:.3f}, {civ['high']:.3f}] over 60 clips (chance 0.5)") in text
+    line = next(x for x in text.splitlines() if x.startswith("colour facts "))
+    for name, iv in summary["selection"]["colour_fact_interval"].items():
+        assert f"{name} {iv['estimate']:.3f} [{iv['low']:.3f}, {iv['high']:.3f}]" in line
     assert "decision              promoted: table1k beats the champion (champion-v1)" in text
     assert "margin over the incumbent champion-v1: table1k - champion-v1 on billiards/fact_accuracy +0." in text
     assert "champion              models:/hilight-vlm@champion = version 3 (table1k); challenger = version 2" in text

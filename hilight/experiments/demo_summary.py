@@ -4,8 +4,9 @@
 ``selection_summary`` build those two parts): at least ``alignment``
 (billiards held-out text→video R@1 and its random-init baseline), ``ablation`` (the selected variant, its colour
 hard-negative accuracy, whether the choice is inconclusive), ``selection`` (champion, incumbent, primary metric, the
-margin behind the decision with its interval, each candidate's colour fact accuracy in generated answers and as a
-multiple choice, with the video and with another clip's video), ``seconds`` and ``timings`` (seconds per part).
+margin behind the decision with its interval, each candidate's colour fact accuracy in generated answers, with a
+bootstrap interval over answers when the per-answer tables are given, and as a multiple choice, with the video and
+with another clip's video), ``seconds`` and ``timings`` (seconds per part).
 ``render_demo_summary`` turns that dict, and nothing else, into the printed summary, so the two never disagree.
 """
 
@@ -17,9 +18,12 @@ from typing import Any
 import pandas as pd
 
 from hilight.experiments.ablation import chosen_labels, winner_interval
+from hilight.experiments.bootstrap import ratio_interval
+from hilight.experiments.selection import per_item
 
 ABLATION_COLUMNS = ["caption/top1_accuracy", "caption/hard_negative_accuracy", "caption/hard_negative_accuracy/colour",
                     "say_more/short_wins", "retrieval/t2v_r1"]
+COLOUR_FACT = "billiards/fact/colour"
 SELECTION_COLUMNS = ["billiards/fact_accuracy", "billiards/fact/colour", "billiards/fact/action", "billiards/fact/pocket",
                      "billiards/choice_accuracy", "billiards/choice/colour", "billiards/choice/pocket",
                      "billiards/choice_chance", "billiards/wrong_video_choice/colour", "billiards/describe/rougeL", "billiards/describe/clip_similarity",
@@ -59,9 +63,11 @@ def ablation_summary(run_name: str, comparison: pd.DataFrame, selection: dict, r
 
 
 def selection_summary(run_name: str, decision: dict, evidence: pd.DataFrame, stage1: dict[str, dict],
-                      merged_root: str) -> dict:
+                      merged_root: str, answers: dict[str, pd.DataFrame] | None = None) -> dict:
     """The weight choice: who is champion after the decision, against which incumbent, and the margin behind it
-    (over the incumbent when there was one, else the best candidate over the runner-up) with its interval."""
+    (over the incumbent when there was one, else the best candidate over the runner-up) with its interval.
+    ``answers`` (model -> its per-answer table, as the decision was made on) adds each model's colour fact accuracy
+    with a bootstrap interval over answers at the rule's confidence (``colour_fact_interval``)."""
     primary = decision["rule"]["primary"]["metric"]
     inc = decision.get("incumbent") or None
     margin = (decision.get("against_incumbent") or {}).get(decision["winner"]) or decision.get("primary_difference") or {}
@@ -81,6 +87,9 @@ def selection_summary(run_name: str, decision: dict, evidence: pd.DataFrame, sta
         "ci_high": _num(margin.get("high")), "confidence": decision["rule"]["confidence"],
         "margin_of": f"{margin['of']} - {margin['over']}" if margin else None,
         "colour_fact_accuracy": per_candidate("billiards/fact/colour"),
+        "colour_fact_interval": {c: ratio_interval(per_item(a, COLOUR_FACT), confidence=decision["rule"]["confidence"],
+                                                   n=decision["rule"]["bootstrap_samples"]).as_dict()
+                                 for c, a in (answers or {}).items()},
         "colour_choice_accuracy": per_candidate("billiards/choice/colour"),  # teacher-forced 6-way (chance 1/6)
         "colour_choice_wrong_video": per_candidate("billiards/wrong_video_choice/colour"),  # the same, another clip shown
         "explanation": decision["explanation"], "rule": decision["rule_text"],
@@ -128,6 +137,12 @@ def render_demo_summary(s: dict) -> str:
                    f"another clip's video {m['lm_loss_wrong_video']:.3f}; no video {m['lm_loss_no_video']:.3f})")
     metrics = pd.DataFrame(sel["metrics"])
     out.append("    " + metrics.map(_fmt).to_string().replace("\n", "\n    "))
+    if sel.get("colour_fact_interval"):
+        out.append("colour facts          " + ", ".join(
+            f"{c} {iv['estimate']:.3f} [{iv['low']:.3f}, {iv['high']:.3f}]"
+            for c, iv in sel["colour_fact_interval"].items()) +
+            f" ({next(iter(sel['colour_fact_interval'].values()))['confidence']:.0%}, over answers; the ball colour "
+            "named in generated answers, one of six)")
     inc = sel["incumbent"]
     out.append(f"decision              {sel['status']}: {sel['explanation']}")
     out.append(f"                      rule: {sel['rule']}")
