@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from hilight.experiments.ablation import SelectionRule as AblationRule
 from hilight.experiments.ablation import select_variant
-from hilight.experiments.demo_summary import ablation_summary, render_demo_summary, selection_summary
+from hilight.experiments.demo_summary import (ablation_summary, colour_fact_interval, render_demo_summary,
+                                              selection_summary)
 from hilight.experiments.selection import decide
 from tests.test_ablation_intervals import evaluated
-from tests.test_selection_gate import INCUMBENT, RULE, model, table
+from tests.test_selection_gate import INCUMBENT, RULE, N, answers, model, table
 
 
 def _summary() -> dict:
@@ -68,6 +71,18 @@ def test_summary_has_the_issues_keys_and_values():
     assert sel["metrics"]["table1k"]["billiards/choice/colour"] == 0.7
     assert sel["colour_choice_wrong_video"]["table1k"] == 0.25  # the control: what table1k's video reading adds
     assert s["seconds"] == pytest.approx(812.4)
+
+
+def test_colour_fact_interval_resamples_clips_not_answers():
+    rng = np.random.default_rng(3)
+    one = answers(rng.random(N) < 0.5, rng.random(N) < 0.5)
+    two = pd.concat([one, one.assign(kind="describe")])  # each clip answered twice, alike: no new evidence
+    rule = {"confidence": 0.95, "bootstrap_samples": 2000}
+    a, b = colour_fact_interval(one, rule), colour_fact_interval(two, rule)
+    assert a["items"] == b["items"] == N and b["estimate"] == pytest.approx(a["estimate"])
+    assert b["high"] - b["low"] == pytest.approx(a["high"] - a["low"], abs=0.01)  # per answer it would be ~1/sqrt(2)
+    seeded = pd.concat([one.assign(seed=0), one.assign(seed=1)])  # the same clips at two training seeds
+    assert colour_fact_interval(seeded, rule)["items"] == N
 
 
 def test_printed_summary_is_rendered_from_the_json():

@@ -5,7 +5,7 @@
 (billiards held-out text→video R@1 and its random-init baseline), ``ablation`` (the selected variant, its colour
 hard-negative accuracy, whether the choice is inconclusive), ``selection`` (champion, incumbent, primary metric, the
 margin behind the decision with its interval, each candidate's colour fact accuracy in generated answers, with a
-bootstrap interval over answers when the per-answer tables are given, and as a multiple choice, with the video and
+bootstrap interval over clips when the per-answer tables are given, and as a multiple choice, with the video and
 with another clip's video), ``seconds`` and ``timings`` (seconds per part).
 ``render_demo_summary`` turns that dict, and nothing else, into the printed summary, so the two never disagree.
 """
@@ -67,7 +67,7 @@ def selection_summary(run_name: str, decision: dict, evidence: pd.DataFrame, sta
     """The weight choice: who is champion after the decision, against which incumbent, and the margin behind it
     (over the incumbent when there was one, else the best candidate over the runner-up) with its interval.
     ``answers`` (model -> its per-answer table, as the decision was made on) adds each model's colour fact accuracy
-    with a bootstrap interval over answers at the rule's confidence (``colour_fact_interval``)."""
+    with a bootstrap interval over clips (``colour_fact_interval``)."""
     primary = decision["rule"]["primary"]["metric"]
     inc = decision.get("incumbent") or None
     margin = (decision.get("against_incumbent") or {}).get(decision["winner"]) or decision.get("primary_difference") or {}
@@ -87,9 +87,7 @@ def selection_summary(run_name: str, decision: dict, evidence: pd.DataFrame, sta
         "ci_high": _num(margin.get("high")), "confidence": decision["rule"]["confidence"],
         "margin_of": f"{margin['of']} - {margin['over']}" if margin else None,
         "colour_fact_accuracy": per_candidate("billiards/fact/colour"),
-        "colour_fact_interval": {c: ratio_interval(per_item(a, COLOUR_FACT), confidence=decision["rule"]["confidence"],
-                                                   n=decision["rule"]["bootstrap_samples"]).as_dict()
-                                 for c, a in (answers or {}).items()},
+        "colour_fact_interval": {c: colour_fact_interval(a, decision["rule"]) for c, a in (answers or {}).items()},
         "colour_choice_accuracy": per_candidate("billiards/choice/colour"),  # teacher-forced 6-way (chance 1/6)
         "colour_choice_wrong_video": per_candidate("billiards/wrong_video_choice/colour"),  # the same, another clip shown
         "explanation": decision["explanation"], "rule": decision["rule_text"],
@@ -97,6 +95,14 @@ def selection_summary(run_name: str, decision: dict, evidence: pd.DataFrame, sta
         "stage1": stage1, "merged_dir": f"{merged_root}/{decision['winner']}/merged",
         "changes": decision.get("changes", []),
     }
+
+
+def colour_fact_interval(answers: pd.DataFrame, rule: dict) -> dict:
+    """A model's ``billiards/fact/colour`` with a bootstrap interval over clips at the rule's confidence. A clip's
+    answers (its description and its questions, at every seed) are resampled together: they read the same video,
+    so resampling answers would treat correlated checks as independent and narrow the interval."""
+    items = per_item(answers, COLOUR_FACT).groupby(level="video_id").sum()
+    return ratio_interval(items, confidence=rule["confidence"], n=rule["bootstrap_samples"]).as_dict()
 
 
 def render_demo_summary(s: dict) -> str:
@@ -141,7 +147,7 @@ def render_demo_summary(s: dict) -> str:
         out.append("colour facts          " + ", ".join(
             f"{c} {iv['estimate']:.3f} [{iv['low']:.3f}, {iv['high']:.3f}]"
             for c, iv in sel["colour_fact_interval"].items()) +
-            f" ({next(iter(sel['colour_fact_interval'].values()))['confidence']:.0%}, over answers; the ball colour "
+            f" ({next(iter(sel['colour_fact_interval'].values()))['confidence']:.0%} over clips: the ball colour "
             "named in generated answers, one of six)")
     inc = sel["incumbent"]
     out.append(f"decision              {sel['status']}: {sel['explanation']}")
