@@ -346,10 +346,11 @@ def demo(
         owner = selection_config.stage1_owner  # whose stage-1 run each one uses
         stage1 = {r["candidate"]: step_output(selection_run, f"stage1_{owner(r['candidate'])}", "stage1_heldout")
                   for r in decision["ranking"]}  # the new candidates (the evidence also lists the incumbent)
-        answers = {}  # per candidate, its seeds' answers stacked with a `seed` column as the decision pooled them
+        per_seed: dict[str, list[pd.DataFrame]] = {}  # per candidate, its seeds' answers as the decision pooled them
         for name, seed in selection_config.runs():
             a = step_output(selection_run, f"evaluate_{selection_config.run_key(name, seed)}", "vlm_answers")
-            answers[name] = a if seed is None else pd.concat([answers.get(name), a.assign(seed=seed)])
+            per_seed.setdefault(name, []).append(a if seed is None else a.assign(seed=seed))
+        answers = {name: pd.concat(tables) for name, tables in per_seed.items()}
         if decision.get("incumbent"):
             answers[decision["incumbent"]["label"]] = step_output(selection_run, "evaluate_incumbent", "incumbent_answers")
     except PipelineFailedError as exc:

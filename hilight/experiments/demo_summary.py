@@ -86,7 +86,7 @@ def selection_summary(run_name: str, decision: dict, evidence: pd.DataFrame, sta
         "primary_metric": primary, "margin": _num(margin.get("estimate")), "ci_low": _num(margin.get("low")),
         "ci_high": _num(margin.get("high")), "confidence": decision["rule"]["confidence"],
         "margin_of": f"{margin['of']} - {margin['over']}" if margin else None,
-        "colour_fact_accuracy": per_candidate("billiards/fact/colour"),
+        "colour_fact_accuracy": per_candidate(COLOUR_FACT),
         "colour_fact_interval": {c: colour_fact_interval(a, decision["rule"]) for c, a in (answers or {}).items()},
         "colour_choice_accuracy": per_candidate("billiards/choice/colour"),  # teacher-forced 6-way (chance 1/6)
         "colour_choice_wrong_video": per_candidate("billiards/wrong_video_choice/colour"),  # the same, another clip shown
