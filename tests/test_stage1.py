@@ -3,6 +3,8 @@ cache changing nothing but speed, exports in both layouts, resume, the text-LM s
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -45,6 +47,9 @@ def test_stage1_trains_only_token_mining_and_exports_both_layouts(caption_manife
     assert m["lm_loss"] < m["lm_loss_initial"]  # held-out answer loss fell
     assert {"lm_loss_zero_video", "lm_loss_no_video"} <= set(m)
     assert [h["step"] for h in result.fit.history] == [3, 6]
+    for h in result.fit.history:  # where TokenMining looks, at each validation
+        assert 0 < h["val/tm_attention/global_mass"] <= h["val/tm_attention/global_mass_max"] < 1
+        assert 0 < h["val/tm_attention/entropy"] <= 1
 
     # the LLM on disk is the one the stage read: it was frozen (its weights are not in the checkpoints either)
     ckpt = load_file(result.fit.final_checkpoint / "model.safetensors")
@@ -236,3 +241,37 @@ def test_the_wrong_video_control_never_shows_a_sample_its_own_clip(batch_size):
     assert all(clips[j] != clips[i] for i, j in enumerate(wrong)) and len(set(wrong)) > 3
     with pytest.raises(ValueError, match="2 or more clips, got 1"):
         other_clip_index(["sha0"] * 3)
+
+
+class _GlobalLook(torch.nn.Module):
+    """TokenMining stand-in with 2 query tokens over 5 CLIP-ViP tokens (2 of them CLS + proxies): query 0 puts
+    clip/10 of its attention on those two, evenly, the rest on the other three; query 1 looks only at the others."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def attention(self, video, frames):
+        share = video[:, 0, 0] / 10  # the clip number
+        q0 = torch.stack([share / 2, share / 2, *(((1 - share) / 3,) * 3)], -1)
+        q1 = torch.tensor([0.0, 0.0, 1 / 3, 1 / 3, 1 / 3]).expand_as(q0)
+        return torch.stack([q0, q1], 1)  # [B, 2, 5]
+
+
+def test_attention_summary_counts_each_clip_once():
+    from types import SimpleNamespace
+
+    from hilight.train.vlm_parts import attention_summary
+
+    clips = [0, 0, 1, 2, 2, 2]  # several QA samples of one clip: the summary is over clips
+    vlm = SimpleNamespace(token_mining=_GlobalLook())
+    got = attention_summary(vlm, _ClipDataset(clips), batch_size=4, num_proxies=2)
+    assert got["global_mass_max"] == pytest.approx((0 + 0.1 + 0.2) / 3)  # per sample it would be 0.117
+    assert got["global_mass"] == pytest.approx(0.1 / 2)  # query 1 puts nothing there
+    assert got["global_mass_uniform"] == pytest.approx(2 / 5)
+
+    def entropy(p):
+        return -sum(x * math.log(x) for x in p if x > 0) / math.log(5)
+
+    per_clip = [(entropy([s / 2, s / 2] + [(1 - s) / 3] * 3) + entropy([1 / 3] * 3)) / 2 for s in (0, 0.1, 0.2)]
+    assert got["entropy"] == pytest.approx(sum(per_clip) / 3)

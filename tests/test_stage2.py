@@ -142,6 +142,9 @@ def test_stage2_trains_adapters_and_token_mining_only(stage2, stage1_export):
     # (the tiny manifest's held-out general QA shows a single clip: no other clip to show, so no control)
     assert set(gains) == {"video_gain/billiards/qa", "video_gain/billiards/describe"}
     assert all(math.isfinite(v) and v != 0.0 for v in gains.values())
+    # where TokenMining looks (each clip once): a share of its attention on CLIP-ViP's CLS + proxy tokens
+    assert 0 < m["tm_attention/global_mass"] <= m["tm_attention/global_mass_max"] < 1
+    assert 0 < m["tm_attention/entropy"] <= 1
     assert result.samples["train/general/qa"] > 0 and result.samples["train/billiards/describe"] > 0
     # checkpoints hold the trainable tensors only: LoRA matrices + TokenMining (tuned), never the base LLM
     keys = set(load_file(result.fit.final_checkpoint / "model.safetensors"))

@@ -64,6 +64,16 @@ def test_forward_matches_the_reference_and_is_nonnegative():
         model(vid, torch.randn(2, 3, 8))
 
 
+def test_attention_is_what_forward_pools_with():
+    torch.manual_seed(0)
+    model = TokenMining(TokenMiningConfig(**TINY))
+    vid, img = torch.randn(2, 9, 24), torch.randn(2, 3, 16)
+    att = model.attention(vid, img)
+    assert att.shape == (2, 12, 9) and torch.allclose(att.sum(-1), torch.ones(2, 12))
+    pooled = att @ model.val_projector(model.CLIP_VIP_projector(vid))
+    assert torch.allclose(model(vid, img), model.tokenizer_projector(pooled), atol=1e-6)
+
+
 @pytest.mark.parametrize(("depth", "linears"), [("attn_linear", 1), ("attn_mlp", 2)])
 def test_shallower_depths_give_one_token_per_frame(depth, linears):
     model = TokenMining(TokenMiningConfig(**TINY, depth=depth))

@@ -96,17 +96,25 @@ class TokenMining(nn.Module):
     def forward(self, video_features: torch.Tensor, frame_features: torch.Tensor) -> torch.Tensor:
         """``video_features`` [B, S, video_dim] (CLIP-ViP last hidden states), ``frame_features`` [B, T, image_dim]
         (Long-CLIP projected frame vectors) -> [B, num_tokens(T), llm_dim] video tokens."""
+        probs, v = self._attend(video_features, frame_features)
+        return self.tokenizer_projector(probs @ self.val_projector(v))
+
+    def attention(self, video_features: torch.Tensor, frame_features: torch.Tensor) -> torch.Tensor:
+        """[B, num_tokens(T), S]: each query token's attention over the S CLIP-ViP tokens, as ``forward`` pools."""
+        return self._attend(video_features, frame_features)[0]
+
+    def _attend(self, video_features: torch.Tensor, frame_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if video_features.dim() != 3 or video_features.shape[-1] != self.config.video_dim:
             raise ValueError(f"video_features must be [B, S, {self.config.video_dim}], got {tuple(video_features.shape)}")
         if frame_features.dim() != 3 or frame_features.shape[-1] != self.config.image_dim:
             raise ValueError(f"frame_features must be [B, T, {self.config.image_dim}], got {tuple(frame_features.shape)}")
         v = self.CLIP_VIP_projector(video_features) if self.config.depth == "reference" else video_features
         q = self.query_projector(self.queries(frame_features))
-        k, val = self.key_projector(v), self.val_projector(v)
+        k = self.key_projector(v)
         # hand-written rather than F.scaled_dot_product_attention: the reference applies nan_to_num to the scores
         # before the softmax, and its checkpoints were trained with that
         scores = torch.nan_to_num(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]))
-        return self.tokenizer_projector(scores.softmax(-1) @ val)
+        return scores.softmax(-1), v
 
 
 def token_mining_state_dict(sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:

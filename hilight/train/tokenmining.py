@@ -43,6 +43,7 @@ from hilight.train.vlm_parts import (
     Tokenize,
     VisionSpec,
     answer_loss,
+    attention_summary,
     build_vlm_parts,
     cache_tower_features,
     encode_training_set,
@@ -154,14 +155,17 @@ class TokenMiningRecipe(Recipe):
                      "val/lm_loss_no_video": answer_loss(vlm, val_text_set, bs)}
         initial = answer_loss(vlm, val_set, bs)
         initial_wrong = answer_loss(vlm, val_set, bs, shuffle_video=True)
-        self.tracker.log_metrics({"val/lm_loss": initial, "val/lm_loss_wrong_video": initial_wrong, **baselines}, 0)
+        attention = lambda: {f"val/tm_attention/{k}": v for k, v in attention_summary(vlm, val_set, bs, parts.num_proxies).items()}  # noqa: E731
+        self.tracker.log_metrics({"val/lm_loss": initial, "val/lm_loss_wrong_video": initial_wrong, **baselines,
+                                  **attention()}, 0)
         log.info("held-out loss before training %.4f; zeroed video %.4f; no video %.4f", initial,
                  baselines["val/lm_loss_zero_video"], baselines["val/lm_loss_no_video"])
 
         def evaluate(_token_mining) -> dict[str, float]:  # vlm holds the same TokenMining
             loss = answer_loss(vlm, val_set, bs)
             wrong = answer_loss(vlm, val_set, bs, shuffle_video=True)
-            return {"val/lm_loss": loss, "val/lm_loss_wrong_video": wrong, **baselines, "val/video_gain": wrong - loss}
+            return {"val/lm_loss": loss, "val/lm_loss_wrong_video": wrong, **baselines, "val/video_gain": wrong - loss,
+                    **attention()}
 
         # train TokenMining alone: checkpoints hold its 6.9M parameters, DDP all-reduces only its gradients
         settings = config.train
