@@ -316,7 +316,8 @@ class LoRARecipe(Recipe):
                     out[f"val/video_gain/{label}"] = answer_loss(vlm, ds, bs, shuffle_video=True) - loss
             # where TokenMining looks: on the demo, runs that learnt the colours put 0.58-1.0 of a query token's
             # attention on CLIP-ViP's CLS + proxies, runs left at chance 0.03-0.05 (vlm_parts.attention_summary)
-            out.update({f"val/tm_attention/{k}": v for k, v in attention_summary(vlm, val_all, bs, parts.num_proxies).items()})
+            summary = attention_summary(vlm, val_all, bs, parts.num_proxies)
+            out.update({f"val/tm_attention/{k}": v for k, v in summary.items()})
             return out
 
         initial = evaluate(vlm)

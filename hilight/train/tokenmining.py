@@ -155,7 +155,11 @@ class TokenMiningRecipe(Recipe):
                      "val/lm_loss_no_video": answer_loss(vlm, val_text_set, bs)}
         initial = answer_loss(vlm, val_set, bs)
         initial_wrong = answer_loss(vlm, val_set, bs, shuffle_video=True)
-        attention = lambda: {f"val/tm_attention/{k}": v for k, v in attention_summary(vlm, val_set, bs, parts.num_proxies).items()}  # noqa: E731
+
+        def attention() -> dict[str, float]:  # where TokenMining looks (vlm_parts.attention_summary)
+            summary = attention_summary(vlm, val_set, bs, parts.num_proxies)
+            return {f"val/tm_attention/{k}": v for k, v in summary.items()}
+
         self.tracker.log_metrics({"val/lm_loss": initial, "val/lm_loss_wrong_video": initial_wrong, **baselines,
                                   **attention()}, 0)
         log.info("held-out loss before training %.4f; zeroed video %.4f; no video %.4f", initial,

@@ -366,7 +366,8 @@ def attention_summary(vlm: HiLightVLM, dataset: VideoQADataset, batch_size: int,
     device = next(vlm.token_mining.parameters()).device
     parts = []
     for start in range(0, len(rows), batch_size):
-        batch = {k: v.to(device) for k, v in dataset.collate(rows[start:start + batch_size]).items() if k in VIDEO_INPUTS}
+        batch = dataset.collate(rows[start:start + batch_size])
+        batch = {k: v.to(device) for k, v in batch.items() if k in VIDEO_INPUTS}
         probs = vlm.token_mining.attention(*tower_outputs(vlm, batch))  # [B, Q, S]
         parts.append(global_attention(probs, num_proxies))
     on_global, entropy = (torch.cat(x) for x in zip(*parts, strict=True))
