@@ -42,7 +42,7 @@ from hilight.data.frames import load_clip_frames  # noqa: E402
 from hilight.data.synth import generate_dataset  # noqa: E402
 from hilight.data.synth.billiards import BALL_COLOURS  # noqa: E402
 from hilight.experiments.bootstrap import ratio_interval  # noqa: E402
-from hilight.train.vlm_parts import global_attention  # noqa: E402
+from hilight.train.vlm_parts import attention_stats, global_attention  # noqa: E402
 
 COLOURS = list(BALL_COLOURS)
 QUESTION = {"pot": "What color ball was pocketed by the white cue ball?",
@@ -227,10 +227,7 @@ def main() -> None:
     size_ = video.norm(dim=-1).mean().item()
     spread = {"token_norm": size_, "between_clips": video.std(0).norm(dim=-1).mean().item() / size_,
               "within_clip": video.std(1).norm(dim=-1).mean().item() / size_}
-    per_query = on_global.mean(0)
-    attention = {"global_mass": per_query.mean().item(), "global_mass_max": per_query.max().item(),
-                 "global_mass_uniform": vlm.clipvip.config.vision.num_proxies / hidden.shape[1],
-                 "entropy": entropy.mean().item()}
+    attention = attention_stats(on_global, entropy, vlm.clipvip.config.vision.num_proxies / hidden.shape[1])
     scenario = np.array([c["scenario"] for c in test])
     result = {"clips": len(test), "chance": 1 / len(COLOURS), "args": {k: str(v) for k, v in vars(args).items()},
               "token_mining_spread": spread, "token_mining_attention": attention, "rows": {}}

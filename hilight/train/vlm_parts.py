@@ -371,9 +371,7 @@ def attention_summary(vlm: HiLightVLM, dataset: VideoQADataset, batch_size: int,
         probs = vlm.token_mining.attention(*tower_outputs(vlm, batch))  # [B, Q, S]
         parts.append(global_attention(probs, num_proxies))
     on_global, entropy = (torch.cat(x) for x in zip(*parts, strict=True))
-    per_query = on_global.mean(0)
-    return {"global_mass": float(per_query.mean()), "global_mass_max": float(per_query.max()),
-            "global_mass_uniform": num_proxies / probs.shape[-1], "entropy": float(entropy.mean())}
+    return attention_stats(on_global, entropy, num_proxies / probs.shape[-1])
 
 
 def global_attention(probs: torch.Tensor, num_proxies: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -382,3 +380,11 @@ def global_attention(probs: torch.Tensor, num_proxies: int) -> tuple[torch.Tenso
     probs = probs.float()
     entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean(-1) / math.log(probs.shape[-1])
     return probs[..., :num_proxies].sum(-1), entropy
+
+
+def attention_stats(on_global: torch.Tensor, entropy: torch.Tensor, uniform: float) -> dict[str, float]:
+    """:func:`global_attention`'s per-clip tensors (``[N, Q]``, ``[N]``) -> the summary :func:`attention_summary`
+    returns; ``uniform``: the share on the summary tokens under uniform attention (M / S)."""
+    per_query = on_global.mean(0)
+    return {"global_mass": float(per_query.mean()), "global_mass_max": float(per_query.max()),
+            "global_mass_uniform": uniform, "entropy": float(entropy.mean())}
