@@ -102,8 +102,12 @@ def test_seeds_average_rank_and_report_each_seeds_winner():
     assert [s["seed"] for s in a["seeds"]] == [0, 1] and a["step"] == 100
     per_seed = table.loc[table.groupby("seed")[rule.metric].idxmax()].set_index("seed")["variant"]
     assert sel["per_seed_winners"] == {str(k): v for k, v in per_seed.items()}
-    # the interval pools both seeds' clips: its estimate is the mean over seeds (same clips per seed)
-    assert sel["intervals"]["A"]["estimate"] == pytest.approx(by.mean()["A"]) and sel["intervals"]["A"]["items"] == 60
+    # the interval resamples both seeds and the clips: its estimate is the mean over seeds (same clips per seed),
+    # and A's two runs (0.9 and 0.5 on the same clips) widen it beyond what 60 clips alone would give
+    iv = sel["intervals"]["A"]
+    assert iv["estimate"] == pytest.approx(by.mean()["A"]) and (iv["items"], iv["seeds"]) == (60, 2)
+    one_seed = select_variant(table[table["seed"] == 0], rule, ["A", "B"], scores)["intervals"]["A"]
+    assert iv["high"] - iv["low"] > 1.5 * (one_seed["high"] - one_seed["low"])
     assert chosen_labels(sel)[:2] in (["A#s0@100", "A#s1@100"], ["B#s0@100", "B#s1@100"])
 
 

@@ -82,7 +82,8 @@ def test_colour_fact_interval_resamples_clips_not_answers():
     assert a["items"] == b["items"] == N and b["estimate"] == pytest.approx(a["estimate"])
     assert b["high"] - b["low"] == pytest.approx(a["high"] - a["low"], abs=0.01)  # per answer it would be ~1/sqrt(2)
     seeded = pd.concat([one.assign(seed=0), one.assign(seed=1)])  # the same clips at two training seeds
-    assert colour_fact_interval(seeded, rule)["items"] == N
+    crossed = colour_fact_interval(seeded, rule)
+    assert (crossed["items"], crossed["seeds"]) == (N, 2) and crossed["estimate"] == pytest.approx(a["estimate"])
 
 
 def test_printed_summary_is_rendered_from_the_json():

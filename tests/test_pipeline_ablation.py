@@ -153,7 +153,7 @@ def test_a_variant_that_is_the_promoted_alignment_run_comes_from_zenmls_cache(ze
 
 def test_ablation_with_seeds_trains_each_variant_per_seed(zenml_project, caption_manifest, billiards_dir):
     """``seeds: [0, 1]``: one training per (variant, seed); each variant is represented by the mean over its seeds'
-    chosen checkpoints, with its standard deviation, the per-seed winners and an interval pooled over seeds."""
+    chosen checkpoints, with its standard deviation, the per-seed winners and an interval over its clips and seeds."""
     from zenml.client import Client
     from zenml.enums import ExecutionStatus
 
@@ -186,3 +186,4 @@ def test_ablation_with_seeds_trains_each_variant_per_seed(zenml_project, caption
     assert all(len(r["seeds"]) == 2 and r[f"{metric}/sd"] is not None for r in selection["ranking"])
     assert set(selection["per_seed_winners"]) == {"0", "1"}
     assert selection["intervals"]["BP"]["estimate"] == pytest.approx(means["BP"])
+    assert selection["intervals"]["BP"]["seeds"] == 2  # the runs resampled as well as the clips

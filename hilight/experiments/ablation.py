@@ -510,7 +510,8 @@ def select_variant(table: pd.DataFrame, rule: SelectionRule, variants: list[str]
     Each training run (a variant, or a (variant, seed) pair) is represented by its best or final checkpoint; a
     variant's value is the mean over its seeds (``<metric>/sd`` their standard deviation, ``seeds`` each seed's
     checkpoint and value, ``per_seed_winners`` the winner of each seed alone). With the per-model ``scores``, each
-    variant and reference gets a bootstrap interval of ``rule.metric`` over held-out clips (pooled over seeds), and
+    variant and reference gets a bootstrap interval of ``rule.metric`` over held-out clips (and over the seeds, crossed with
+    the clips, when it has several), and
     ``inconclusive`` says whether the top two intervals overlap."""
     orders = [MetricOrder(metric=rule.metric, mode=rule.mode), *rule.tie_breakers]
     missing = [o.metric for o in orders if o.metric not in table.columns]
@@ -587,8 +588,8 @@ def _per_seed_winners(runs: pd.DataFrame, key) -> dict[str, str] | None:
 
 def _intervals(rule: SelectionRule, ranked: list[dict], references: list[dict], runs: pd.DataFrame,
                refs: pd.DataFrame, scores: pd.DataFrame) -> dict:
-    """Bootstrap intervals of ``rule.metric`` over clips per variant (its runs' chosen checkpoints pooled) and per
-    reference, and whether the top two variants' intervals overlap."""
+    """Bootstrap intervals of ``rule.metric`` over clips (and seeds) per variant (its runs' chosen checkpoints) and
+    per reference, and whether the top two variants' intervals overlap."""
     intervals = {}
     for name, rows in [*((e["variant"], runs[runs["variant"] == e["variant"]]) for e in ranked),
                        *((r["variant"], refs[refs["variant"] == r["variant"]]) for r in references)]:
@@ -610,8 +611,9 @@ def _intervals(rule: SelectionRule, ranked: list[dict], references: list[dict], 
 
 
 def _pooled_items(scores: pd.DataFrame, models: list[tuple[str, int, int | None]], metric: str) -> pd.DataFrame | None:
-    """``clip_items`` of ``metric`` summed over the (variant, step, seed) models' score tables (a variant's seeds
-    pooled clip by clip); ``None`` when the metric does not decompose over clips."""
+    """``clip_items`` of ``metric`` of the (variant, step, seed) models' score tables, indexed by (seed, clip) so
+    that an interval over several seeds resamples the seeds as well as the clips (``hilight.experiments.bootstrap``);
+    ``None`` when the metric does not decompose over clips."""
     scores = scores if "seed" in scores.columns else scores.assign(seed=None)
     parts = []
     for variant, step, seed in models:
@@ -620,8 +622,9 @@ def _pooled_items(scores: pd.DataFrame, models: list[tuple[str, int, int | None]
         part = clip_items(scores[sel], metric)
         if part is None:
             return None
-        parts.append(part)
-    return pd.concat(parts).groupby(level=0).sum()
+        parts.append(part.set_index(pd.Index([-1 if _seed(seed) is None else _seed(seed)] * len(part), name="seed"),
+                                    append=True))
+    return pd.concat(parts).groupby(level=[1, 0]).sum()  # (seed, clip); a seed's checkpoints summed clip by clip
 
 
 def winner_interval(selection: dict, scores: pd.DataFrame, metric: str) -> dict | None:

@@ -99,9 +99,11 @@ def selection_summary(run_name: str, decision: dict, evidence: pd.DataFrame, sta
 
 def colour_fact_interval(answers: pd.DataFrame, rule: dict) -> dict:
     """A model's ``billiards/fact/colour`` with a bootstrap interval over clips at the rule's confidence. A clip's
-    answers (its description and its questions, at every seed) are resampled together: they read the same video,
-    so resampling answers would treat correlated checks as independent and narrow the interval."""
-    items = per_item(answers, COLOUR_FACT).groupby(level="video_id").sum()
+    answers (its description and its questions) are resampled together: they read the same video, so resampling
+    answers would treat correlated checks as independent and narrow the interval. With several training seeds, the
+    seeds are resampled too, crossed with the clips (``hilight.experiments.bootstrap``)."""
+    items = per_item(answers, COLOUR_FACT)
+    items = items.groupby(level=[x for x in ("seed", "video_id") if x in items.index.names]).sum()
     return ratio_interval(items, confidence=rule["confidence"], n=rule["bootstrap_samples"]).as_dict()
 
 

@@ -35,7 +35,7 @@ from hilight.env import resolve_path
 from hilight.eval.choice import CHOICE_KINDS
 from hilight.eval.facts import FACT_KINDS
 from hilight.eval.vlm import CHOICE_FAMILIES, VLMEvalSpec, checks_as_float
-from hilight.experiments.bootstrap import paired_ratio_difference, ratio_interval
+from hilight.experiments.bootstrap import paired_ratio_difference, ratio_interval, seeds_text
 from hilight.models.export import GenerationSpec
 from hilight.train.lora import LoRAFinetuneConfig
 from hilight.train.tokenmining import TokenMiningPretrainConfig
@@ -406,8 +406,8 @@ def paired_difference(a: pd.DataFrame, b: pd.DataFrame, metric: str, *, n: int =
 def pool_seeds(config: SelectionConfig, models: list[dict], metrics: list[dict[str, float]],
                answers: list[pd.DataFrame]) -> dict:
     """Per candidate, its runs over ``config.seeds`` (inputs in ``config.runs()`` order) pooled: metrics are means
-    over seeds (``<primary>/sd`` their spread), answers are stacked with a ``seed`` column (so paired intervals pair
-    (seed, question) items), and the candidate's model is its seed with the best primary metric. Also each seed's
+    over seeds (``<primary>/sd`` their spread), answers are stacked with a ``seed`` column (so intervals resample seeds
+    and questions, crossed, and pair (seed, question) cells; ``hilight.experiments.bootstrap``), and the candidate's model is its seed with the best primary metric. Also each seed's
     winner by the rule alone. Without seeds, the inputs pass through."""
     runs = config.runs()
     if config.seeds is None:
@@ -468,9 +468,12 @@ def render_decision(decision: dict, evidence: pd.DataFrame) -> str:
     diff = decision.get("primary_difference")
     if diff:
         lines += ["", f"Best new candidate {diff['of']} − runner-up {diff['over']} on {p}: {diff['estimate']:+.4f} "
-                      f"[{diff['low']:+.4f}, {diff['high']:+.4f}] (paired over {diff['items']} items)."]
+                      f"[{diff['low']:+.4f}, {diff['high']:+.4f}] (paired over {diff['items']} items"
+                      f"{seeds_text(diff.get('seeds', 1))})."]
     if decision.get("per_seed"):
-        lines += ["", "**Per training seed** (the table shows means over seeds):",
+        lines += ["", "**Per training seed** (the table shows means over seeds; the intervals resample the seeds and the "
+                      "questions, crossed, and with few seeds still understate how far one run can land from the next: "
+                      "benchmarks/RESULTS.md, \"Intervals over seeds\"):",
                   *(f"- seed {seed}: winner {v['winner']}; " + ", ".join(f"{c} {x:.3f}" for c, x in v["values"].items())
                     for seed, v in decision["per_seed"].items())]
     if decision.get("changes"):
