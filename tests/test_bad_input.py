@@ -160,6 +160,31 @@ def test_clean_data_passes(billiards_dir, tmp_path):
     assert meta[b"hilight.data_fingerprint"].decode() == result.fingerprints["combined"]
 
 
+def test_captions_without_a_split_validate_but_selecting_a_split_names_the_fix(dataset_copy, tmp_path):
+    """A caption table whose records carry no split field is valid data (nothing rejected, nothing lost), but no
+    run can select train or val rows from it: the error says what splits there are and how to fix it."""
+    from hilight.data.captions import ManifestError, read_caption_manifest
+    from hilight.data.qa import read_qa_manifest
+
+    records = json.loads((dataset_copy / "captions.json").read_text())
+    (dataset_copy / "captions.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "split"}
+                                                            for r in records]))
+    spec = DatasetSpec(name="bil", root=str(dataset_copy), captions=["captions.json"], qa=["qa.json"])
+    out = tmp_path / "out"
+    result = run_ingest(DataValidationConfig(datasets=[spec], output_dir=str(out), progress=False),
+                        load_contracts(REPO / "data_contracts"))
+    assert result.counts["captions_rejected"] == 0 and result.counts["captions_accepted"] > 0
+    captions = read_caption_manifest(out)
+    assert len(captions.rows) == result.counts["captions_accepted"]
+    with pytest.raises(ManifestError, match=r"splits=\['train'\]: their rows have splits \{'missing': \d+\}; give the "
+                                            r"caption records a split field"):
+        captions.select(["bil"], ["train"])
+    # their QA falls to "train" (as for QA-only sets): asking it for val rows points at the held-out options
+    with pytest.raises(ManifestError, match=r"splits \{'train': \d+\}; QA of videos without captions is all "
+                                            r"'train'.*holdout"):
+        read_qa_manifest(out).select(["bil"], ["val", "test"])
+
+
 def test_dataset_without_qa_files_validates(tmp_path, billiards_dir):
     """Caption-only datasets (the table1k alignment data has no QA) must validate; nothing is rejected."""
     from hilight.data.contracts import load_contracts

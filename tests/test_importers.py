@@ -44,14 +44,17 @@ def test_csv_and_parquet_long_form(tmp_path):
 
 
 def test_msrvtt_annotation_json(tmp_path):
-    data = {"videos": [{"video_id": "video0", "split": "train"}, {"video_id": "video1", "split": "test"}],
+    data = {"videos": [{"video_id": "video0", "split": "train"}, {"video_id": "video1", "split": "test"},
+                       {"video_id": "video2", "split": "validate"}],
             "sentences": [{"video_id": "video0", "caption": "a man plays pool", "sen_id": 0},
                           {"video_id": "video1", "caption": "a cat", "sen_id": 1},
-                          {"video_id": "video1", "caption": 5, "sen_id": 2}]}
+                          {"video_id": "video1", "caption": 5, "sen_id": 2},
+                          {"video_id": "video2", "caption": "a dog", "sen_id": 3}]}
     (tmp_path / "msr.json").write_text(json.dumps(data))
     df = importers.read_caption_table(tmp_path / "msr.json", "msrvtt")
     assert df["video"].tolist()[:2] == ["video0.mp4", "video1.mp4"]
-    assert df["split"].tolist()[:2] == ["train", "test"]
+    # MSR-VTT's "validate" is the configs' "val" (train_val_videodatainfo.json's names)
+    assert df["split"].tolist()[:2] + df["split"].tolist()[3:] == ["train", "test", "val"]
     assert df["caption_id"].tolist()[:2] == ["0", "1"]
     assert "'caption' must be a string, got int" in df["schema_error"].iloc[2]
 

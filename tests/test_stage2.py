@@ -111,6 +111,29 @@ def test_group_by_length_rebatches_the_same_samples_by_length():
         MixtureBatchSampler([a, b], [1.0, 1.0], mode="sequence", lengths=lengths, **kw)
 
 
+def test_a_source_without_a_held_out_split_holds_out_videos_by_content(caption_manifest):
+    """QA-only sets (VideoInstruct-100K) give every row split "train": ``holdout`` carves their validation videos out
+    by content hash instead, disjoint from training, and the same whichever other videos the set holds."""
+    from hilight.data.qa import read_qa_manifest
+    from hilight.train.lora import MixtureDataSpec, held_out, source_rows
+
+    spec = MixtureDataSpec.model_validate({"manifest_dir": str(caption_manifest), "val_splits": ["no-such-split"],
+                                           "sources": [{"dataset": "billiards", "kind": "qa", "holdout": 0.3},
+                                                       {"dataset": "general", "kind": "describe", "holdout": 0.3}]})
+    train, val = source_rows(spec, "train"), source_rows(spec, "val")
+    every = read_qa_manifest(caption_manifest).select(["billiards"], ["train"])
+    for t, v in zip(train, val, strict=True):
+        assert len(t) and len(v) and not set(t["video_sha256"]) & set(v["video_sha256"])
+    assert sorted(train[0]["id"].tolist() + val[0]["id"].tolist()) == sorted(every["id"].tolist())  # nothing lost
+    n = every["video_sha256"].nunique()
+    assert 0.1 * n < val[0]["video_sha256"].nunique() < 0.5 * n  # about 30% of its videos
+    # a video's place depends on its own hash alone: half the set gives the same verdicts on that half
+    half = every["video_sha256"].drop_duplicates().iloc[::2]
+    assert held_out(half, 0.3).tolist() == held_out(every["video_sha256"].drop_duplicates(), 0.3).iloc[::2].tolist()
+    with pytest.raises(ValueError, match=r"source billiards/qa: holdout 1e-09 leaves no val videos of \d+"):
+        source_rows(spec.model_copy(update={"sources": [spec.sources[0].model_copy(update={"holdout": 1e-9})]}), "val")
+
+
 def test_stage2_requires_the_stage1_token_mining(caption_manifest, vlm_weights, tmp_path):
     from pydantic import ValidationError
 

@@ -36,10 +36,18 @@ def select_rows(rows: pd.DataFrame, datasets: list[str] | None, splits: list[str
             raise ManifestError(f"datasets {unknown} have no {what} in the manifest (datasets with {what}: "
                                 f"{sorted(set(rows['dataset']))})")
         rows = rows[rows["dataset"].isin(datasets)]
-    rows = rows[rows["split"].isin(splits)]
-    if rows.empty:
-        raise ManifestError(f"no {what} for datasets={datasets} splits={splits}")
-    return rows.reset_index(drop=True)
+    chosen = rows[rows["split"].isin(splits)]
+    if chosen.empty:
+        present = {("missing" if pd.isna(k) or k in ("None", "nan") else k): n
+                   for k, n in rows["split"].value_counts(dropna=False).items()}
+        hint = ""
+        if set(present) == {"missing"}:  # a caption table without a split field
+            hint = "; give the caption records a split field (train / val / test)"
+        elif what == "QA samples" and set(present) == {"train"}:  # QA of videos without captions: all "train"
+            hint = ("; QA of videos without captions is all 'train': validate on a held-out dataset of its own "
+                    "(as valley_val) or, in stage 2, set the source's holdout")
+        raise ManifestError(f"no {what} for datasets={datasets} splits={splits}: their rows have splits {present}{hint}")
+    return chosen.reset_index(drop=True)
 
 
 def read_caption_manifest(manifest_dir: str | Path) -> CaptionManifest:

@@ -177,11 +177,15 @@ def _caption_record_rows(rec: Any, dataset: str, source: str) -> list[dict]:
     return rows
 
 
+# MSR-VTT's own split names -> the ones the configs select (train_val_videodatainfo.json says "validate")
+MSRVTT_SPLITS = {"validate": "val"}
+
+
 def _msrvtt_rows(path: Path, dataset: str, data: dict) -> list[dict]:
     splits = {}
     for v in data.get("videos", []) or []:
         if isinstance(v, dict) and "video_id" in v:
-            splits[str(v["video_id"])] = v.get("split")
+            splits[str(v["video_id"])] = MSRVTT_SPLITS.get(v.get("split"), v.get("split"))
     rows = []
     for i, s in enumerate(data["sentences"] if isinstance(data["sentences"], list) else []):
         row = dict.fromkeys(CAPTION_COLUMNS)

@@ -77,6 +77,11 @@ class SourceSpec(BaseModel):
     dataset: str
     kind: Literal["qa", "describe"] = "qa"
     ratio: float = Field(1.0, gt=0)  # samples per epoch = ratio x the source's size (sequence: its share of the run)
+    # for a source the manifest gives no held-out split (QA-only sets such as VideoInstruct-100K: every row is
+    # "train"): hold out this share of its training videos instead, by content hash (a video is held out when the
+    # first 32 bits of its SHA-256 fall below the share). Disjoint from training, the same videos at every run, and
+    # stable as data is added. Replaces data.val_splits for this source.
+    holdout: float | None = Field(None, gt=0, lt=1)
 
     @property
     def label(self) -> str:
@@ -180,17 +185,33 @@ class Stage2Result:
 # ------------------------------------------------------------------------------------------------ data
 
 
-def source_rows(spec: MixtureDataSpec, splits: list[str]) -> list[pd.DataFrame]:
-    """Rows (QA-manifest format) of each source, in ``spec.sources`` order."""
+def source_rows(spec: MixtureDataSpec, role: Literal["train", "val"]) -> list[pd.DataFrame]:
+    """Rows (QA-manifest format) of each source for training or validation, in ``spec.sources`` order: those of
+    ``data.train_splits`` / ``data.val_splits``, or for a source with ``holdout`` its training rows split by
+    content hash (``held_out``)."""
     qa = read_qa_manifest(spec.manifest_dir) if any(s.kind == "qa" for s in spec.sources) else None
     captions = read_caption_manifest(spec.manifest_dir) if any(s.kind == "describe" for s in spec.sources) else None
     out = []
     for s in spec.sources:
+        splits = spec.train_splits if role == "train" or s.holdout else spec.val_splits
         if s.kind == "qa":
-            out.append(qa.select([s.dataset], splits))
+            rows = qa.select([s.dataset], splits)
         else:
-            out.append(describe_rows(captions.select([s.dataset], splits), spec.describe_prompt))
+            rows = describe_rows(captions.select([s.dataset], splits), spec.describe_prompt)
+        if s.holdout:
+            keep = held_out(rows["video_sha256"], s.holdout) == (role == "val")
+            if not keep.any():
+                raise ValueError(f"source {s.label}: holdout {s.holdout} leaves no {role} videos of "
+                                 f"{rows['video_sha256'].nunique()}; raise or lower it")
+            rows = rows[keep].reset_index(drop=True)
+        out.append(rows)
     return out
+
+
+def held_out(video_sha256: pd.Series, share: float) -> pd.Series:
+    """Whether each video is in the ``share`` held out by content: the first 32 bits of its SHA-256 below
+    ``share`` x 2^32 (a video's place never depends on which other videos the set holds)."""
+    return video_sha256.str[:8].map(lambda h: int(h, 16)) < share * 2**32
 
 
 def concat_encoded(parts: list[EncodedSet]) -> tuple[EncodedSet, list[list[int]]]:
@@ -277,9 +298,9 @@ class LoRARecipe(Recipe):
         memo = self.run_dir / "tokens.sqlite" if spec.memo_tokens else None
         train_parts = [encode_training_set(r, tokenizer, video_tokens=n_tokens, max_length=spec.max_length,
                                            tokenize=spec.tokenize, memo=memo)
-                       for r in source_rows(spec, spec.train_splits)]
+                       for r in source_rows(spec, "train")]
         val_parts = []
-        for rows in source_rows(spec, spec.val_splits):
+        for rows in source_rows(spec, "val"):
             if spec.max_val_samples and len(rows) > spec.max_val_samples:
                 rows = rows.sample(spec.max_val_samples, random_state=0).reset_index(drop=True)
             val_parts.append(encode(rows))
