@@ -45,9 +45,13 @@ $(COMPILED): $(STAMP)
 	$(PY) -m compileall -qq -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" || true
 	touch $(COMPILED)
 
-# refresh requirements.lock from the current environment
+# refresh requirements.lock from the current environment. torch and its CUDA wheels (nvidia-*, triton) are left
+# out: torch is installed first from TORCH_INDEX_URL, and a frozen local build (torch==2.13.0+cpu) or one
+# platform's CUDA wheels would pin every other machine to it
 lock:
-	$(PY) -m pip freeze --exclude-editable | grep -v '^hilight' > requirements.lock
+	{ head -1 requirements.lock; $(PY) -m pip freeze --exclude-editable \
+	  | grep -v -E '^(hilight|torch|triton|nvidia-)'; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
 
 clean:
 	rm -rf .zenml/local_stores .zenml/config.yaml outputs data

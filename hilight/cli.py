@@ -687,7 +687,7 @@ def ui(
 
 
 CACHE_DIR = typer.Option(None, "--dir", help="The cache root, as the stage configs' `features.dir` names it "
-                         "[default: outputs/feature_cache under the project root].")
+                         "(default: outputs/feature_cache under the project root).")
 
 
 def _cache_root(cache_dir: Path | None) -> Path:

@@ -1,6 +1,7 @@
 """The real recipes in 2 CPU processes (DDP over gloo, started by torchrun as ``accelerate launch`` would) against
 one process that sees the same global batches: the same weights after training (atol 1e-5), the same stage-0 loss
-and gradient (negatives gathered across ranks), and an exact resume after a SIGKILL in the 2-process run.
+and gradient (negatives gathered across ranks), an exact resume after a SIGKILL in the 2-process run, and a
+feature cache filled by both processes.
 
 Same global batches: the samplers' order does not depend on the batch size, and accelerate hands process r the
 batches r, r + 2, ... of size B, so two processes at B consume exactly what one process at 2B does."""
@@ -96,6 +97,10 @@ def test_two_process_recipe_matches_one_process(stage, tmp_path, caption_manifes
         _assert_same(_weights(one, step), _weights(two, step), atol=1e-5)
     trained = _weights(one, STEPS)
     assert any(not torch.equal(v, _weights(one, 2)[k]) for k, v in trained.items())  # it did train
+    if stage != "alignment":  # the frozen towers' feature cache: each process filled its share, in its own shards
+        shards = list((tmp_path / "two" / "features").glob("*/shard-*.safetensors"))
+        assert {p.name.split("-")[1] for p in shards} == {"p0", "p1"}
+        assert not any(p.name.split("-")[1].startswith("p") for p in (tmp_path / "one" / "features").glob("*/shard-*"))
 
 
 def test_two_process_alignment_resumes_bit_equal_after_sigkill(tmp_path, caption_manifest):

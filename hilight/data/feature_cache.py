@@ -79,11 +79,12 @@ class FeatureCache:
     def missing(self, video_shas: Iterable[str]) -> list[str]:
         return sorted({s for s in video_shas if s not in self._index})
 
-    def put(self, entries: dict[str, dict[str, torch.Tensor]]) -> Path:
-        """Write one shard holding ``{video_sha: {name: tensor}}`` atomically."""
+    def put(self, entries: dict[str, dict[str, torch.Tensor]], *, writer: str = "") -> Path:
+        """Write one shard holding ``{video_sha: {name: tensor}}`` atomically; ``writer`` (e.g. ``p3``, the process
+        that computed it) goes into the shard's name."""
         tensors = {f"{sha}/{name}": t.detach().to("cpu", self.dtype).clone()  # own storage: no shared views
                    for sha, named in entries.items() for name, t in named.items()}
-        shard = self.dir / f"shard-{uuid.uuid4().hex}.safetensors"
+        shard = self.dir / f"shard-{writer + '-' if writer else ''}{uuid.uuid4().hex}.safetensors"
         tmp = shard.with_name(f".{shard.name}.tmp")
         save_file(tensors, str(tmp))
         with open(tmp, "rb") as f:
@@ -108,11 +109,12 @@ class FeatureCache:
 
 def fill_cache(cache: FeatureCache, videos: dict[str, str], encode: Callable[[torch.Tensor], dict[str, torch.Tensor]], *,
                num_frames: int, image_size: int, batch_size: int = 8, shard_size: int = 256,
-               progress: bool = True) -> dict[str, int]:
+               progress: bool = True, writer: str = "") -> dict[str, int]:
     """Compute and store the features of every video in ``{sha: file}`` not yet cached.
 
     ``encode`` maps a clip batch ``[B, T, 3, S, S]`` to named per-video tensors ``{name: [B, ...]}``. Returns
-    counts (``cached`` before, ``computed`` now)."""
+    counts (``cached`` before, ``computed`` now). Several processes may fill one cache at once, each its own
+    videos: shards are written under unique names (``writer`` in them)."""
     todo = cache.missing(videos)
     stats = {"cached": len(videos) - len(todo), "computed": len(todo)}
     if not todo:
@@ -128,11 +130,11 @@ def fill_cache(cache: FeatureCache, videos: dict[str, str], encode: Callable[[to
         for i, sha in enumerate(shas):
             pending[sha] = {name: t[i] for name, t in out.items()}
         if len(pending) >= shard_size:
-            cache.put(pending)
+            cache.put(pending, writer=writer)
             pending = {}
         bar.update(len(shas))
     if pending:
-        cache.put(pending)
+        cache.put(pending, writer=writer)
     bar.close()
     return stats
 

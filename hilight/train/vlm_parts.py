@@ -242,9 +242,14 @@ def check_cache_space(spec: FeatureCacheSpec, cache: FeatureCache, parts: VLMPar
 
 def cache_tower_features(spec: FeatureCacheSpec, parts: VLMParts, sets: list[EncodedSet],
                          tracker: ResilientTracker, progress: bool) -> FeatureCache | None:
-    """``features.mode: cache``: fill the feature cache for every video of ``sets`` on the towers' device (under DDP
-    one process fills, the others then find it all) and drop the towers, which are not needed once every clip's
-    features are cached. ``online``: nothing to fill, the towers stay; returns ``None``."""
+    """``features.mode: cache``: fill the feature cache for every video of ``sets`` on the towers' device and drop
+    the towers, which are not needed once every clip's features are cached. ``online``: nothing to fill, the towers
+    stay; returns ``None``.
+
+    Under DDP every process fills a share: the i-th missing clip (in SHA order, the same list on every process) goes
+    to process i mod N, which writes its own shards; then all wait and re-read the index. One process filling alone
+    would take N times as long, while the others sat in a barrier: at Valley-703K scale, hours, far past the
+    process group's timeout."""
     if spec.mode == "online":
         log.info("features.mode online: the frozen towers run at every step on %s",
                  next(parts.vlm.clipvip.parameters()).device)
@@ -253,12 +258,22 @@ def cache_tower_features(spec: FeatureCacheSpec, parts: VLMParts, sets: list[Enc
     videos = {}
     for encoded in sets:
         videos.update(zip(encoded.rows["video_sha256"], encoded.rows["video_file"], strict=True))
-    with PartialState().main_process_first():
-        cache.refresh()
-        check_cache_space(spec, cache, parts, len(cache.missing(videos)), tracker)
-        stats = fill_cache(cache, videos, tower_encoder(parts.vlm), num_frames=parts.num_frames,
-                           image_size=parts.image_size, batch_size=spec.batch_size, progress=progress)
-    tracker.log_metrics({"features/cached": stats["cached"], "features/computed": stats["computed"]}, 0)
+    state = PartialState()
+    cache.refresh()
+    todo = cache.missing(videos)
+    check_cache_space(spec, cache, parts, len(todo), tracker)
+    state.wait_for_everyone()  # every process has its list before any writes a shard
+    mine = todo[state.process_index::state.num_processes]
+    fill_cache(cache, {s: videos[s] for s in mine}, tower_encoder(parts.vlm), num_frames=parts.num_frames,
+               image_size=parts.image_size, batch_size=spec.batch_size, progress=progress,
+               writer=f"p{state.process_index}" if state.num_processes > 1 else "")
+    state.wait_for_everyone()
+    cache.refresh()
+    lost = cache.missing(videos)
+    if lost:  # another writer (a prune, a second run on another key) removed shards meanwhile
+        raise RuntimeError(f"feature cache {cache.dir}: {len(lost)} clip(s) missing after the fill (e.g. {lost[0]}); "
+                           "something deleted shards during it (hilight cache prune?): run again")
+    tracker.log_metrics({"features/cached": len(videos) - len(todo), "features/computed": len(todo)}, 0)
     parts.vlm.clipvip = parts.vlm.longclip = None
     return cache
 
