@@ -163,3 +163,70 @@ def test_a_tree_written_just_now_is_hashed_again(tmp_path, monkeypatch):
     first, n1, _ = _fingerprint(spec)
     second, n2, _ = _fingerprint(spec)
     assert first == second and n1 == n2 == 5
+
+
+def _used_days(db: Path, table: str = "files") -> list[int]:
+    import sqlite3
+
+    with sqlite3.connect(db) as con:
+        return [r[0] for r in con.execute(f"SELECT used_day FROM {table}")]
+
+
+def test_rows_unused_for_memo_days_expire_and_used_ones_stay(tmp_path, monkeypatch):
+    """A file deleted (or replaced) leaves its row keyed by an inode nobody stats again: rows unused for MEMO_DAYS
+    go, once a day, while a file still looked up keeps its row (stamped at most once a day) and stays a hit."""
+    past = time.time() - 60
+    kept, gone = tmp_path / "kept.bin", tmp_path / "gone.bin"
+    for p in (kept, gone):
+        p.write_bytes(os.urandom(1000))
+        os.utime(p, (past, past))
+    db, day = tmp_path / "hashes.sqlite", hashcache.today()
+    with HashCache(db) as cache:
+        cache.digests([kept, gone])
+        cache.store_probe_facts([("a" * 64, ".mp4", {"n_frames": 3})], "s", "p")
+    assert _used_days(db) == [day, day]
+    gone.unlink()
+    monkeypatch.setattr(hashcache, "today", lambda: day + 60)  # 60 days on: `kept` is looked up again
+    with HashCache(db) as cache:
+        assert cache.digests([kept]) and cache.stats.hits == 1
+    assert sorted(_used_days(db)) == [day, day + 60]  # nothing expired yet; `kept` stamped once
+    monkeypatch.setattr(hashcache, "today", lambda: day + 60 + hashcache.MEMO_DAYS - 1)
+    with HashCache(db) as cache:
+        assert cache.digests([kept]) and cache.stats.hits == 1
+    # the next use, MEMO_DAYS after the other rows' last: the deleted file's row and the probe row go
+    assert _used_days(db) == [day + 60 + hashcache.MEMO_DAYS - 1]
+    assert _used_days(db, "probes") == []
+
+
+def test_a_version_2_database_gains_used_day_and_keeps_its_rows(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "old.sqlite"
+    with sqlite3.connect(db) as con:  # the schema before expiry, one stored digest
+        con.execute("CREATE TABLE files (dev INTEGER NOT NULL, ino INTEGER NOT NULL, size INTEGER NOT NULL, mtime_ns "
+                    "INTEGER NOT NULL, sha256 TEXT NOT NULL, hashed_at_ns INTEGER NOT NULL, PRIMARY KEY (dev, ino)) "
+                    "WITHOUT ROWID")
+        con.execute("INSERT INTO files VALUES (1, 2, 3, 4, 'abc', 5)")
+        con.execute("PRAGMA user_version = 2")
+    HashCache(db).close()
+    with sqlite3.connect(db) as con:
+        assert con.execute("PRAGMA user_version").fetchone()[0] == hashcache.SCHEMA_VERSION
+        assert con.execute("SELECT sha256, used_day FROM files").fetchall() == [("abc", hashcache.today())]
+
+
+def test_a_tree_memo_older_than_its_days_is_made_again(tree, monkeypatch):
+    """A tree fingerprint is trusted for TREE_MEMO_DAYS; then the pass looks its files up again (all hits), which
+    keeps their own rows from expiring behind a memo that never misses."""
+    spec, _ = tree
+    calls = []
+    digests = HashCache.digests
+    monkeypatch.setattr(HashCache, "digests", lambda self, paths, *a, **k: calls.append(len(paths))
+                        or digests(self, paths, *a, **k))
+    fp, _, _ = _fingerprint(spec)
+    assert calls  # the first pass looks every file up
+    calls.clear()
+    assert _fingerprint(spec)[0] == fp and not calls  # then the tree's memo answers alone
+    real = time.time_ns
+    monkeypatch.setattr(hashcache.time, "time_ns", lambda: real() + (hashcache.TREE_MEMO_DAYS + 1) * 86_400 * 10**9)
+    again, hashed, hits = _fingerprint(spec)
+    assert again == fp and calls and hashed == 0 and hits > 0  # made again from the files' rows: all hits

@@ -25,6 +25,12 @@ dataset fingerprint, under the same racy and rehash rules, so an unchanged datas
 
 Probe results (``hilight.data.probe``) are cached in the same database by (content hash, file suffix, probe
 settings, prober version): a re-validation decodes only new or changed files.
+
+Rows expire. Each file and probe row records the day it was last used (written, or read as a hit; a read moves
+the day at most once a day per row, so a warm pass writes nothing on most days). Rows unused for ``MEMO_DAYS``
+are deleted, once a day, by the first cache that stamps a row: entries of deleted or replaced files (keyed by
+inode, which the cache cannot stat again) and probe facts of content no dataset holds any more would otherwise
+stay for ever as data churns under scheduled retrains. Tree fingerprints expire after ``TREE_MEMO_DAYS``.
 """
 
 from __future__ import annotations
@@ -48,21 +54,28 @@ log = logging.getLogger(__name__)
 STATE_DIR_ENV = "HILIGHT_STATE_DIR"
 REHASH_ENV = "HILIGHT_REHASH"
 DB_NAME = "hashcache.sqlite"
-SCHEMA_VERSION = 2  # 2: trees
+SCHEMA_VERSION = 3  # 2: trees; 3: used_day (expiry)
 RACY_WINDOW_NS = 2_000_000_000  # coarsest common mtime granularity (FAT: 2 s); ext4/xfs/tmpfs are far finer
 _CHUNK = 5000  # keys per SELECT (SQLite's default limit on bound parameters is 32766 since 3.32)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
     dev INTEGER NOT NULL, ino INTEGER NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
-    sha256 TEXT NOT NULL, hashed_at_ns INTEGER NOT NULL, PRIMARY KEY (dev, ino)) WITHOUT ROWID;
+    sha256 TEXT NOT NULL, hashed_at_ns INTEGER NOT NULL, used_day INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (dev, ino)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS probes (
     sha256 TEXT NOT NULL, suffix TEXT NOT NULL, settings TEXT NOT NULL, prober TEXT NOT NULL, facts TEXT NOT NULL,
-    PRIMARY KEY (sha256, suffix, settings, prober)) WITHOUT ROWID;
+    used_day INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (sha256, suffix, settings, prober)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS trees (
     signature TEXT NOT NULL PRIMARY KEY, fingerprint TEXT NOT NULL, made_at_ns INTEGER NOT NULL) WITHOUT ROWID;
 """
 TREE_MEMO_DAYS = 30  # tree fingerprints not made again within this many days are dropped
+MEMO_DAYS = 90  # file and probe rows not used within this many days are dropped
+
+
+def today() -> int:
+    """Days since the epoch (UTC): the unit of ``used_day``."""
+    return int(time.time() // 86_400)
 
 
 @dataclass
@@ -156,7 +169,11 @@ class HashCache:
             with self._write():  # concurrent first opens: IF NOT EXISTS, under the write lock
                 for statement in filter(str.strip, _SCHEMA.split(";")):
                     self._db.execute(statement)
+                for table in ("files", "probes"):  # a version-2 database: its rows count as used today
+                    if "used_day" not in {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}:
+                        self._db.execute(f"ALTER TABLE {table} ADD COLUMN used_day INTEGER NOT NULL DEFAULT {today()}")
                 self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        self._expired_on: int | None = None  # the day this cache last dropped expired rows
 
     def _write(self) -> _Transaction:
         return _Transaction(self._db)
@@ -188,6 +205,7 @@ class HashCache:
             if not stat_mod.S_ISREG(st.st_mode):
                 raise ValueError(f"{p} is not a regular file; only files are content-hashed")
         out: list[str | None] = [None] * len(paths)
+        day, stale = today(), []
         if self.rehash_since != _NEVER:
             since = self.rehash_since or 0
             known = self._lookup(stats)
@@ -196,8 +214,14 @@ class HashCache:
                 if (entry is not None and entry[0] == st.st_size and entry[1] == st.st_mtime_ns
                         and st.st_mtime_ns < entry[3] - RACY_WINDOW_NS and entry[3] >= since):
                     out[i] = entry[2]
+                    if entry[4] < day:
+                        stale.append((day, st.st_dev, st.st_ino))
         todo = [i for i, d in enumerate(out) if d is None]
         self.count(lookups=len(paths), hits=len(paths) - len(todo))
+        if stale:  # hits not yet stamped today (the first pass of a day only)
+            with self._write():
+                self._db.executemany("UPDATE files SET used_day = ? WHERE dev = ? AND ino = ?", stale)
+                self._expire(day)
         if todo:
             started = time.time_ns()  # before any byte is read: a write during hashing makes the entry racy
             with ThreadPoolExecutor(min(self.workers, len(todo))) as pool:
@@ -211,24 +235,36 @@ class HashCache:
             self.count(hashed=len(todo), hashed_bytes=sum(stats[i].st_size for i in todo))
             with self._write():
                 self._db.executemany(
-                    "INSERT INTO files (dev, ino, size, mtime_ns, sha256, hashed_at_ns) VALUES (?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (dev, ino) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, "
-                    "sha256 = excluded.sha256, hashed_at_ns = excluded.hashed_at_ns", rows)
+                    "INSERT INTO files (dev, ino, size, mtime_ns, sha256, hashed_at_ns, used_day) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (dev, ino) DO UPDATE SET size = excluded.size, "
+                    "mtime_ns = excluded.mtime_ns, sha256 = excluded.sha256, hashed_at_ns = excluded.hashed_at_ns, "
+                    "used_day = excluded.used_day", [(*row, day) for row in rows])
+                self._expire(day)
         return out  # type: ignore[return-value]
+
+    def _expire(self, day: int) -> None:
+        """Drop file and probe rows unused for ``MEMO_DAYS`` (inside a write transaction; once a day per cache)."""
+        if self._expired_on == day:
+            return
+        self._expired_on = day
+        gone = sum(self._db.execute(f"DELETE FROM {t} WHERE used_day < ?", (day - MEMO_DAYS,)).rowcount
+                   for t in ("files", "probes"))
+        if gone:
+            log.info("hash cache %s: dropped %d entries unused for %d days", self.path, gone, MEMO_DAYS)
 
     def digest(self, path: Path) -> str:
         return self.digests([path])[0]
 
-    def _lookup(self, stats: Sequence[os.stat_result]) -> dict[tuple[int, int], tuple[int, int, str, int]]:
-        """(dev, ino) -> (size, mtime_ns, sha256, hashed_at_ns) for the stored entries of these files."""
-        found: dict[tuple[int, int], tuple[int, int, str, int]] = {}
+    def _lookup(self, stats: Sequence[os.stat_result]) -> dict[tuple[int, int], tuple[int, int, str, int, int]]:
+        """(dev, ino) -> (size, mtime_ns, sha256, hashed_at_ns, used_day) for the stored entries of these files."""
+        found: dict[tuple[int, int], tuple[int, int, str, int, int]] = {}
         by_dev: dict[int, list[int]] = {}
         for st in stats:
             by_dev.setdefault(st.st_dev, []).append(st.st_ino)
         for dev, inos in by_dev.items():
             for start in range(0, len(inos), _CHUNK):
                 part = inos[start:start + _CHUNK]
-                rows = self._db.execute(f"SELECT ino, size, mtime_ns, sha256, hashed_at_ns FROM files WHERE dev = ? "
+                rows = self._db.execute(f"SELECT ino, size, mtime_ns, sha256, hashed_at_ns, used_day FROM files WHERE dev = ? "
                                         f"AND ino IN ({','.join('?' * len(part))})", (dev, *part)).fetchall()
                 found.update({(dev, row[0]): row[1:] for row in rows})
         return found
@@ -243,6 +279,10 @@ class HashCache:
             return None
         row = self._db.execute("SELECT fingerprint, made_at_ns FROM trees WHERE signature = ?", (signature,)).fetchone()
         if row is None or newest_mtime_ns >= row[1] - RACY_WINDOW_NS or row[1] < (self.rehash_since or 0):
+            return None
+        if row[1] < time.time_ns() - TREE_MEMO_DAYS * 86_400 * 10**9:
+            # made again at least every TREE_MEMO_DAYS: that pass looks up (and so keeps) the files' own rows,
+            # which would otherwise expire after MEMO_DAYS behind a tree that never misses
             return None
         self.count(lookups=n_files, hits=n_files)
         return row[0]
@@ -262,23 +302,33 @@ class HashCache:
         wanted = set(keys)
         shas = sorted({sha for sha, _ in wanted})
         found: dict[tuple[str, str], dict] = {}
+        day, stale = today(), []
         for start in range(0, len(shas), _CHUNK):
             part = shas[start:start + _CHUNK]
             marks = ",".join("?" * len(part))
-            for sha, suffix, facts in self._db.execute(
-                    f"SELECT sha256, suffix, facts FROM probes WHERE settings = ? AND prober = ? AND sha256 IN ({marks})",
-                    (settings, prober, *part)):
+            for sha, suffix, facts, used in self._db.execute(
+                    f"SELECT sha256, suffix, facts, used_day FROM probes WHERE settings = ? AND prober = ? AND sha256 "
+                    f"IN ({marks})", (settings, prober, *part)):
                 if (sha, suffix) in wanted:
                     found[(sha, suffix)] = json.loads(facts)
+                    if used < day:
+                        stale.append((day, sha, suffix, settings, prober))
+        if stale:
+            with self._write():
+                self._db.executemany("UPDATE probes SET used_day = ? WHERE sha256 = ? AND suffix = ? AND settings = ? "
+                                     "AND prober = ?", stale)
+                self._expire(day)
         return found
 
     def store_probe_facts(self, rows: Sequence[tuple[str, str, dict]], settings: str, prober: str) -> None:
         """Upsert (sha256, suffix, facts) rows."""
+        day = today()
         with self._write():
             self._db.executemany(
-                "INSERT INTO probes (sha256, suffix, settings, prober, facts) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (sha256, suffix, settings, prober) DO UPDATE SET facts = excluded.facts",
-                [(sha, suffix, settings, prober, json.dumps(facts, sort_keys=True)) for sha, suffix, facts in rows])
+                "INSERT INTO probes (sha256, suffix, settings, prober, facts, used_day) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (sha256, suffix, settings, prober) DO UPDATE SET facts = excluded.facts, "
+                "used_day = excluded.used_day",
+                [(sha, suffix, settings, prober, json.dumps(facts, sort_keys=True), day) for sha, suffix, facts in rows])
 
     def integrity(self) -> str:
         """SQLite's ``PRAGMA integrity_check`` ("ok" when the database is sound)."""
