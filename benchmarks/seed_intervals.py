@@ -1,7 +1,8 @@
 """How often a paired interval calls two equally good candidates different, when each candidate is trained with
-several seeds and the runs scatter: the crossed seed x item bootstrap (``hilight.experiments.bootstrap``, what an
-ablation or selection with ``seeds:`` uses) against treating every (seed, item) cell as an independent item (what
-the selection did before). Also how often each finds a real gap. Pure simulation, CPU, about a minute.
+several seeds and the runs scatter; and how often it finds a real gap. Three intervals over the same simulated
+(seed, item) cells: every cell treated as an independent item (what the selection did before), the crossed
+seed x item bootstrap alone, and that bootstrap widened to the Student-t interval over per-seed values (what
+``hilight.experiments.bootstrap`` now does with ``seeds:``). Pure simulation, CPU, 10-15 minutes on 2 cores.
 
     python benchmarks/seed_intervals.py [--sims 200] [--items 200]
 
@@ -32,6 +33,13 @@ def as_items(x: pd.DataFrame) -> pd.DataFrame:
     return x.reset_index("seed", drop=True).reset_index(drop=True)
 
 
+METHODS = {
+    "cells as items": lambda a, b, n: paired_ratio_difference(as_items(a), as_items(b), n=n),
+    "crossed": lambda a, b, n: paired_ratio_difference(a, b, n=n, small_sample=False),
+    "crossed + t": lambda a, b, n: paired_ratio_difference(a, b, n=n),
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sims", type=int, default=200)
@@ -41,20 +49,22 @@ def main() -> None:
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
     print(f"{args.sims} simulated pairs per row, {args.items} items, {args.boot} resamples, 95% intervals\n")
-    print("| seeds | run sd | false: crossed | false: cells as items | found (0.65 vs 0.5): crossed | found: cells as items |")
-    print("|---|---|---|---|---|---|")
-    for seeds, run_sd in [(3, 0.0), (3, 0.05), (3, 0.1), (5, 0.1), (10, 0.1)]:
-        false_c = false_p = found_c = found_p = 0
+    names = list(METHODS)
+    print("| seeds | run sd | " + " | ".join(f"false: {m}" for m in names) + " | "
+          + " | ".join(f"found: {m}" for m in names) + " |")
+    print("|---|---|" + "---|" * 2 * len(names))
+    for seeds, run_sd in [(2, 0.0), (2, 0.1), (3, 0.0), (3, 0.05), (3, 0.1), (5, 0.1), (10, 0.1)]:
+        false, found = dict.fromkeys(names, 0), dict.fromkeys(names, 0)
         for _ in range(args.sims):
-            a, b = (runs(rng, 0.5, run_sd, seeds, args.items) for _ in range(2))
-            c, p = paired_ratio_difference(a, b, n=args.boot), paired_ratio_difference(as_items(a), as_items(b), n=args.boot)
-            false_c += c.low > 0 or c.high < 0
-            false_p += p.low > 0 or p.high < 0
-            a, b = runs(rng, 0.65, run_sd, seeds, args.items), runs(rng, 0.5, run_sd, seeds, args.items)
-            found_c += paired_ratio_difference(a, b, n=args.boot).low > 0
-            found_p += paired_ratio_difference(as_items(a), as_items(b), n=args.boot).low > 0
+            same = runs(rng, 0.5, run_sd, seeds, args.items), runs(rng, 0.5, run_sd, seeds, args.items)
+            gap = runs(rng, 0.65, run_sd, seeds, args.items), runs(rng, 0.5, run_sd, seeds, args.items)
+            for m, fn in METHODS.items():
+                d = fn(*same, args.boot)
+                false[m] += d.low > 0 or d.high < 0
+                found[m] += fn(*gap, args.boot).low > 0
         s = args.sims
-        print(f"| {seeds} | {run_sd} | {false_c / s:.3f} | {false_p / s:.3f} | {found_c / s:.3f} | {found_p / s:.3f} |")
+        print(f"| {seeds} | {run_sd} | " + " | ".join(f"{false[m] / s:.3f}" for m in names) + " | "
+              + " | ".join(f"{found[m] / s:.3f}" for m in names) + " |")
     print(f"\n{time.perf_counter() - t0:.0f} s")
 
 

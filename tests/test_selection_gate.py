@@ -170,24 +170,30 @@ def seeded_runs(rng: np.random.Generator, mean: float, run_sd: float, seeds: int
 
 def test_seed_intervals_hold_the_false_promotion_rate_where_pooled_items_do_not():
     """Two candidates of equal quality whose runs scatter (sd 0.08 per run, as stage-2 runs do on the demo): 3 seeds
-    x 200 items each. Treating the 600 cells as items calls a third of such pairs significant; resampling seeds and
-    items brings that to 0.10 (nominal 0.05: three runs cannot show all of their spread; more seeds close the gap,
-    benchmarks/seed_intervals.py). With a real gap (0.75 vs 0.45) it still finds the difference."""
+    x 200 items each. Treating the 600 cells as items calls a third of such pairs significant; the crossed seed x
+    item bootstrap widened to the Student-t interval over the seeds keeps the rate at or below the nominal 5% (the
+    bootstrap alone: about one in eight over more simulations, benchmarks/seed_intervals.py). A real gap
+    (0.75 vs 0.45) is still found about half the time: three runs this noisy cannot say more."""
     rng = np.random.default_rng(0)
-    sims, false_crossed, false_pooled, found = 120, 0, 0, 0
+    sims, false, false_crossed, false_pooled, found = 80, 0, 0, 0, 0
     for _ in range(sims):
         a, b = seeded_runs(rng, 0.5, 0.08), seeded_runs(rng, 0.5, 0.08)
-        crossed = paired_ratio_difference(a, b, n=500)
+        d = paired_ratio_difference(a, b, n=400)
+        crossed = paired_ratio_difference(a, b, n=400, small_sample=False)
         pooled = paired_ratio_difference(*(x.reset_index("seed", drop=True).reset_index(drop=True) for x in (a, b)),
-                                         n=500)
-        assert (crossed.items, crossed.seeds, pooled.items, pooled.seeds) == (200, 3, 600, 1)
-        assert crossed.estimate == pytest.approx(pooled.estimate)  # same point estimate, other interval
+                                         n=400)
+        assert (d.items, d.seeds, pooled.items, pooled.seeds) == (200, 3, 600, 1)
+        assert d.estimate == pytest.approx(pooled.estimate)  # same point estimate, other interval
+        assert d.low <= crossed.low and d.high >= crossed.high  # the t part only ever widens
+        false += d.low > 0 or d.high < 0
         false_crossed += crossed.low > 0 or crossed.high < 0
         false_pooled += pooled.low > 0 or pooled.high < 0
-        found += paired_ratio_difference(seeded_runs(rng, 0.75, 0.08), seeded_runs(rng, 0.45, 0.08), n=500).low > 0
-    assert false_crossed / sims < 0.15 < 0.25 < false_pooled / sims
-    assert found / sims > 0.8
+        found += paired_ratio_difference(seeded_runs(rng, 0.75, 0.08), seeded_runs(rng, 0.45, 0.08), n=400).low > 0
+    assert false <= false_crossed and false / sims <= 0.075 < 0.25 < false_pooled / sims
+    assert found / sims > 0.4  # the price of honesty with three noisy runs: a t with 2 degrees of freedom is wide
     assert "(95%, n=200 × 3 seeds)" in ratio_interval(a).text()
+    with pytest.raises(ValueError, match="1 item.s. have no seed label"):
+        ratio_interval(a.rename(index={0: np.nan}, level="seed").iloc[:1].pipe(lambda x: pd.concat([x, a.iloc[300:]])))
 
 
 def test_seeds_pool_into_one_entry_per_candidate():

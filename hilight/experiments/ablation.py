@@ -624,12 +624,12 @@ def _pooled_items(scores: pd.DataFrame, models: list[tuple[str, int, int | None]
             return None
         parts.append(part.set_index(pd.Index([-1 if _seed(seed) is None else _seed(seed)] * len(part), name="seed"),
                                     append=True))
-    return pd.concat(parts).groupby(level=[1, 0]).sum()  # (seed, clip); a seed's checkpoints summed clip by clip
+    return pd.concat(parts).groupby(level=["seed", "video_id"]).sum()  # a seed's checkpoints summed clip by clip
 
 
 def winner_interval(selection: dict, scores: pd.DataFrame, metric: str) -> dict | None:
     """Bootstrap interval over held-out clips of any clip-decomposable ``metric`` (e.g. the colour hard negatives)
-    for ``select_variant``'s winner, its seeds' chosen checkpoints pooled, at the rule's confidence."""
+    for ``select_variant``'s winner, over its clips and its seeds' chosen checkpoints, at the rule's confidence."""
     winner, rule = selection["winner"], selection["rule"]
     items = _pooled_items(scores, [(winner["variant"], s["step"], s["seed"]) for s in winner["seeds"]], metric)
     return None if items is None else ratio_interval(items, confidence=rule["confidence"],

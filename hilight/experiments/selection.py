@@ -472,8 +472,8 @@ def render_decision(decision: dict, evidence: pd.DataFrame) -> str:
                       f"{seeds_text(diff.get('seeds', 1))})."]
     if decision.get("per_seed"):
         lines += ["", "**Per training seed** (the table shows means over seeds; the intervals resample the seeds and the "
-                      "questions, crossed, and with few seeds still understate how far one run can land from the next: "
-                      "benchmarks/RESULTS.md, \"Intervals over seeds\"):",
+                      "questions, crossed, and cover the Student-t interval over the seeds: with two or three seeds only a "
+                      "large gap clears it; benchmarks/RESULTS.md, \"Intervals over seeds\"):",
                   *(f"- seed {seed}: winner {v['winner']}; " + ", ".join(f"{c} {x:.3f}" for c, x in v["values"].items())
                     for seed, v in decision["per_seed"].items())]
     if decision.get("changes"):
