@@ -50,7 +50,7 @@ $(COMPILED): $(STAMP)
 # platform's CUDA wheels would pin every other machine to it
 lock:
 	{ head -1 requirements.lock; $(PY) -m pip freeze --exclude-editable \
-	  | grep -v -E '^(hilight|torch|triton|nvidia-)'; } > requirements.lock.new
+	  | grep -v -E '^(hilight|torch|triton)==|^nvidia-'; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock
 
 clean:

@@ -71,7 +71,9 @@ def bad_dataset(dataset_copy, tmp_path):
         _qa("q_nomarker", a_good, [{"from": "human", "value": "What?"}, {"from": "gpt", "value": "x"}]),
         _qa("q_two", a_good, [{"from": "human", "value": "<video> <video> What?"}, {"from": "gpt", "value": "x"}]),
         _qa("q_alt", a_good, [{"from": "human", "value": "<video> Q"}, {"from": "human", "value": "Q2"}]),
-        _qa(good_qa[0]["id"], a_good),  # duplicate id
+        dict(good_qa[0]),  # the same record again: a duplicate
+        _qa(good_qa[0]["id"], a_good, [{"from": "human", "value": "<video>\nAnother question?"},
+                                        {"from": "gpt", "value": "Another answer."}]),  # same id, new QA: kept
         {"id": "q_schema", "conversations": []},
         _qa("q_missing", "gone.mp4"),
     ]
@@ -127,7 +129,7 @@ def test_each_bad_input_has_a_named_reason_and_no_valid_row_is_lost(bad_dataset)
     expected = {(r["video"], c["caption"]) for r in good for c in r["captions"]} | {("frames.npy", "good: npy array input")}
     assert set(zip(manifest["video"], manifest["caption"])) == expected and len(manifest) == len(expected)
     qa_manifest = pd.read_parquet(result.manifests["qa"])
-    assert sorted(qa_manifest["id"]) == sorted(r["id"] for r in good_qa)
+    assert sorted(qa_manifest["id"]) == sorted([r["id"] for r in good_qa] + [good_qa[0]["id"]])  # VideoInstruct-style
     assert len(q) + len(manifest) + len(qa_manifest) + len(pd.read_parquet(result.manifests["videos"])) == \
         sum(result.counts.values())
 
@@ -225,7 +227,7 @@ def test_bad_corpus_through_the_chain(bad_dataset, tmp_path):
 
     # the VLM stages read every accepted conversation; the template keeps them all
     qa = read_qa_manifest(out).rows
-    assert sorted(qa["id"]) == sorted(r["id"] for r in good_qa)
+    assert sorted(qa["id"]) == sorted([r["id"] for r in good_qa] + [good_qa[0]["id"]])  # + the VideoInstruct-style one
     gemma = build_gemma_tokenizer([c for r in good for c in (x["caption"] for x in r["captions"])] + ["yes no"],
                                   tmp_path / "gemma", vocab_size=300)
     encoded = encode_samples(qa, gemma, video_tokens=4, max_length=512)

@@ -95,3 +95,24 @@ def test_data_models_forbid_unknown_keys():
     for model in (DatasetSpec, ProbeSettings, DataValidationConfig, DataContract,
                   DataContract.model_fields["expectations"].annotation.__args__[0]):
         assert model.model_config.get("extra") == "forbid", model
+
+
+def test_qa_naming_pkl_caches_takes_its_videos_split_from_the_captions(dataset_copy, tmp_path, monkeypatch):
+    """The reference's QA files name .pkl caches that pkl_fallback_suffixes resolves to the .mp4 the caption table
+    names: the QA takes the split of that video (matched by content), so held-out videos stay out of training."""
+    from hilight.data.captions import read_caption_manifest
+    from hilight.data.qa import read_qa_manifest
+
+    monkeypatch.setenv("HILIGHT_STATE_DIR", str(tmp_path / "state"))
+    qa = json.loads((dataset_copy / "qa.json").read_text())
+    (dataset_copy / "qa.json").write_text(json.dumps([{**r, "video": r["video"].replace(".mp4", ".pkl")} for r in qa]))
+    spec = DatasetSpec(name="t", root=str(dataset_copy), captions=["captions.json"], qa=["qa.json"],
+                       pkl_fallback_suffixes=[".mp4"])
+    out = tmp_path / "out"
+    run_ingest(DataValidationConfig(datasets=[spec], output_dir=str(out), progress=False, probe={"workers": 1}),
+               load_contracts(REPO / "data_contracts"))
+    split_of = read_caption_manifest(out).rows.drop_duplicates("video_sha256").set_index("video_sha256")["split"]
+    rows = read_qa_manifest(out).rows
+    assert len(rows) == len(qa) and set(split_of) >= {"train", "val"}
+    assert rows["split"].tolist() == split_of.reindex(rows["video_sha256"]).tolist()
+    assert {"val", "test"} & set(rows["split"])  # held-out videos' QA is held out

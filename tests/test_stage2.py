@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -127,9 +128,15 @@ def test_a_source_without_a_held_out_split_holds_out_videos_by_content(caption_m
     assert sorted(train[0]["id"].tolist() + val[0]["id"].tolist()) == sorted(every["id"].tolist())  # nothing lost
     n = every["video_sha256"].nunique()
     assert 0.1 * n < val[0]["video_sha256"].nunique() < 0.5 * n  # about 30% of its videos
-    # a video's place depends on its own hash alone: half the set gives the same verdicts on that half
-    half = every["video_sha256"].drop_duplicates().iloc[::2]
-    assert held_out(half, 0.3).tolist() == held_out(every["video_sha256"].drop_duplicates(), 0.3).iloc[::2].tolist()
+    # a video is held out when the first 32 bits of its content hash fall below the share
+    assert held_out(pd.Series(["4ccccccc" + "0" * 56, "4ccccccd" + "0" * 56]), 0.3).tolist() == [True, False]
+    with pytest.raises(ValueError, match=r"of one dataset hold out different shares: \{'billiards': \[0.3, None\]\}"):
+        MixtureDataSpec.model_validate({"sources": [{"dataset": "billiards", "kind": "qa", "holdout": 0.3},
+                                                    {"dataset": "billiards", "kind": "describe"}]})
+    # a source without holdout still reads data.val_splits
+    plain = spec.model_copy(update={"val_splits": ["val", "test"], "sources": [
+        spec.sources[0].model_copy(update={"holdout": None})]})
+    assert set(source_rows(plain, "val")[0]["split"]) <= {"val", "test"}
     with pytest.raises(ValueError, match=r"source billiards/qa: holdout 1e-09 leaves no val videos of \d+"):
         source_rows(spec.model_copy(update={"sources": [spec.sources[0].model_copy(update={"holdout": 1e-9})]}), "val")
 

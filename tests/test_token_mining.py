@@ -97,6 +97,14 @@ def test_loads_reference_bin_and_pt_strictly(tmp_path):
         assert all(torch.allclose(model.state_dict()[k], v, atol=tol) for k, v in sd.items())
         assert all(p.dtype == torch.float32 for p in model.parameters())
 
+    # the reference's stage-1 output folder (token_mining.bin + config.json, no model.safetensors) loads by its name
+    (tmp_path / "TokenMining").mkdir()
+    torch.save({f"model.token_mining.{k}": v for k, v in sd.items()}, tmp_path / "TokenMining" / "token_mining.bin")
+    (tmp_path / "TokenMining" / "config.json").write_text("{}")
+    model = TokenMining(TokenMiningConfig(**TINY))
+    load_token_mining(model, tmp_path / "TokenMining")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
+
     missing = {k: v for k, v in sd.items() if not k.startswith("val_projector.1")}
     torch.save(missing, tmp_path / "missing.pt")
     with pytest.raises(CheckpointError, match="val_projector.1.weight"):

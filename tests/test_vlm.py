@@ -71,6 +71,10 @@ def test_tokenizer_has_gemma_specials_and_round_trips(tok, tmp_path):
     assert again.get_vocab() == tok.get_vocab()  # deterministic
     with pytest.raises(TokenizerError, match="does not exist"):
         load_llm_tokenizer(tmp_path / "nowhere")
+    (tmp_path / "merged").mkdir()  # e.g. a merged HiLight model directory saved without its tokenizer
+    (tmp_path / "merged" / "config.json").write_text("{}")
+    with pytest.raises(TokenizerError, match=r"merged holds no tokenizer files .*; point llm.dir \(or llm.tokenizer_dir"):
+        load_llm_tokenizer(tmp_path / "merged")
 
 
 def test_labels_supervise_only_answers_and_match_whole_string_tokenisation(tok):

@@ -185,7 +185,8 @@ def _msrvtt_rows(path: Path, dataset: str, data: dict) -> list[dict]:
     splits = {}
     for v in data.get("videos", []) or []:
         if isinstance(v, dict) and "video_id" in v:
-            splits[str(v["video_id"])] = MSRVTT_SPLITS.get(v.get("split"), v.get("split"))
+            split = v.get("split")
+            splits[str(v["video_id"])] = MSRVTT_SPLITS.get(split, split) if isinstance(split, str) else split
     rows = []
     for i, s in enumerate(data["sentences"] if isinstance(data["sentences"], list) else []):
         row = dict.fromkeys(CAPTION_COLUMNS)

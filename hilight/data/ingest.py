@@ -243,7 +243,10 @@ def load_tables(config: DataValidationConfig) -> Tables:
     facts = pd.DataFrame([importers.conversation_facts(c) for c in qa["conversations"]], index=qa.index,
                          columns=list(importers.conversation_facts(None)))  # columns even when there is no QA file
     qa = pd.concat([qa, facts], axis=1)
-    qa["duplicate_of"] = importers.mark_duplicates(qa, lambda r: None if not isinstance(r["id"], str) else (r["dataset"], r["id"]))
+    # a duplicate repeats a record: same id *and* conversation. VideoInstruct-100K's id is the video's, shared by
+    # the ~8 QA pairs of each of its 13K videos, so an id alone would reject most of it
+    qa["duplicate_of"] = importers.mark_duplicates(
+        qa, lambda r: None if not isinstance(r["id"], str) else (r["dataset"], r["conversations"], r["id"]))
 
     videos = _referenced_videos(config, captions, qa)
     return Tables(videos=videos, captions=captions, qa=qa)
@@ -580,7 +583,8 @@ def check_thresholds(result: IngestResult, validation: Validation) -> None:
         "data rejected by contract: " + "; ".join(result.problems) + f". Top reasons: {reasons or 'n/a'}. "
         f"Report: {result.report_path} (quarantine: {result.quarantine_path}). This run was not published: {kept}. "
         "Fix the data, raise max_reject_fraction in the contract if these rejects are expected, or accept the partial "
-        "dataset explicitly with --allow-rejects (allow_rejects: true).")
+        "dataset explicitly (`hilight validate --allow-rejects`, or `allow_rejects=true` after `hilight run "
+        "data_validation -c ...`, or allow_rejects: true in the config).")
 
 
 def run_ingest(config: DataValidationConfig, contracts: dict[str, DataContract], *, check: bool = True) -> IngestResult:

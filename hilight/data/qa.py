@@ -1,8 +1,10 @@
 """Video QA samples from a validated manifest, tokenised with the chat template, for the VLM stages.
 
 The manifest's ``qa`` table (LLaVA/VideoInstruct conversations that passed the ``video_qa`` contract) has no split
-column; a sample takes the split of its video in the caption table, and videos without captions (QA-only sets such
-as Valley) count as ``train`` — give held-out QA as its own dataset entry (e.g. ``valley_val``), as the reference did.
+column; a sample takes the split of its video in the same dataset's caption table, matched by content hash (a QA
+file naming the reference's ``.pkl`` caches and a caption table naming the ``.mp4`` files agree on the video), and
+videos without captions (QA-only sets such as Valley) count as ``train`` — give held-out QA as its own dataset entry
+(e.g. ``valley_val``), or a stage-2 source ``holdout``.
 
 Conversations are encoded either up front (``encode_samples``: a sample the template cannot fit in ``max_length``
 is rejected before training with its reason) or lazily (``lazy_samples``: each sample on first use, by the same
@@ -58,10 +60,12 @@ def read_qa_manifest(manifest_dir) -> QAManifest:
     if qa.empty:
         raise ManifestError(f"{manifest_dir} has no QA samples; list QA files under datasets[].qa in the "
                             "data_validation config")
-    captions = pd.read_parquet(manifest_dir / meta["files"]["captions"], columns=["dataset", "video", "split"])
-    split_of = captions.drop_duplicates(["dataset", "video"]).set_index(["dataset", "video"])["split"]
+    # by content, not by the annotation's file name: VideoInstruct-style QA names .pkl caches that the validation
+    # resolved to the .mp4 the captions name, and a name match left held-out videos' QA in "train"
+    captions = pd.read_parquet(manifest_dir / meta["files"]["captions"], columns=["dataset", "video_sha256", "split"])
+    split_of = captions.drop_duplicates(["dataset", "video_sha256"]).set_index(["dataset", "video_sha256"])["split"]
     roots = {name: resolve_path(d["root"]) for name, d in meta["datasets"].items()}
-    keys = pd.MultiIndex.from_frame(qa[["dataset", "video"]])
+    keys = pd.MultiIndex.from_frame(qa[["dataset", "video_sha256"]])
     rows = pd.DataFrame({
         "dataset": qa["dataset"].astype(str),
         "id": qa["id"].astype(str),

@@ -156,8 +156,9 @@ def load_token_mining(model: TokenMining, path) -> None:
     """Load a reference ``.bin`` / ``.pt`` or one of our safetensors files strictly into ``model`` (a missing,
     unexpected or mis-shaped key fails and is named; fp16 files are cast to the model's dtype)."""
     path = Path(path)
-    if path.is_dir():  # a directory written by save_token_mining
-        path = path / MODEL_FILE
+    if path.is_dir():  # a directory written by save_token_mining, or the reference's stage-1 output folder
+        path = path / MODEL_FILE if (path / MODEL_FILE).is_file() or not (path / REFERENCE_FILE).is_file() \
+            else path / REFERENCE_FILE
     sd = token_mining_state_dict(read_state_dict(path), str(path))
     found = detect_depth(sd)
     if found != model.config.depth:

@@ -34,6 +34,9 @@ def _read_local(cls, directory: str | Path, point_at: str):
     directory = Path(directory)
     if not directory.is_dir():
         raise TokenizerError(f"tokenizer directory {directory} does not exist; point {point_at}")
+    names = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+    if not any((directory / n).is_file() for n in names):  # e.g. a merged HiLight directory saved without one
+        raise TokenizerError(f"{directory} holds no tokenizer files (none of {', '.join(names)}); point {point_at}")
     try:
         return cls.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError, json.JSONDecodeError) as exc:

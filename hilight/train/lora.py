@@ -111,6 +111,13 @@ class MixtureDataSpec(BaseModel):
         labels = [s.label for s in self.sources]
         if len(set(labels)) != len(labels):
             raise ValueError(f"data.sources lists a (dataset, kind) twice: {labels}")
+        holdouts: dict[str, set] = {}
+        for s in self.sources:
+            holdouts.setdefault(s.dataset, set()).add(s.holdout)
+        mixed = {d: sorted(h, key=str) for d, h in holdouts.items() if len(h) > 1}
+        if mixed:  # its qa source would train on the videos its describe source holds out, or the reverse
+            raise ValueError(f"data.sources of one dataset hold out different shares: {mixed}; give every source of "
+                             "that dataset the same holdout")
         return self
 
 

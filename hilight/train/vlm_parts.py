@@ -16,6 +16,7 @@ from typing import Literal
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hilight.data.feature_cache import FeatureCache, fill_cache
@@ -247,7 +248,8 @@ def cache_tower_features(spec: FeatureCacheSpec, parts: VLMParts, sets: list[Enc
     stay; returns ``None``.
 
     Under DDP every process fills a share: the i-th missing clip (in SHA order, the same list on every process) goes
-    to process i mod N, which writes its own shards; then all wait and re-read the index. One process filling alone
+    to process i mod N (process 0's list, broadcast), which writes its own shards; then all wait and re-read the
+    index. One process filling alone
     would take N times as long, while the others sat in a barrier: at Valley-703K scale, hours, far past the
     process group's timeout."""
     if spec.mode == "online":
@@ -260,9 +262,11 @@ def cache_tower_features(spec: FeatureCacheSpec, parts: VLMParts, sets: list[Enc
         videos.update(zip(encoded.rows["video_sha256"], encoded.rows["video_file"], strict=True))
     state = PartialState()
     cache.refresh()
-    todo = cache.missing(videos)
+    todo = [cache.missing(videos)]
+    if state.num_processes > 1:  # one list for all (another job sharing the cache may add shards meanwhile)
+        broadcast_object_list(todo)
+    todo = todo[0]
     check_cache_space(spec, cache, parts, len(todo), tracker)
-    state.wait_for_everyone()  # every process has its list before any writes a shard
     mine = todo[state.process_index::state.num_processes]
     fill_cache(cache, {s: videos[s] for s in mine}, tower_encoder(parts.vlm), num_frames=parts.num_frames,
                image_size=parts.image_size, batch_size=spec.batch_size, progress=progress,
@@ -270,9 +274,9 @@ def cache_tower_features(spec: FeatureCacheSpec, parts: VLMParts, sets: list[Enc
     state.wait_for_everyone()
     cache.refresh()
     lost = cache.missing(videos)
-    if lost:  # another writer (a prune, a second run on another key) removed shards meanwhile
+    if lost:  # shards deleted meanwhile (a prune of this key directory while it was being filled)
         raise RuntimeError(f"feature cache {cache.dir}: {len(lost)} clip(s) missing after the fill (e.g. {lost[0]}); "
-                           "something deleted shards during it (hilight cache prune?): run again")
+                           "shards were deleted during it (hilight cache prune?): run again")
     tracker.log_metrics({"features/cached": len(videos) - len(todo), "features/computed": len(todo)}, 0)
     parts.vlm.clipvip = parts.vlm.longclip = None
     return cache
