@@ -106,21 +106,65 @@ def contracts_in(contracts_dir: str) -> dict[str, DataContract]:
         raise ConfigError(f"contracts_dir: {exc}") from None
 
 
+# weights and tokenizers a config reads (key path suffix -> what must be there), checked like ``init``
+WEIGHT_PATHS = {
+    "vision.clipvip": ("exists", "a CLIP-ViP export directory or an original-layout .pt"),
+    "clipvip": ("exists", "a CLIP-ViP export directory or an original-layout .pt"),
+    "vision.longclip": ("file", "the original longclip-B.pt"),
+    "llm.dir": ("dir", "a local Gemma directory (config.json, safetensors, tokenizer files)"),
+    "llm.tokenizer_dir": ("dir", "a directory of Gemma tokenizer files"),
+    "tokenizer.dir": ("dir", "a local copy of openai/clip-vit-base-patch16's tokenizer files"),
+    "evaluation.judge": ("model_dir", "an aligned CLIP-ViP export directory (model.safetensors and tokenizer/, as "
+                                      "clipvip_alignment writes; a .pt is not enough: the judge needs its tokenizer)"),
+}
+_KINDS = {"exists": ("exist", Path.exists), "file": ("a file", Path.is_file), "dir": ("a directory", Path.is_dir),
+          "model_dir": ("an export directory", lambda p: (p / "model.safetensors").is_file())}
+
+
+def _weight_problem(where: str, value: str, label: str = "") -> str | None:
+    """The problem with a weights/tokenizer path field, or None (fields WEIGHT_PATHS does not name: None);
+    ``label`` is put before the key path in the message."""
+    suffix = next((s for s in WEIGHT_PATHS if where == s or where.endswith("." + s)), None)
+    if suffix is None:
+        return None
+    kind, what = WEIGHT_PATHS[suffix]
+    word, ok = _KINDS[kind]
+    path = resolve_path(value)
+    if ok(path):
+        return None
+    found = "does not exist" if not path.exists() else f"is not {word}"
+    return (f"  - {label}{where}: {path} {found}; point it at {what} (relative paths in a config are relative to "
+            "the project root)")
+
+
 def check_inputs(config: BaseModel) -> None:
     """Check the input paths a config names, before anything runs: every ``manifest_dir`` must hold a validated
-    manifest, every ``init`` must exist, a ``contracts_dir`` must hold valid contracts. Raises one ``ConfigError``
-    listing every problem with its key path (paths inside a config are relative to the project root)."""
+    manifest, every ``init`` and every weights or tokenizer path (``WEIGHT_PATHS``) must exist as the kind it
+    names, a ``contracts_dir`` must hold valid contracts; a selection's candidates are checked through their
+    stage-1 configs (stage 2 reads the same towers and LLM). Raises one ``ConfigError`` listing every problem with
+    its key path (paths inside a config are relative to the project root)."""
     problems = []
-    for where, key, value in _fields(config):
+    fields = [("", *f) for f in _fields(config)]
+    if hasattr(config, "candidate_configs"):  # select_vision_weights: what each candidate's stage 1 will read
+        for name in config.candidates:
+            stage1 = config.candidate_configs(name)[0]
+            fields += [(f"candidates.{name} (stage 1: {config.stage1}) ", *f) for f in _fields(stage1)
+                       if f[1] != "manifest_dir"]
+    reported = set()  # a path named by the selection and again by each candidate's stage 1: said once
+    for label, where, key, value in fields:
         if value is None:
             continue
-        if key == "manifest_dir":
+        if isinstance(value, str) and (problem := _weight_problem(where, value, label)):
+            if (key, value) not in reported:
+                problems.append(problem)
+            reported.add((key, value))
+        elif key == "manifest_dir":
             try:
                 open_manifest(value)
             except ManifestError as exc:
                 problems.append(f"  - {where}: {exc}")
         elif key == "init" and isinstance(value, str) and not resolve_path(value).exists():
-            problems.append(f"  - {where}: {resolve_path(value)} does not exist (relative paths in a config are "
+            problems.append(f"  - {label}{where}: {resolve_path(value)} does not exist (relative paths in a config are "
                             "relative to the project root); train or download it first, or fix the path")
         elif key == "contracts_dir":
             try:
@@ -138,6 +182,9 @@ def _fields(model: BaseModel, prefix: str = ""):
         path = f"{prefix}{name}"
         if isinstance(value, BaseModel):
             yield from _fields(value, path + ".")
+        elif isinstance(value, dict) and all(isinstance(v, BaseModel) for v in value.values()):
+            for key, item in value.items():  # e.g. a selection's candidates
+                yield from _fields(item, f"{path}.{key}.")
         elif isinstance(value, list):
             for i, item in enumerate(value):
                 if isinstance(item, BaseModel):

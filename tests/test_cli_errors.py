@@ -231,3 +231,25 @@ def test_ui_forwards_sigterm_to_the_server_process_group(zenml_project):
             ui.kill()
     with socket.socket() as again:  # nothing of the server's group holds the port any more
         again.bind(("127.0.0.1", port))
+
+
+def test_real_configs_name_every_missing_weight_path_before_running():
+    """The real-shape templates on a machine without the weights: one message names every weights, tokenizer and
+    judge path (with its key and what belongs there), a selection's candidates through their stage-1 configs too."""
+    from hilight.config import ConfigError, load_config
+    from hilight.experiments.selection import SelectionConfig
+    from hilight.train.tokenmining import TokenMiningPretrainConfig
+    from pipelines.run import check_inputs
+
+    with pytest.raises(ConfigError) as err:
+        check_inputs(load_config(REPO / "configs/tokenmining_hilight_2b.yaml", TokenMiningPretrainConfig))
+    text = str(err.value)
+    for key, what in [("vision.clipvip", "a CLIP-ViP export directory or an original-layout .pt"),
+                      ("vision.longclip", "the original longclip-B.pt"), ("llm.dir", "a local Gemma directory")]:
+        assert f"  - {key}: " in text and what in text, key
+    with pytest.raises(ConfigError) as err:
+        check_inputs(load_config(REPO / "configs/compare_depth.yaml", SelectionConfig))
+    text = str(err.value)
+    assert "  - evaluation.judge: " in text and "the judge needs its tokenizer" in text
+    assert "candidates.reference (stage 1: configs/tokenmining_hilight_2b.yaml) llm.dir: " in text
+    assert text.count("longclip-B.pt does not exist") == 1  # the same path once, not once per candidate
