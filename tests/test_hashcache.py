@@ -230,3 +230,27 @@ def test_a_tree_memo_older_than_its_days_is_made_again(tree, monkeypatch):
     monkeypatch.setattr(hashcache.time, "time_ns", lambda: real() + (hashcache.TREE_MEMO_DAYS + 1) * 86_400 * 10**9)
     again, hashed, hits = _fingerprint(spec)
     assert again == fp and calls and hashed == 0 and hits > 0  # made again from the files' rows: all hits
+
+
+def test_weight_digests_read_an_unchanged_file_once(tmp_path, monkeypatch):
+    """The locate steps hash every weight a stage reads (Gemma-2B's shards: GBs) at every run: through the hash
+    cache an unchanged file is stat-ed, not read; a changed one is read again."""
+    from hilight.models.checkpoints import directory_digest, weights_digest
+
+    monkeypatch.setenv(hashcache.STATE_DIR_ENV, str(tmp_path / "state"))
+    monkeypatch.setenv(hashcache.REHASH_ENV, "0")
+    model = tmp_path / "llm"
+    model.mkdir()
+    past = time.time() - 60
+    for name in ("config.json", "model.safetensors"):
+        (model / name).write_bytes(os.urandom(2000))
+        os.utime(model / name, (past, past))
+    STATS.reset()
+    first = directory_digest(model), weights_digest(model)
+    assert STATS.hashed == 2 and STATS.hashed_bytes == 4000
+    STATS.reset()
+    assert (directory_digest(model), weights_digest(model)) == first and STATS.hashed == 0 and STATS.hits == 3
+    (model / "config.json").write_bytes(os.urandom(2000))
+    os.utime(model / "config.json", (past + 1, past + 1))
+    STATS.reset()
+    assert directory_digest(model) != first[0] and STATS.hashed == 1

@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from hilight.data.probe import sha256_file
+from hilight.data.hashcache import HashCache
 from hilight.models.clipvip import CLIPViPConfig, CLIPViPModel, build_clipvip
 
 log = logging.getLogger(__name__)
@@ -181,19 +181,26 @@ def read_model_config(model_dir: str | Path) -> dict:
 
 
 def weights_digest(path: str | Path) -> str:
-    """Content hash of a weights file, or of a saved model directory's ``model.safetensors``."""
+    """Content hash of a weights file, or of a saved model directory's ``model.safetensors``; through the stat-keyed
+    hash cache (``hilight.data.hashcache``), so an unchanged multi-GB file is not read again by every run."""
     path = Path(path)
-    return sha256_file(path / MODEL_FILE if path.is_dir() else path)
+    with HashCache() as cache:
+        return cache.digest(path / MODEL_FILE if path.is_dir() else path)
 
 
 def directory_digest(path: str | Path) -> str:
-    """Content hash of every file under a directory (e.g. a transformers model dir: config, shards, tokenizer)."""
+    """Content hash of every file under a directory (e.g. a transformers model dir: config, shards, tokenizer),
+    each file's digest through the stat-keyed hash cache: a selection's locate steps read Gemma-2B's shards once,
+    not once per step and run."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    with HashCache() as cache:
+        digests = cache.digests(files)
     h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        h.update(f"{f.relative_to(path)}|{sha256_file(f)}|".encode())
+    for f, digest in zip(files, digests, strict=True):
+        h.update(f"{f.relative_to(path)}|{digest}|".encode())
     return h.hexdigest()
 
 
