@@ -263,3 +263,22 @@ def test_a_kept_champion_counts_as_checked_on_the_new_data(tmp_path, monkeypatch
     client.set_model_version_tag("m", v, f"{CHECKED_TAG}billiards", "new")
     assert champion_fingerprints("m") == {"billiards": "new"}
     assert champion_fingerprints("nope") is None
+
+
+@pytest.mark.parametrize("override, says", [
+    ("evaluation.judge=null", "rule.primary: 'table1k/describe/clip_similarity' needs evaluation.judge"),
+    ("rule.primary.metric=table1k/describe/clip_similarty", "'table1k/describe/clip_similarty' is not a metric"),
+    ("evaluation.datasets=[table1k]", "rule.guards[0]: 'msrvtt/describe/rougeL': dataset 'msrvtt' is not evaluated"),
+    ("rule.primary.metric=table1k/fact_accuracy", "needs the event log of 'table1k' (evaluation.events has none)"),
+])
+def test_a_rule_the_evaluation_cannot_measure_fails_when_the_config_is_read(override, says):
+    """A typo or a metric the evaluation block does not produce would otherwise surface in the last step, after
+    every candidate trained (on real shapes: GPU-days)."""
+    from hilight.config import ConfigError, load_config
+    from hilight.experiments.selection import SelectionConfig
+    from tests.conftest import REPO
+
+    load_config(REPO / "configs/compare_depth.yaml", SelectionConfig)  # as shipped: fine
+    with pytest.raises(ConfigError, match="the rule names metrics this evaluation will not measure") as err:
+        load_config(REPO / "configs/compare_depth.yaml", SelectionConfig, [override])
+    assert says in str(err.value)

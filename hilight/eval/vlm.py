@@ -223,6 +223,41 @@ def summarise(answers: pd.DataFrame) -> dict[str, float]:
     return metrics
 
 
+def metric_problem(metric: str, spec: VLMEvalSpec) -> str | None:
+    """Why ``spec`` cannot measure ``metric`` (``summarise``'s names), or None when it can: checked when a config is
+    read, so a typo or a metric the evaluation block does not produce fails before any candidate trains."""
+    dataset, _, rest = metric.partition("/")
+    if not rest:
+        return f"{metric!r} has no dataset part; metrics read <dataset>/<name>, e.g. {dataset or 'table1k'}/fact_accuracy"
+    if spec.datasets is not None and dataset not in spec.datasets:
+        return f"{metric!r}: dataset {dataset!r} is not evaluated (evaluation.datasets: {spec.datasets})"
+    family, _, kind = rest.partition("/")
+    family = family.removesuffix("_accuracy") if not kind else family
+    if family in ("fact", *CHOICE_FAMILIES) or rest == "choice_chance":
+        if dataset not in spec.events:
+            return (f"{metric!r} needs the event log of {dataset!r} (evaluation.events has "
+                    f"{sorted(spec.events) or 'none'}): factual checks exist for synthetic datasets only")
+        if family != "fact" and not spec.choices:
+            return f"{metric!r} needs evaluation.choices: true"
+        if family == "wrong_video_choice" and not spec.wrong_video_baseline:
+            return f"{metric!r} needs evaluation.wrong_video_baseline: true"
+        known = FACT_KINDS if family == "fact" else CHOICE_KINDS
+        if kind and kind not in known:
+            return f"{metric!r}: no {family} kind {kind!r}; known: {', '.join(known)}"
+        if not kind and not rest.endswith(("_accuracy", "_chance")):
+            return f"{metric!r}: say {dataset}/{family}_accuracy or {dataset}/{family}/<kind>"
+        return None
+    names = (*TEXT_METRICS, "clip_similarity", "clip_similarity_reference", "answers", "empty_answers")
+    if family not in ("describe", "qa") or kind not in names:
+        return (f"{metric!r} is not a metric the evaluation writes: <dataset>/<describe|qa>/<{'|'.join(names)}>, "
+                f"<dataset>/fact_accuracy, <dataset>/fact/<kind>, <dataset>/choice_accuracy, <dataset>/choice/<kind>")
+    if family == "qa" and not spec.questions:
+        return f"{metric!r} needs evaluation.questions: true"
+    if kind.startswith("clip_similarity") and not spec.judge:
+        return f"{metric!r} needs evaluation.judge (an aligned CLIP-ViP export scoring video-answer similarity)"
+    return None
+
+
 def evaluate_vlm(bundle: VLMBundle, spec: VLMEvalSpec) -> VLMEvaluation:
     items = eval_items(spec)
     bundle.vlm.eval()

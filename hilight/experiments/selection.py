@@ -34,7 +34,7 @@ from hilight.data.eval_files import contract_for, validate_eval_file
 from hilight.env import resolve_path
 from hilight.eval.choice import CHOICE_KINDS
 from hilight.eval.facts import FACT_KINDS
-from hilight.eval.vlm import CHOICE_FAMILIES, VLMEvalSpec, checks_as_float
+from hilight.eval.vlm import CHOICE_FAMILIES, VLMEvalSpec, checks_as_float, metric_problem
 from hilight.experiments.bootstrap import paired_ratio_difference, ratio_interval, seeds_text
 from hilight.models.export import GenerationSpec
 from hilight.train.lora import LoRAFinetuneConfig
@@ -145,6 +145,14 @@ class SelectionConfig(BaseModel):
             raise ValueError(f"seeds {self.seeds} repeat a value; list each seed once")
         for name in self.candidates:  # every candidate's stage configs must validate; fail now, naming it
             self.candidate_configs(name)
+        rule = self.rule
+        wrong = [f"{where}: {problem}" for where, m in [("rule.primary", rule.primary),
+                                                       *((f"rule.guards[{i}]", g) for i, g in enumerate(rule.guards)),
+                                                       *((f"rule.tie_breakers[{i}]", t)
+                                                         for i, t in enumerate(rule.tie_breakers))]
+                 if (problem := metric_problem(m.metric, self.evaluation))]
+        if wrong:  # now, not after every candidate has trained
+            raise ValueError("the rule names metrics this evaluation will not measure:\n  - " + "\n  - ".join(wrong))
         return self
 
     def _base(self, path: str, overrides: dict) -> dict:
