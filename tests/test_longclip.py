@@ -91,6 +91,26 @@ def test_conversion_is_strict(tmp_path):
         LongCLIPImageTower.from_original(path, preset=None)(torch.randn(2, 3, 32, 32))
 
 
+def test_wrong_files_and_wrappers_say_what_they_are(tmp_path):
+    """A CLIP-ViP file given as Long-CLIP is named as such; a trainer-style wrapper with other entries beside the
+    weights is unwrapped, OpenAI's int metadata dropped, and other non-tensor entries named."""
+    torch.manual_seed(3)
+    path, sd = _original_file(tmp_path, _OpenAIVisual())
+    torch.save({"vision_model.embeddings.patch_embedding.weight": torch.zeros(4, 3, 8, 8)}, tmp_path / "vip.pt")
+    with pytest.raises(CheckpointError, match=r"vip.pt is not an original-layout Long-CLIP file: no "
+                                              r"'visual.conv1.weight' .* a CLIP-ViP or transformers CLIP checkpoint"):
+        LongCLIPImageTower.from_original(tmp_path / "vip.pt", preset=None)
+    torch.save({"model": {**sd}, "step": 120000, "epoch": 3}, tmp_path / "wrapped.pt")
+    torch.save({**sd, "input_resolution": 32, "context_length": 77, "vocab_size": 49408}, tmp_path / "meta.pt")
+    expected = LongCLIPImageTower.from_original(path, preset=None).state_dict()
+    for name in ("wrapped.pt", "meta.pt"):
+        got = LongCLIPImageTower.from_original(tmp_path / name, preset=None).state_dict()
+        assert all(torch.equal(got[k], v) for k, v in expected.items()), name
+    torch.save({**sd, "notes": "fine-tuned", "optimizer": {"lr": 1.0}}, tmp_path / "mixed.pt")
+    with pytest.raises(CheckpointError, match=r"2 entries are not tensors, e.g. \['notes', 'optimizer'\]"):
+        LongCLIPImageTower.from_original(tmp_path / "mixed.pt", preset=None)
+
+
 def test_a_file_of_another_depth_or_width_than_the_preset_is_refused_with_both_numbers(tmp_path):
     """A truncated (fewer blocks) or other-size file would otherwise load as a smaller tower without error."""
     from transformers import CLIPVisionConfig

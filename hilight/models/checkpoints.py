@@ -67,12 +67,21 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except (RuntimeError, EOFError, zipfile.BadZipFile) as exc:
         raise CheckpointError(f"checkpoint {path} is truncated or not a torch file ({str(exc).splitlines()[0]}); "
                               "re-copy it") from exc
-    # a trainer-style {"model": sd} / {"state_dict": sd} wrapper is unwrapped (documented mapping)
-    if isinstance(obj, dict) and len(obj) == 1 and next(iter(obj)) in ("model", "state_dict", "module"):
-        log.info("checkpoint %s: unwrapping its %r entry", path, next(iter(obj)))
-        obj = next(iter(obj.values()))
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"checkpoint {path} is not a flat state_dict of tensors (got {type(obj).__name__})")
+    # a trainer-style {"model": sd, "step": ..., "optimizer": ...} wrapper is unwrapped (documented mapping)
+    wrapped = [k for k in ("model", "state_dict", "module") if isinstance(obj, dict) and isinstance(obj.get(k), dict)]
+    if len(wrapped) == 1 and all(isinstance(v, torch.Tensor) for v in obj[wrapped[0]].values()):
+        log.info("checkpoint %s: unwrapping its %r entry (ignoring %s)", path, wrapped[0],
+                 sorted(k for k in obj if k != wrapped[0]) or "nothing else")
+        obj = obj[wrapped[0]]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {path} is not a state_dict of tensors (got {type(obj).__name__})")
+    # OpenAI-CLIP-style files carry a few ints beside the tensors (build_model deletes them too)
+    meta = {k for k in ("input_resolution", "context_length", "vocab_size") if not isinstance(obj.get(k, 0), torch.Tensor)}
+    obj = {k: v for k, v in obj.items() if k not in meta}
+    if other := sorted(k for k, v in obj.items() if not isinstance(v, torch.Tensor)):
+        raise CheckpointError(f"checkpoint {path} is not a flat state_dict of tensors: {len(other)} entries are not "
+                              f"tensors, e.g. {other[:5]}; save the model's state_dict() alone, or under one of "
+                              "'model' / 'state_dict' / 'module'")
     return obj
 
 

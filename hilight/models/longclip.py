@@ -54,8 +54,16 @@ def _rename_block(key: str, value: torch.Tensor, src: str, dst: str, out: dict) 
     return False
 
 
-def longclip_config(sd: dict[str, torch.Tensor]) -> CLIPVisionConfig:
+def longclip_config(sd: dict[str, torch.Tensor], source: str = "longclip") -> CLIPVisionConfig:
     """The vision architecture of an original-layout state dict, read from its shapes (as ``build_model`` does)."""
+    needed = ["visual.conv1.weight", "visual.positional_embedding", "visual.proj",
+              "visual.transformer.resblocks.0.mlp.c_fc.weight"]
+    if missing := [k for k in needed if k not in sd]:
+        tops = sorted({k.split(".")[0] for k in sd})[:6]
+        guess = (" (vision_model.* keys: a CLIP-ViP or transformers CLIP checkpoint? It goes to vision.clipvip)"
+                 if "vision_model" in tops else "")
+        raise CheckpointError(f"{source} is not an original-layout Long-CLIP file: no {missing[0]!r} (its keys start "
+                              f"with {tops}){guess}; vision.longclip takes the released longclip-B.pt / longclip-L.pt")
     width = sd["visual.conv1.weight"].shape[0]
     patch = sd["visual.conv1.weight"].shape[-1]
     grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
@@ -141,8 +149,12 @@ def convert_longclip_text(sd: dict[str, torch.Tensor], source: str = "longclip")
     return out
 
 
-def longclip_clip_config(sd: dict[str, torch.Tensor]) -> CLIPConfig:
+def longclip_clip_config(sd: dict[str, torch.Tensor], source: str = "longclip") -> CLIPConfig:
     """Full Long-CLIP architecture (vision + text) from an original state dict's shapes."""
+    vision = longclip_config(sd, source)  # first: it says what the file is when it is not Long-CLIP
+    if "ln_final.weight" not in sd:
+        raise CheckpointError(f"{source} holds Long-CLIP's image tower only (no text tower: no 'ln_final.weight'); "
+                              "the whole model needs the released checkpoint with both")
     width = sd["ln_final.weight"].shape[0]
     layers = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")})
     text = CLIPTextConfig(vocab_size=sd["token_embedding.weight"].shape[0], hidden_size=width,
@@ -150,14 +162,14 @@ def longclip_clip_config(sd: dict[str, torch.Tensor]) -> CLIPConfig:
                           num_hidden_layers=layers, num_attention_heads=max(width // 64, 1),
                           max_position_embeddings=sd["positional_embedding"].shape[0], hidden_act="quick_gelu",
                           layer_norm_eps=1e-5, eos_token_id=2)  # 2 = pool at the argmax token, as the original
-    return CLIPConfig(text_config=text.to_dict(), vision_config=longclip_config(sd).to_dict(),
+    return CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
                       projection_dim=sd["text_projection"].shape[1])
 
 
 def load_longclip_clip(path) -> CLIPModel:
     """The whole Long-CLIP (both towers, logit scale) as a transformers ``CLIPModel``, loaded strictly."""
     sd = read_state_dict(path)
-    model = CLIPModel(longclip_clip_config(sd))
+    model = CLIPModel(longclip_clip_config(sd, str(path)))
     converted = {**convert_longclip_visual(sd, str(path)), **convert_longclip_text(sd, str(path)),
                  "logit_scale": sd["logit_scale"].float().reshape(())}
     load_strict(model, converted, str(path), ignore_prefixes=("text_model.embeddings.position_ids",
@@ -178,7 +190,7 @@ class LongCLIPImageTower(nn.Module):
         architecture (read from its shapes) must be the ``preset``'s (a name in ``presets/longclip`` or a config);
         ``None`` takes whatever the file holds."""
         sd = read_state_dict(path)
-        found = longclip_config(sd)
+        found = longclip_config(sd, str(path))
         if preset is not None:
             check_architecture(found, longclip_preset(preset) if isinstance(preset, str) else preset, str(path),
                                preset if isinstance(preset, str) else "the configured tower")
