@@ -376,15 +376,10 @@ def dataset_samples(config, stage: str) -> tuple[int | None, str]:
 
     if stage == "stage1":
         return len(read_qa_manifest(manifest).select(d.train_datasets, d.train_splits)), f"manifest {manifest}"
-    from hilight.data.captions import read_caption_manifest
+    from hilight.train.lora import source_rows
 
-    qa, captions = read_qa_manifest(manifest), read_caption_manifest(manifest)
-    total = 0.0
-    for source in d.sources:
-        rows = (qa if source.kind == "qa" else captions).select([source.dataset], d.train_splits)
-        if source.kind == "describe":
-            rows = rows.drop_duplicates("video_file")  # one describe sample per video
-        total += source.ratio * len(rows)
+    # the rows stage 2 trains on (a source's holdout left out), one describe sample per video as it builds them
+    total = sum(source.ratio * len(rows) for source, rows in zip(d.sources, source_rows(d, "train"), strict=True))
     return int(total), f"manifest {manifest} (sources weighted by ratio)"
 
 
