@@ -116,3 +116,22 @@ def test_qa_naming_pkl_caches_takes_its_videos_split_from_the_captions(dataset_c
     assert len(rows) == len(qa) and set(split_of) >= {"train", "val"}
     assert rows["split"].tolist() == split_of.reindex(rows["video_sha256"]).tolist()
     assert {"val", "test"} & set(rows["split"])  # held-out videos' QA is held out
+
+
+def test_clip_names_without_a_suffix_resolve_to_the_video_beside_them(dataset_copy, tmp_path, monkeypatch):
+    """CLIP-ViP's caption files name clips without their container's suffix (``clip_name``): the file with the
+    first of .mp4, .mkv, .webm, ... that exists is used, and the reason says so when none does."""
+    monkeypatch.setenv("HILIGHT_STATE_DIR", str(tmp_path / "state"))
+    records = json.loads((dataset_copy / "captions.json").read_text())
+    renamed = [{"clip_name": r["video"].removesuffix(".mp4"), **{k: v for k, v in r.items() if k != "video"}}
+               for r in records] + [{"clip_name": "nowhere", "caption": "a pool table"}]
+    (dataset_copy / "captions.json").write_text(json.dumps(renamed))
+    spec = DatasetSpec(name="t", root=str(dataset_copy), captions=["captions.json"])
+    result = run_ingest(DataValidationConfig(datasets=[spec], output_dir=str(tmp_path / "out"), progress=False,
+                                             probe={"workers": 1}), load_contracts(REPO / "data_contracts"), check=False)
+    q = pd.read_parquet(result.quarantine_path)
+    assert _videos(q) == {"nowhere": ("missing_file", f"no file at {dataset_copy / 'videos' / 'nowhere'}; no nowhere.mp4 "
+                                      "or nowhere.mkv or nowhere.webm or nowhere.avi or nowhere.mov beside it either "
+                                      "(a name without a suffix)")}
+    captions = pd.read_parquet(result.manifests["captions"])
+    assert len(captions) == sum(len(r["captions"]) for r in records)  # every real clip's captions kept

@@ -252,6 +252,9 @@ def load_tables(config: DataValidationConfig) -> Tables:
     return Tables(videos=videos, captions=captions, qa=qa)
 
 
+EXTENSIONLESS_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov")  # tried in order for a reference without one
+
+
 def _referenced_videos(config: DataValidationConfig, captions: pd.DataFrame, qa: pd.DataFrame) -> pd.DataFrame:
     specs = {d.name: d for d in config.datasets}
     refs = pd.concat([captions[["dataset", "video"]], qa[["dataset", "video"]]], ignore_index=True).dropna()
@@ -261,13 +264,19 @@ def _referenced_videos(config: DataValidationConfig, captions: pd.DataFrame, qa:
         spec = specs[dataset]
         root = resolve_path(spec.root)
         resolved_ref, note = ref, None
+        alts, why = [], ""
         if Path(ref).suffix.lower() in PICKLE_SUFFIXES and spec.pkl_fallback_suffixes:
-            alts = [str(Path(ref).with_suffix(suffix)) for suffix in spec.pkl_fallback_suffixes]
-            note = f"no {' or '.join(alts)} beside it either (pkl_fallback_suffixes)"
+            alts, why = [str(Path(ref).with_suffix(suffix)) for suffix in spec.pkl_fallback_suffixes], "pkl_fallback_suffixes"
+        elif not Path(ref).suffix:  # CLIP-ViP's caption files name clips without their container's suffix
+            exact, err = resolve_video_path(root, spec.video_dir, ref)
+            if err is not None or not exact.is_file():
+                alts, why = [ref + suffix for suffix in EXTENSIONLESS_SUFFIXES], "a name without a suffix"
+        if alts:
+            note = f"no {' or '.join(alts)} beside it either ({why})"
             for alt in alts:
                 alt_path, err = resolve_video_path(root, spec.video_dir, alt)
                 if err is None and alt_path.is_file():
-                    resolved_ref, note = alt, f"referenced as {ref}, resolved by pkl_fallback_suffixes"
+                    resolved_ref, note = alt, f"referenced as {ref}, resolved by {why}"
                     break
         path, error = resolve_video_path(root, spec.video_dir, resolved_ref)
         rows.append({"dataset": dataset, "video_ref": ref, "video": resolved_ref,
