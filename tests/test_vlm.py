@@ -236,6 +236,16 @@ def test_load_llm_is_strict_and_pins_the_activation(tok, tmp_path):
     (tmp_path / "merged" / "config.json").write_text(json.dumps(cfg))
     save_file({**sd, "model.token_mining.query_projector.0.weight": torch.ones(16)}, tmp_path / "merged" / "model.safetensors")
     assert load_llm(tmp_path / "merged", hidden_act="gelu").config.hidden_size == 64
+    # MGM-2B (Mini-Gemini, the reference's starting point): its projector and "uni" modules are not the LLM's
+    (tmp_path / "mgm").mkdir()
+    (tmp_path / "mgm" / "config.json").write_text(json.dumps(cfg | {"model_type": "mgm_gemma", "mm_hidden_size": 8}))
+    save_file({**sd, "model.mm_projector.0.weight": torch.ones(4), "model.vlm_uni_query_projector.1.bias": torch.ones(4),
+               "model.vision_tower_aux.stem.weight": torch.ones(2)}, tmp_path / "mgm" / "model.safetensors")
+    assert load_llm(tmp_path / "mgm", hidden_act="gelu").config.hidden_size == 64
+    save_file({**sd, "model.mm_projector.0.weight": torch.ones(4), "model.extra.weight": torch.ones(2)},
+              tmp_path / "mgm" / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"1 unexpected: \['model.extra.weight'\]"):
+        load_llm(tmp_path / "mgm", hidden_act="gelu")
     with pytest.raises(CheckpointError, match="model_type 'llama'"):
         (tmp_path / "merged" / "config.json").write_text(json.dumps(cfg | {"model_type": "llama"}))
         load_llm(tmp_path / "merged", hidden_act="gelu")

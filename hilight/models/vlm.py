@@ -42,7 +42,10 @@ log = logging.getLogger(__name__)
 PRESET_DIR = Path(__file__).parent / "presets" / "gemma"
 # keys a merged HiLight directory may hold beside Gemma's: TokenMining (loaded separately) and tower weights,
 # which the reference never stored but are ignored if present (hilight-reference §7.4)
-HILIGHT_EXTRA_PREFIXES = ("model.token_mining.", "model.vision_tower")
+# keys a HiLight or MGM (Mini-Gemini) checkpoint holds beside Gemma's, not part of the LLM: TokenMining, the vision
+# towers, and MGM's projector and "uni" modules, which HiLight's TokenMining replaces (MGM:mgm_arch.py)
+HILIGHT_EXTRA_PREFIXES = ("model.token_mining.", "model.vision_tower", "model.mm_projector.", "model.vlm_uni_")
+LLM_MODEL_TYPES = ("gemma", "hilight_gemma", "mgm_gemma")  # Gemma-2B, a merged HiLight dir, MGM-2B
 
 
 class SpliceError(ValueError):
@@ -68,15 +71,17 @@ def build_llm(config: GemmaConfig, *, seed: int = 0, dtype: torch.dtype = torch.
 
 
 def load_llm(directory: str | Path, *, hidden_act: str, dtype: torch.dtype = torch.float32) -> GemmaForCausalLM:
-    """Gemma (or a merged HiLight directory, ``model_type: hilight_gemma``) from a local directory, strictly."""
+    """Gemma (or a merged HiLight directory, ``model_type: hilight_gemma``, or MGM-2B, ``mgm_gemma``) from a local
+    directory, strictly: every Gemma tensor must be there and match; the others must be vision-side modules."""
     directory = Path(directory)
     cfg_path = directory / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{directory} is not a model directory ({cfg_path.name} is missing); point llm.dir at a "
                               "local Gemma-2B directory (config.json + *.safetensors + tokenizer files)")
     raw = json.loads(cfg_path.read_text())
-    if raw.get("model_type") not in ("gemma", "hilight_gemma"):
-        raise CheckpointError(f"{cfg_path} has model_type {raw.get('model_type')!r}; HiLight needs a Gemma LLM")
+    if raw.get("model_type") not in LLM_MODEL_TYPES:
+        raise CheckpointError(f"{cfg_path} has model_type {raw.get('model_type')!r}; HiLight needs a Gemma LLM "
+                              f"({', '.join(LLM_MODEL_TYPES)})")
     raw = {k: v for k, v in raw.items() if k not in ("model_type", "architectures", "hidden_activation")}
     config = GemmaConfig(**raw)
     if config.hidden_act != hidden_act:
@@ -85,6 +90,8 @@ def load_llm(directory: str | Path, *, hidden_act: str, dtype: torch.dtype = tor
     model, info = GemmaForCausalLM.from_pretrained(str(directory), config=config, dtype=dtype, local_files_only=True,
                                                    output_loading_info=True)
     unexpected = [k for k in info["unexpected_keys"] if not k.startswith(HILIGHT_EXTRA_PREFIXES)]
+    if ignored := len(info["unexpected_keys"]) - len(unexpected):
+        log.info("%s: %d non-LLM tensors (vision towers, projectors, TokenMining) left out of the LLM", directory, ignored)
     problems = {"missing": info["missing_keys"], "unexpected": unexpected, "mismatched": info["mismatched_keys"]}
     if any(problems.values()):
         raise CheckpointError(f"{directory} does not match its config: " + "; ".join(
