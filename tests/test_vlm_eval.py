@@ -95,9 +95,15 @@ def test_read_events_of_the_synthetic_datasets(billiards_dir, general_dir):
 
 def test_text_scores_and_summary():
     scores = text_scores(["The red ball was pocketed.", "nothing alike here"],
-                         ["The red ball was pocketed.", "The white cue ball hit the red ball first."])
+                         [["The red ball was pocketed."], ["The white cue ball hit the red ball first."]])
     assert scores.loc[0].tolist() == pytest.approx([1.0, 1.0, 1.0])
     assert (scores.loc[1] < 0.2).all()
+    # paraphrase captions (MSR-VTT): one of them said exactly scores 1 against them as references; against all of
+    # them joined into one reference the same answer scores far lower
+    paraphrases = ["a man is playing pool", "someone plays billiards in a bar", "a person hits a ball with a cue"]
+    multi = text_scores([paraphrases[0]], [paraphrases]).loc[0]
+    joined = text_scores([paraphrases[0]], [[". ".join(paraphrases)]]).loc[0]
+    assert multi.tolist() == pytest.approx([1.0, 1.0, 1.0]) and joined["rougeL"] < 0.6 and joined["bleu"] < 0.5
     answers = pd.DataFrame({
         "dataset": ["billiards"] * 3, "kind": ["qa", "qa", "describe"], "answer": ["a", "", "c"],
         "rougeL": [1.0, 0.0, 0.5], "bleu": [1.0, 0.0, 0.2], "chrf": [1.0, 0.0, 0.3],
@@ -156,3 +162,20 @@ def test_paired_difference_pools_checks_like_the_summary_metric():
     mean, _, _ = paired_difference(a, b, "billiards/fact_accuracy")
     assert mean == pytest.approx(summarise(a.assign(answer="x"))["billiards/fact_accuracy"]
                                  - summarise(b.assign(answer="x"))["billiards/fact_accuracy"])  # 3/4 - 2/4
+
+
+def test_paraphrase_datasets_keep_each_caption_as_a_reference(caption_manifest):
+    """``evaluation.paraphrase_datasets``: a description of such a dataset's clip is scored against each of its
+    captions; other datasets' captions (each about another object) stay one joined reference."""
+    from hilight.eval.vlm import VLMEvalSpec, eval_items
+
+    spec = VLMEvalSpec(manifest_dir=str(caption_manifest), splits=["train"], questions=False, max_videos=4,
+                       paraphrase_datasets=["general"])
+    items = eval_items(spec)
+    for row in items.itertuples(index=False):
+        refs = json.loads(row.references)
+        if row.dataset == "general":
+            assert len(refs) > 1 and " ".join(r if r.endswith(".") else r + "." for r in refs) == row.reference
+        else:
+            assert refs == [row.reference]
+    assert set(items["dataset"]) == {"billiards", "general"}

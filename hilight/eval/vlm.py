@@ -68,6 +68,11 @@ class VLMEvalSpec(BaseModel):
     wrong_video_baseline: bool = True  # with choices: score them again shown another clip's video (the control)
     max_videos: int | None = Field(64, ge=1)  # per dataset (a fixed random subset)
     events: dict[str, str] = {}  # dataset -> events.json of a synthetic dataset (factual checks)
+    # datasets whose captions of a clip paraphrase one another (MSR-VTT: ~20 per clip): a description is scored
+    # against each caption (multi-reference BLEU and chrF, the best ROUGE-L) instead of against all of them joined,
+    # which rewards length (a perfect single caption: ROUGE-L 0.175 against MSR-VTT's joined 104 words). Captions
+    # that each describe another object (table1k) stay joined: a description should cover them all
+    paraphrase_datasets: list[str] = []
     judge: str | None = None  # an aligned CLIP-ViP export dir (with tokenizer/) scoring video-answer similarity
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     batch_size: int = Field(16, ge=1)  # generation's batch, and the multiple-choice options per forward pass
@@ -94,11 +99,14 @@ def eval_items(spec: VLMEvalSpec) -> pd.DataFrame:
                             for _, g in videos.groupby("dataset")])
     captions = captions[captions["video_id"].isin(set(videos["video_id"]))]
     items = []
+    each = captions.groupby("video_id", sort=False)["caption"].agg(list)
     for row in describe_rows(captions, spec.prompt).itertuples(index=False):
         turn = parse_conversation(row.conversations)[0]
-        items.append({"dataset": row.dataset, "video_id": row.id.removeprefix("describe:"), "video_file": row.video_file,
+        video_id = row.id.removeprefix("describe:")
+        refs = [c.strip() for c in each[video_id]] if row.dataset in spec.paraphrase_datasets else [turn.answer]
+        items.append({"dataset": row.dataset, "video_id": video_id, "video_file": row.video_file,
                       "video_sha256": row.video_sha256, "kind": "describe", "question": spec.prompt,
-                      "reference": turn.answer, "history": "[]"})
+                      "reference": turn.answer, "references": json.dumps(refs), "history": "[]"})
     if spec.questions:
         video_of = dict(zip(zip(videos["dataset"], videos["video_sha256"]), videos["video_id"]))
         qa = read_qa_manifest(spec.manifest_dir).rows
@@ -108,7 +116,7 @@ def eval_items(spec: VLMEvalSpec) -> pd.DataFrame:
             for i, turn in enumerate(turns):  # follow-ups are asked after the reference answers of earlier turns
                 items.append({"dataset": row.dataset, "video_id": row.video_id, "video_file": row.video_file,
                               "video_sha256": row.video_sha256, "kind": "qa", "question": turn.question.strip(),
-                              "reference": turn.answer,
+                              "reference": turn.answer, "references": json.dumps([turn.answer]),
                               "history": json.dumps([[t.question.strip(), t.answer] for t in turns[:i]])})
     return pd.DataFrame(items)
 
@@ -123,13 +131,15 @@ def eval_fingerprints(spec: VLMEvalSpec) -> dict[str, str]:
     return out
 
 
-def text_scores(answers: list[str], references: list[str]) -> pd.DataFrame:
+def text_scores(answers: list[str], references: list[list[str]]) -> pd.DataFrame:
+    """BLEU and chrF against all of each answer's references (sacrebleu's multi-reference scores), ROUGE-L the best
+    over them (rouge-score takes one reference); one reference each gives the single-reference scores."""
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     rows = []
-    for hyp, ref in zip(answers, references, strict=True):
-        rows.append({"bleu": sacrebleu.sentence_bleu(hyp, [ref]).score / 100,
-                     "chrf": sacrebleu.sentence_chrf(hyp, [ref]).score / 100,
-                     "rougeL": scorer.score(ref, hyp)["rougeL"].fmeasure})
+    for hyp, refs in zip(answers, references, strict=True):
+        rows.append({"bleu": sacrebleu.sentence_bleu(hyp, refs).score / 100,
+                     "chrf": sacrebleu.sentence_chrf(hyp, refs).score / 100,
+                     "rougeL": max(scorer.score(ref, hyp)["rougeL"].fmeasure for ref in refs)})
     return pd.DataFrame(rows, columns=list(TEXT_METRICS))
 
 
@@ -270,7 +280,8 @@ def evaluate_vlm(bundle: VLMBundle, spec: VLMEvalSpec) -> VLMEvaluation:
         if spec.wrong_video_baseline:
             items = pd.concat([items, score_choices(bundle.vlm, bundle.tokenizer, items, tokens, **rows,
                                                     prefix="wrong_video_choice", video_of=wrong_videos(items))], axis=1)
-    items = pd.concat([items, text_scores(items["answer"].tolist(), items["reference"].tolist())], axis=1)
+    items = pd.concat([items, text_scores(items["answer"].tolist(), [json.loads(r) for r in items["references"]])],
+                      axis=1)
     if spec.judge:
         items = pd.concat([items, judge_similarity(spec.judge, items, spec.batch_size)], axis=1)
     facts = {}
