@@ -49,7 +49,7 @@ def test_data_validation_pipeline_tracks_and_caches_by_fingerprint(zenml_project
     assert tags["hilight.data_fingerprint"] == manifest["data_fingerprint"]
     assert tags["hilight.zenml_run_id"] == str(run.id) and tags["hilight.pipeline"] == "data_validation"
     assert tags["hilight.git_commit"]
-    assert params["contract.videos"] == "video_files@1.1.0" and params["contract.qa"] == "video_qa@1.0.0"
+    assert params["contract.videos"] == "video_files@1.1.0" and params["contract.qa"] == "video_qa@1.1.0"
     assert params["probe.workers"] == "2"
     assert metrics["videos_accepted"] == 32 and metrics["reject_rate.captions"] == 0.0
     artifacts = {a.path for a in client.list_artifacts(mrun.info.run_id, "data_validation")}
