@@ -4,6 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 COMPILED := $(VENV)/.compiled
+DEEPSPEED := $(VENV)/.deepspeed
 # Where the torch wheel comes from. Empty (default): pip's configured index, i.e. PyPI unless pip.conf or PIP_*
 # say otherwise; on Linux x86_64 PyPI serves the CUDA build (several GB with its nvidia-* packages), on macOS and
 # Windows a CPU build. Choose explicitly, e.g.
@@ -20,7 +21,7 @@ export HF_HUB_OFFLINE := 1
 demo: $(STAMP)
 	$(VENV)/bin/hilight demo
 
-test: $(STAMP) $(COMPILED)
+test: $(STAMP) $(DEEPSPEED) $(COMPILED)
 	$(PY) -m pytest -n 2
 
 install: $(STAMP)
@@ -33,6 +34,11 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install --quiet --no-compile $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) torch==2.13.0
 	$(PY) -m pip install --quiet --no-compile -c requirements.lock -e ".[dev]"
 	touch $(STAMP)
+
+# DeepSpeed, for the tests only (the ZeRO-2 recipes run on its CPU accelerator); the demo does not need it.
+$(DEEPSPEED): $(STAMP)
+	$(PY) -m pip install --quiet --no-compile -c requirements.lock -e ".[deepspeed]"
+	touch $(DEEPSPEED)
 
 # Byte-compiling the installed packages, for the tests only. pip would do it one file at a time (about 95 s on 2
 # cores); compileall -j 0 does the same files on every core (about 60 s). The tests start many processes (xdist

@@ -517,33 +517,20 @@ def zero2(shapes: Shapes, device: torch.device, smoke: bool, stage2_flops: int |
     return result
 
 
-def frozen_scalars_to_buffers(model: torch.nn.Module) -> list[str]:
-    """Turn frozen 0-dim parameters into buffers: DeepSpeed 0.19's engine broadcasts every parameter as bytes
-    (``p.data.view(torch.uint8)``), which raises on a 0-dim bf16 tensor — CLIP-ViP's ``logit_scale``, which the
-    VLM never uses. Returns the names moved."""
-    moved = []
-    for prefix, module in model.named_modules():
-        for name, p in list(module.named_parameters(recurse=False)):
-            if p.dim() == 0 and not p.requires_grad:
-                delattr(module, name)
-                module.register_buffer(name, p.detach())
-                moved.append(f"{prefix}.{name}" if prefix else name)
-    log.info("ZeRO-2: frozen 0-dim parameters kept as buffers: %s", moved)
-    return moved
-
-
 def zero2_worker(shapes: Shapes, out: Path) -> None:
     """Run inside ``accelerate launch`` (DeepSpeed config from the environment): stage 2 through the accelerator."""
     from accelerate import Accelerator
 
+    from hilight.train.loop import TrainSettings, configure_deepspeed, frozen_scalars_to_buffers
     from hilight.train.lora import LoRASpec, apply_lora
 
     raw = read_config("lora_hilight_2b.yaml")
     batch_size = shapes.stage2_batch or raw["train"]["batch_size"]
     accelerator = Accelerator(mixed_precision="bf16")  # as the ZeRO-2 config; a no-op autocast otherwise
     plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None:  # no DataLoader goes through prepare(), so DeepSpeed is told the micro-batch here
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size
+    if plugin is not None:  # what hilight train does under DeepSpeed (hilight.train.loop)
+        configure_deepspeed(accelerator, TrainSettings.model_validate({**raw["train"], "batch_size": batch_size,
+                                                                        "grad_accum": 1}))
     device = accelerator.device
     vlm = build_vlm(shapes, device)
     apply_lora(vlm, LoRASpec.model_validate(raw["lora"]), seed=0)

@@ -1,15 +1,18 @@
 """The real recipes in 2 CPU processes (DDP over gloo, started by torchrun as ``accelerate launch`` would) against
 one process that sees the same global batches: the same weights after training (atol 1e-5), the same stage-0 loss
 and gradient (negatives gathered across ranks), an exact resume after a SIGKILL in the 2-process run, and a
-feature cache filled by both processes.
+feature cache filled by both processes. Where DeepSpeed is installed, stages 1 and 2 also run under the shipped
+ZeRO-2 launcher config (one process, DeepSpeed's CPU accelerator) against the plain loop.
 
 Same global batches: the samplers' order does not depend on the batch size, and accelerate hands process r the
 batches r, r + 2, ... of size B, so two processes at B consume exactly what one process at 2B does."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,10 +43,21 @@ def _run(cmd: list[str], **env) -> None:
     assert done.returncode == 0, done.stderr[-4000:]
 
 
-def _train(config: dict, path: Path, processes: int) -> Path:
-    """Run the recipe; returns its checkpoints directory."""
+def _zero2(*args: str, mixed_precision: str = "no") -> list[str]:
+    """``accelerate launch`` with the shipped ZeRO-2 config, in one process: accelerate drives DeepSpeed across
+    processes only on an accelerator (on CPU its state stays at one process while DeepSpeed's world has two). fp32
+    unless told: the weights are compared with a plain fp32 process."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(REPO / "configs" / "accelerate" / "deepspeed_zero2.yaml"), "--num_processes", "1",
+            "--mixed_precision", mixed_precision, "--main_process_port", str(free_port()), str(SCRIPT), *args]
+
+
+def _train(config: dict, path: Path, processes: int, launcher=None) -> Path:
+    """Run the recipe (in one process, under torchrun, or under ``launcher``); returns its checkpoints directory."""
     path.write_text(json.dumps(config))
-    if processes == 1:
+    if launcher is not None:
+        _run(launcher("train", str(path)))
+    elif processes == 1:
         _run([sys.executable, str(SCRIPT), "train", str(path)])
     else:
         _run(_torchrun("train", str(path)), ACCELERATE_USE_CPU="true")
@@ -124,3 +138,66 @@ def test_two_process_alignment_resumes_bit_equal_after_sigkill(tmp_path, caption
 
     resumed = _train(killed, path, processes=2)
     _assert_same(_weights(full, 6), _weights(resumed, 6), atol=0)
+
+
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="DeepSpeed is not installed (README, Running at scale)")
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("stage", ["tokenmining", "lora"])
+def test_zero2_recipe_matches_one_process_and_resumes(stage, tmp_path, caption_manifest, vlm_weights, stage1_export):
+    """``hilight train`` under ``configs/accelerate/deepspeed_zero2.yaml``: the engine is told the micro-batch,
+    accumulation and clipping from ``train:`` and trains to the same weights as the plain loop (atol 1e-5; two
+    micro-batches accumulated per step), saves its optimizer partition in the step directory, and a run that lost
+    its last checkpoint resumes from the one before to the same weights."""
+    def make(name: str) -> dict:
+        config = _stage_config(stage, tmp_path / name, 4, caption_manifest, vlm_weights, stage1_export)
+        config["train"]["grad_accum"] = 2
+        return config
+
+    one = _train(make("one"), tmp_path / "one.json", processes=1)
+    config = make("zero2")
+    two = _train(config, tmp_path / "zero2.json", processes=1, launcher=_zero2)
+    for step in (2, STEPS):
+        _assert_same(_weights(one, step), _weights(two, step), atol=1e-5)
+    engine = two / "step-00000002" / "deepspeed"
+    assert not (two / "step-00000002" / "optimizer.pt").exists()
+    assert len(list(engine.glob("state/*optim_states.pt"))) == 1  # one partition per process
+    assert any(not torch.equal(v, _weights(one, 2)[k]) for k, v in _weights(one, STEPS).items())  # it did train
+
+    finished = _weights(two, STEPS)
+    shutil.rmtree(two / f"step-{STEPS:08d}")
+    _train(config, tmp_path / "zero2.json", processes=2, launcher=_zero2)
+    _assert_same(finished, _weights(two, STEPS), atol=1e-6)
+
+    # a plain run cannot take over the engine's optimizer state: it says so instead of resuming without it
+    done = subprocess.run([sys.executable, str(SCRIPT), "train", str(tmp_path / "zero2.json")], env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "written by DeepSpeed" in done.stderr and "train.resume=false" in done.stderr
+
+
+@needs_deepspeed
+def test_zero2_refuses_a_stage_that_edits_weights_after_the_step(tmp_path, caption_manifest):
+    """Stage 0 clamps CLIP-ViP's logit scale after each step; ZeRO would overwrite that from its fp32 copy, so the
+    run stops before training and points at DDP."""
+    path = tmp_path / "alignment.json"
+    path.write_text(json.dumps(alignment_config(caption_manifest, tmp_path / "out", max_steps=2, batch_size=4)))
+    done = subprocess.run(_zero2("train", str(path)), env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert "clamp_logit_scale" in done.stderr and "ddp_multigpu.yaml" in done.stderr
+    assert not list((tmp_path / "out").glob("runs/*/checkpoints/step-*"))
+
+
+@needs_deepspeed
+def test_zero2_bf16_stage2_trains(tmp_path, caption_manifest, vlm_weights, stage1_export):
+    """The shipped config's precision: DeepSpeed casts the model to bf16 (not its inputs; the loop does), trains,
+    and checkpoints and exports the bf16 weights."""
+    config = _stage_config("lora", tmp_path / "out", 4, caption_manifest, vlm_weights, stage1_export)
+    config["train"]["mixed_precision"] = "bf16"
+    ckpts = _train(config, tmp_path / "bf16.json", processes=1, launcher=lambda *a: _zero2(*a, mixed_precision="bf16"))
+    before, after = _weights(ckpts, 2), _weights(ckpts, STEPS)
+    assert {v.dtype for v in after.values()} == {torch.bfloat16}
+    assert all(torch.isfinite(v.float()).all() for v in after.values())
+    assert any(not torch.equal(v, before[k]) for k, v in after.items())
+    assert (tmp_path / "out" / "final" / "adapter").is_dir()

@@ -4,6 +4,7 @@ Layout of ``<run_dir>/checkpoints/step-00000100/``::
 
     model.safetensors    model state (safetensors)
     optimizer.pt         optimizer state_dict (tensors + plain values; read back with weights_only=True)
+    deepspeed/           instead of optimizer.pt under DeepSpeed: the engine's checkpoint (each process's partition)
     rng.safetensors      torch CPU (and CUDA) generator states
     trainer_state.json   step, epoch, sampler position, scheduler state, Python/NumPy RNG, counters, history
     config.json          the resolved run config
@@ -92,24 +93,31 @@ def unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_checkpoint(root: Path, step: int, *, model_state: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                    trainer_state: dict[str, Any], config: dict[str, Any]) -> Path:
-    """Write checkpoint ``step`` atomically; returns its directory."""
+def save_checkpoint(root: Path, step: int, *, model_state: dict[str, torch.Tensor],
+                    optimizer: torch.optim.Optimizer | None, trainer_state: dict[str, Any], config: dict[str, Any],
+                    directories: dict[str, Path] | None = None) -> Path:
+    """Write checkpoint ``step`` atomically; returns its directory. ``optimizer=None``: its state is kept
+    elsewhere, e.g. in DeepSpeed's own checkpoint, a directory already written that ``directories`` (name →
+    path) moves in before the checkpoint is marked complete."""
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-step-*"):  # left by a process killed mid-write
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     tmp.mkdir()
     save_file(unshared(model_state), tmp / "model.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    for name, path in (directories or {}).items():
+        os.replace(path, tmp / name)
     rng_tensors, rng_plain = rng_state()
     save_file(rng_tensors, tmp / "rng.safetensors")
     (tmp / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True, default=str))
     # the state file is written last: its presence marks a complete checkpoint
     (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step, "rng": rng_plain}, indent=1))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     final = step_dir(root, step)
     if final.exists():  # the same step saved again after a resume
         shutil.rmtree(final)

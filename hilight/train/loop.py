@@ -9,6 +9,12 @@ metrics``. Everything the loop must carry across a crash lives in one ``TrainSta
 
 Resume is exact on CPU: the batch order depends only on (seed, epoch) and the position in the epoch, and model,
 optimizer, scheduler and RNG states are restored, so a killed and re-run job ends with the same weights.
+
+Under DeepSpeed ZeRO (``accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml``) the same loop
+runs with what the engine needs told: the micro-batch, gradient accumulation and clipping come from ``train:``
+(no DataLoader goes through ``prepare``, so accelerate cannot infer them); the engine accumulates, clips, steps and
+skips a step whose gradient norm is not finite; each process's share of the optimizer state is saved with the
+engine's own checkpoint inside the step directory (``deepspeed/``), next to the full weights.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -25,6 +32,7 @@ from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -202,6 +210,7 @@ class Trainer:
         self.config, self.state_mode = config or {}, state
         self.ckpt_root = run_dir / "checkpoints"
         self.state = TrainState()
+        self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
 
     # ------------------------------------------------------------------------------------------- the loop
 
@@ -214,6 +223,14 @@ class Trainer:
         if settings.gradient_checkpointing:
             model.set_gradient_checkpointing(True)
         model.to(acc.device)
+        if self.deepspeed:
+            if after_step is not None:
+                hook = getattr(after_step, "__qualname__", repr(after_step))
+                raise ValueError(f"this stage changes its weights after each optimizer step ({hook}), which DeepSpeed "
+                                 "ZeRO would overwrite from its own fp32 copy of them; run it under DDP instead "
+                                 "(accelerate launch --config_file configs/accelerate/ddp_multigpu.yaml)")
+            configure_deepspeed(acc, settings)
+            frozen_scalars_to_buffers(model)
         groups = param_groups(model, settings.weight_decay, settings.lr, settings.lr_scale)
         optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, eps=settings.eps)
         scheduler = get_cosine_with_min_lr_schedule_with_warmup(
@@ -221,7 +238,9 @@ class Trainer:
         resumed_from = self._resume(model, optimizer, scheduler)
         st = self.state
         wrapped, optimizer = acc.prepare(model, optimizer)
-        self.raw_model = acc.unwrap_model(wrapped)
+        self.wrapped, self.raw_model = wrapped, acc.unwrap_model(wrapped)
+        if self.deepspeed and resumed_from is not None:  # the engine's optimizer exists only now
+            self._resume_deepspeed(step_dir(self.ckpt_root, resumed_from))
         self.optimizer, self.scheduler = optimizer, scheduler
         params = [p for p in wrapped.parameters() if p.requires_grad]
         stream = self._batches(dataset, sampler)
@@ -257,21 +276,27 @@ class Trainer:
         sums: dict[str, float] = {}
         local_nonfinite = torch.zeros((), device=acc.device)
         n_samples = 0
-        for _ in range(settings.grad_accum):
+        for micro in range(settings.grad_accum):
             batch = next(stream)
             n_samples += len(batch["input_ids"]) if "input_ids" in batch else len(next(iter(batch.values())))
             with acc.autocast():
                 terms = objective(model, batch)
             loss = terms["loss"]
             # always backward, even on NaN: under DDP every process must join the gradient all-reduce
-            acc.backward(loss / settings.grad_accum)
+            if self.deepspeed:  # the engine divides by its gradient_accumulation_steps and steps at the boundary
+                acc.deepspeed_engine_wrapped.backward(loss, sync_gradients=micro == settings.grad_accum - 1)
+            else:
+                acc.backward(loss / settings.grad_accum)
             local_nonfinite += (~torch.isfinite(loss.detach())).float()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float().item() / settings.grad_accum
         nonfinite = acc.reduce(local_nonfinite, "sum").item() > 0
-        grad_norm = float(acc.clip_grad_norm_(params, settings.max_grad_norm) if settings.max_grad_norm
-                          else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params
-                                                                     if p.grad is not None])))
+        if self.deepspeed:  # the engine has clipped and stepped (or skipped a non-finite step); its norm, pre-clip
+            grad_norm = float(acc.deepspeed_engine_wrapped.get_global_grad_norm() or math.nan)
+        else:
+            grad_norm = float(acc.clip_grad_norm_(params, settings.max_grad_norm) if settings.max_grad_norm
+                              else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params
+                                                                         if p.grad is not None])))
         if nonfinite or not math.isfinite(grad_norm):
             st.skipped_steps, st.nonfinite_in_row = st.skipped_steps + 1, st.nonfinite_in_row + 1
             log.warning("step %d: non-finite loss or gradient (loss=%s, grad_norm=%s); step skipped (%d in a row)",
@@ -324,6 +349,9 @@ class Trainer:
     def _batches(self, dataset, sampler):
         """Endless batches on the accelerator's device; keeps (epoch, position) in step with what was consumed."""
         acc, st, world = self.accelerator, self.state, self.accelerator.num_processes
+        # DeepSpeed's bf16/fp16 casts the model itself and, unlike autocast, not its inputs
+        dtype = ({"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision) if self.deepspeed
+                 else None)
         while True:
             sampler.set_epoch(st.epoch, skip=st.position)
             dataset.epoch = st.epoch
@@ -337,7 +365,8 @@ class Trainer:
                 loader = acc.prepare_data_loader(loader)
             for batch in loader:
                 st.position += world
-                yield {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
+                yield {k: v.to(acc.device, non_blocking=True) if dtype is None or not v.is_floating_point()
+                       else v.to(acc.device, dtype, non_blocking=True) for k, v in batch.items()}
             st.epoch, st.position = st.epoch + 1, 0
 
     # ------------------------------------------------------------------------------------- checkpoints
@@ -347,7 +376,14 @@ class Trainer:
         if not existing:
             return None
         at, path = existing[-1]
-        model_state, trainer = load_checkpoint(path, optimizer)
+        written_by = "DeepSpeed" if (path / DEEPSPEED_DIR).is_dir() else "a plain optimizer"
+        if written_by != ("DeepSpeed" if self.deepspeed else "a plain optimizer"):
+            raise RuntimeError(
+                f"checkpoint {path} was written by {written_by}, and this run "
+                f"{'is' if self.deepspeed else 'is not'} under DeepSpeed: its optimizer state cannot be carried "
+                "over. Resume it under the launcher that wrote it, or start afresh with train.resume=false (or "
+                "a new output_dir)")
+        model_state, trainer = load_checkpoint(path, None if self.deepspeed else optimizer)
         if self.state_mode == "trainable":
             load_trainable_state(model, model_state, str(path))
         else:
@@ -357,15 +393,40 @@ class Trainer:
         log.info("resuming from %s (step %d of %d)", path, self.state.step, self.settings.max_steps)
         return at
 
+    def _resume_deepspeed(self, path: Path) -> None:
+        """Every process loads its share of the optimizer state (and the fp32 master weights) from the engine's
+        checkpoint; the weights themselves were loaded before ``prepare``."""
+        loaded, _ = self.wrapped.load_checkpoint(str(path / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_module_strict=False,
+                                                 load_lr_scheduler_states=False)
+        if loaded is None:
+            raise RuntimeError(f"DeepSpeed could not load its state from {path / DEEPSPEED_DIR}; the log above says "
+                               "why (a different number of processes or ZeRO stage is the usual cause)")
+
+    def _save_deepspeed(self) -> Path:
+        """The engine's checkpoint (each process writes its own optimizer partition) into a temporary directory
+        that the main process then moves into the step directory before marking it complete."""
+        acc = self.accelerator
+        tmp = self.ckpt_root / f".tmp-deepspeed-{self.state.step:08d}"
+        if acc.is_main_process:  # left by a killed run, perhaps with more processes' partitions than now
+            for stale in self.ckpt_root.glob(".tmp-deepspeed-*"):
+                shutil.rmtree(stale)
+        acc.wait_for_everyone()
+        # frozen weights are in model.safetensors already (and loaded from there on resume)
+        self.wrapped.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True)
+        acc.wait_for_everyone()
+        return tmp
+
     def _checkpoint(self) -> Path:
         st, acc = self.state, self.accelerator
         path = step_dir(self.ckpt_root, st.step)
+        engine_state = self._save_deepspeed() if self.deepspeed else None
         if acc.is_main_process:
             weights = (trainable_state_dict(self.raw_model) if self.state_mode == "trainable"
                        else self.raw_model.state_dict())
             trainer = {**asdict(st), "scheduler": self.scheduler.state_dict()}
-            path = save_checkpoint(self.ckpt_root, st.step, model_state=weights, optimizer=self.optimizer,
-                                   trainer_state=trainer, config=self.config)
+            path = save_checkpoint(self.ckpt_root, st.step, model_state=weights,
+                                   optimizer=None if self.deepspeed else self.optimizer, trainer_state=trainer,
+                                   config=self.config, directories={DEEPSPEED_DIR: engine_state} if engine_state else {})
             prune_checkpoints(self.ckpt_root, self.settings.keep_last, protect={st.best_step} if st.best_step else set(),
                               keep_every=self.settings.keep_every)
             if self.tracking.checkpoints == "all":
@@ -384,6 +445,41 @@ class Trainer:
         wanted = [best or final] + ([final] if mode == "best_and_final" else [])
         for path in dict.fromkeys(wanted):  # best may be final
             self._upload(path)
+
+
+DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "state"
+
+
+def configure_deepspeed(accelerator: Accelerator, settings: TrainSettings) -> None:
+    """Tell DeepSpeed what ``train:`` says: the micro-batch per process (accelerate would infer it from a prepared
+    DataLoader, and the loop prepares none), the accumulation steps and the clipping norm. A launcher config that
+    sets them otherwise is overridden, with a warning: the run key, and so resume, follows the stage config."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    wanted = {"train_micro_batch_size_per_gpu": settings.batch_size,
+              "gradient_accumulation_steps": settings.grad_accum,
+              "gradient_clipping": settings.max_grad_norm or 0.0}
+    for key, value in wanted.items():
+        if config.get(key, "auto") not in ("auto", value):
+            log.warning("DeepSpeed config %s=%s overridden by the stage config's train settings: %s", key,
+                        config[key], value)
+        config[key] = value
+    config["train_batch_size"] = settings.batch_size * settings.grad_accum * accelerator.num_processes
+
+
+def frozen_scalars_to_buffers(model: torch.nn.Module) -> list[str]:
+    """Keep frozen 0-dim parameters as buffers (same state-dict keys): DeepSpeed 0.19's engine broadcasts every
+    parameter as bytes (``p.data.view(torch.uint8)``), which fails on a 0-dim tensor such as CLIP-ViP's frozen
+    ``logit_scale``. Returns the names moved."""
+    moved = []
+    for prefix, module in model.named_modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.dim() == 0 and not p.requires_grad:
+                delattr(module, name)
+                module.register_buffer(name, p.detach())
+                moved.append(f"{prefix}.{name}" if prefix else name)
+    if moved:
+        log.info("DeepSpeed: frozen 0-dim parameters kept as buffers: %s", moved)
+    return moved
 
 
 def fit(model: torch.nn.Module, objective: Objective, dataset, sampler, settings: TrainSettings, run_dir: Path, *,
