@@ -186,54 +186,103 @@ def _checked_config(path: Path, model, overrides):
     return cfg
 
 
+TRAINABLE = ("clipvip_alignment", "llm_pretrain", "tokenmining_pretrain", "lora_finetune")
+
+
+def _stage(kind: str):
+    """(config class, run function) of a stage ``hilight train`` runs, imported only when asked for."""
+    if kind == "clipvip_alignment":
+        from hilight.train.alignment import AlignmentConfig, run_alignment
+        return AlignmentConfig, run_alignment
+    if kind == "llm_pretrain":
+        from hilight.train.text_lm import LLMPretrainConfig, run_llm_pretrain
+        return LLMPretrainConfig, run_llm_pretrain
+    if kind == "tokenmining_pretrain":
+        from hilight.train.tokenmining import TokenMiningPretrainConfig, run_tokenmining_pretrain
+        return TokenMiningPretrainConfig, run_tokenmining_pretrain
+    from hilight.train.lora import LoRAFinetuneConfig, run_lora_finetune
+    return LoRAFinetuneConfig, run_lora_finetune
+
+
+def _outcome(kind: str, result) -> tuple[str, Path, dict[str, float]]:
+    """(summary line, best model directory, held-out metrics as the pipelines log them) of a finished stage."""
+    if kind == "clipvip_alignment":
+        summary = "held-out text->video R@1: aligned {:.3f}, random init {:.3f}".format(
+            result.retrieval["t2v_r1"], result.baseline["t2v_r1"])
+        metrics = {**{f"heldout/{k}": v for k, v in result.retrieval.items()},
+                   **{f"heldout_random_init/{k}": v for k, v in result.baseline.items()}}
+        return summary, result.best_model, metrics
+    if kind == "llm_pretrain":
+        summary = f"held-out text loss {result.val_loss:.4f} (untrained {result.val_loss_init:.4f})"
+        return summary, result.model_dir, {"heldout/lm_loss": result.val_loss,
+                                           "heldout/lm_loss_untrained": result.val_loss_init}
+    m = result.metrics
+    metrics = {**{f"heldout/{k}": v for k, v in m.items()}, **{f"samples/{k}": v for k, v in result.samples.items()}}
+    if kind == "tokenmining_pretrain":
+        summary = (f"held-out answer loss {m['lm_loss']:.4f} (before training {m['lm_loss_initial']:.4f}, another "
+                   f"clip's video {m['lm_loss_wrong_video']:.4f}, video tokens zeroed {m['lm_loss_zero_video']:.4f}, "
+                   f"no video {m['lm_loss_no_video']:.4f})")
+    else:
+        summary = f"held-out answer loss {m['lm_loss']:.4f} (before stage 2 {m['lm_loss_initial']:.4f})"
+    return summary, result.best_dir, metrics
+
+
+def _training_tracker(kind: str, cfg, track: bool):
+    """The MLflow run of ``hilight train --track`` (a null context without ``--track``, and on every process of an
+    ``accelerate launch`` but the main one, so N processes make one run)."""
+    import contextlib
+
+    if not track or int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext(None)
+    from hilight.data.manifest import open_manifest
+    from hilight.tracking import tracked_training
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        from pipelines.stack import configure_zenml, ensure_stack, mlflow_tracking_uri
+
+        configure_zenml()
+        ensure_stack()
+        uri = mlflow_tracking_uri()
+    fingerprint = open_manifest(cfg.data.manifest_dir)[1].get("data_fingerprint")
+    launch = {"hilight.launcher": "hilight train", "hilight.stage": kind,
+              "hilight.processes": os.environ.get("WORLD_SIZE", "1"),
+              "hilight.deepspeed": str(os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true").lower(),
+              "hilight.mixed_precision": cfg.train.mixed_precision}
+    return tracked_training(uri, kind, cfg, fingerprint=fingerprint, tags=launch)
+
+
 @app.command("train")
 def train(
     config: Path = typer.Option(..., "--config", "-c", help="A clipvip_alignment, llm_pretrain, tokenmining_pretrain or "
                                 "lora_finetune config YAML."),
     overrides: Optional[list[str]] = OVERRIDES,
+    track: bool = typer.Option(False, "--track", help="Record the run in MLflow (the project stack's store, or "
+                               "MLFLOW_TRACKING_URI): lineage, config, per-step metrics, held-out results and the "
+                               "exported model, in the experiment named after the stage. Under `accelerate launch` "
+                               "the main process records one run for all processes."),
 ) -> None:
-    """Train without ZenML/MLflow (quick local iteration, or under `accelerate launch`). Re-running the same command
-    resumes from the last checkpoint; `hilight run <pipeline> -c ...` is the tracked equivalent."""
+    """Train one stage without ZenML (quick local iteration, or under `accelerate launch` on several GPUs).
+    Re-running the same command resumes from the last checkpoint. Untracked unless `--track`; `hilight run <pipeline>
+    -c ...` is the pipeline equivalent, with data location and caching."""
     from hilight.config import read_yaml_mapping
 
     path = _config_file(config)
-    overrides = overrides or []
-
     kind = read_yaml_mapping(path).get("pipeline", "clipvip_alignment")
-    if kind == "clipvip_alignment":
-        from hilight.train.alignment import AlignmentConfig, run_alignment
-
-        result = run_alignment(_checked_config(path, AlignmentConfig, overrides))
-        summary = "held-out text->video R@1: aligned {:.3f}, random init {:.3f}".format(
-            result.retrieval["t2v_r1"], result.baseline["t2v_r1"])
-        best = result.best_model
-    elif kind == "llm_pretrain":
-        from hilight.train.text_lm import LLMPretrainConfig, run_llm_pretrain
-
-        result = run_llm_pretrain(_checked_config(path, LLMPretrainConfig, overrides))
-        summary = f"held-out text loss {result.val_loss:.4f} (untrained {result.val_loss_init:.4f})"
-        best = result.model_dir
-    elif kind == "tokenmining_pretrain":
-        from hilight.train.tokenmining import TokenMiningPretrainConfig, run_tokenmining_pretrain
-
-        result = run_tokenmining_pretrain(_checked_config(path, TokenMiningPretrainConfig, overrides))
-        m = result.metrics
-        summary = (f"held-out answer loss {m['lm_loss']:.4f} (before training {m['lm_loss_initial']:.4f}, another clip's "
-                   f"video {m['lm_loss_wrong_video']:.4f}, video tokens "
-                   f"zeroed {m['lm_loss_zero_video']:.4f}, no video {m['lm_loss_no_video']:.4f})")
-        best = result.best_dir
-    elif kind == "lora_finetune":
-        from hilight.train.lora import LoRAFinetuneConfig, run_lora_finetune
-
-        result = run_lora_finetune(_checked_config(path, LoRAFinetuneConfig, overrides))
-        m = result.metrics
-        summary = f"held-out answer loss {m['lm_loss']:.4f} (before stage 2 {m['lm_loss_initial']:.4f})"
-        best = result.best_dir
-    else:
-        typer.secho(f"{config}: `hilight train` runs clipvip_alignment, llm_pretrain, tokenmining_pretrain and "
-                    f"lora_finetune configs, "
-                    f"not {kind!r}; use `hilight run {kind} -c {config}`", fg="red", err=True)
+    if kind not in TRAINABLE:
+        typer.secho(f"{config}: `hilight train` runs {', '.join(TRAINABLE)} configs, not {kind!r}; use "
+                    f"`hilight run {kind} -c {config}`", fg="red", err=True)
         raise typer.Exit(2)
+    config_class, run_stage = _stage(kind)
+    cfg = _checked_config(path, config_class, overrides or [])
+    with _training_tracker(kind, cfg, track) as tracker:
+        result = run_stage(cfg, tracker=tracker)
+        summary, best, metrics = _outcome(kind, result)
+        if tracker is not None:
+            from hilight.tracking import log_training_outcome
+
+            log_training_outcome(result.fit, run_dir=result.run_dir, metrics=metrics, best_dir=best,
+                                 artifact_path="model/best")
     fit = result.fit
     resumed = "fresh start" if fit.resumed_from is None else f"resumed from step {fit.resumed_from}"
     typer.echo(f"trained {fit.step} steps ({resumed}; {fit.skipped_steps} skipped) in {result.run_dir}")

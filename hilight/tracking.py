@@ -7,6 +7,8 @@ import json
 import logging
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -225,3 +227,37 @@ def data_roles(data: BaseModel) -> dict[str, tuple[list[str] | None, list[str] |
         roles["evaluation"] = (getattr(data, "val_datasets", None) if not getattr(data, "sources", None) else training,
                                getattr(data, "val_splits", None))
     return roles
+
+
+@contextmanager
+def tracked_training(tracking_uri: str, experiment: str, config: BaseModel, *, fingerprint: str | None,
+                     tags: Mapping[str, str]) -> Iterator[ResilientTracker]:
+    """An MLflow run for a training job started outside a pipeline (``hilight train --track``, also under
+    ``accelerate launch``, where only the main process should enter it): lineage and the resolved config first, then
+    per-step metrics and checkpoints through the yielded tracker. The run ends FAILED when training raises."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(tags=dict(tags)) as run:
+        log_lineage(config, fingerprint=fingerprint, zenml_run_id=None, pipeline=experiment)
+        tracker = ResilientTracker(run.info.run_id)
+        try:
+            yield tracker
+        finally:
+            tracker.flush()
+
+
+def log_training_outcome(fit, *, run_dir: Path, metrics: Mapping[str, float], best_dir: Path,
+                         artifact_path: str) -> None:
+    """The end of a tracked training job on the active run: held-out metrics at its last step, the validation
+    history, the exported best model, and where the run lives (its directory, resume point, skipped steps)."""
+    import mlflow
+    import pandas as pd
+
+    mlflow.log_metrics(dict(metrics), step=fit.step)
+    if fit.history:
+        mlflow.log_table(pd.DataFrame(fit.history), artifact_file="training/validation_history.json")
+    mlflow.log_artifacts(str(best_dir), artifact_path=artifact_path)
+    mlflow.set_tags({"hilight.run_dir": str(run_dir), "hilight.resumed_from": str(fit.resumed_from),
+                     "hilight.skipped_steps": str(fit.skipped_steps), "hilight.best_model": str(best_dir)})
