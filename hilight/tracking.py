@@ -175,7 +175,8 @@ class ResilientTracker:
         return False
 
 
-Roles = Mapping[str, tuple[list[str] | None, list[str] | None]]  # context -> (datasets or None = all, splits)
+Entry = tuple[list[str] | None, list[str] | None]  # (datasets or None = all, splits)
+Roles = Mapping[str, Entry | list[Entry]]  # context -> one entry, or several (datasets read with different splits)
 
 
 def log_manifest_inputs(manifest_dir: str | Path, roles: Roles) -> list[str]:
@@ -183,7 +184,7 @@ def log_manifest_inputs(manifest_dir: str | Path, roles: Roles) -> list[str]:
     Dataset column say which data each run (and each model logged in it) came from.
 
     ``roles`` maps an MLflow input context (``"training"``, ``"evaluation"``) to the manifest's datasets read in
-    that role (``None``: all of them) and their splits. Each becomes a ``MetaDataset`` named ``dataset[splits]``
+    that role (``None``: all of them) and their splits, or to a list of such pairs. Each dataset becomes a ``MetaDataset`` named ``dataset[splits]``
     (MLflow keeps one input per name and digest, so the held-out splits of a training dataset stay a separate
     input), whose source is the manifest file and whose digest is the dataset's content fingerprint (its first 32
     hex digits: MLflow keeps 36 characters; the full value is the input's ``hilight.fingerprint`` tag). Returns
@@ -202,7 +203,9 @@ def log_manifest_inputs(manifest_dir: str | Path, roles: Roles) -> list[str]:
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
         source = resolve_dataset_source((run_dir / "manifest.json").as_uri())
     datasets, contexts, tags, logged = [], [], [], []
-    for context, (names, splits) in roles.items():
+    pairs = [(context, entry) for context, entries in roles.items()
+             for entry in ([entries] if isinstance(entries, tuple) else entries)]
+    for context, (names, splits) in pairs:
         for name in sorted(fingerprints) if names is None else names:
             if name not in fingerprints:
                 raise ValueError(f"dataset {name!r} is not in the manifest {run_dir} (it has {sorted(fingerprints)})")
@@ -216,17 +219,27 @@ def log_manifest_inputs(manifest_dir: str | Path, roles: Roles) -> list[str]:
     return logged
 
 
-def data_roles(data: BaseModel) -> dict[str, tuple[list[str] | None, list[str] | None]]:
+def data_roles(data: BaseModel) -> dict[str, Entry | list[Entry]]:
     """The datasets and splits a stage's ``data:`` block trains and validates on: ``train_datasets`` /
-    ``val_datasets``, or the datasets of its ``sources`` (stage 2); ``None`` = every dataset in the manifest."""
-    training = getattr(data, "train_datasets", None)
-    if getattr(data, "sources", None):
-        training = sorted({s.dataset for s in data.sources})
-    roles = {"training": (training, getattr(data, "train_splits", None))}
-    if hasattr(data, "val_datasets") or hasattr(data, "val_splits"):
-        roles["evaluation"] = (getattr(data, "val_datasets", None) if not getattr(data, "sources", None) else training,
-                               getattr(data, "val_splits", None))
-    return roles
+    ``val_datasets`` (``None`` = every dataset in the manifest), or the datasets of its ``sources`` (stage 2), where
+    a source with ``holdout`` trains on its training splits less the held-out share and validates on that share,
+    not on ``val_splits``."""
+    train_splits, val_splits = getattr(data, "train_splits", None), getattr(data, "val_splits", None)
+    sources = getattr(data, "sources", None)
+    if not sources:
+        roles: dict[str, Entry | list[Entry]] = {"training": (getattr(data, "train_datasets", None), train_splits)}
+        if hasattr(data, "val_datasets") or hasattr(data, "val_splits"):
+            roles["evaluation"] = (getattr(data, "val_datasets", None), val_splits)
+        return roles
+    holdout = {s.dataset: s.holdout for s in sources if s.holdout}  # one share per dataset (MixtureDataSpec)
+    plain = sorted({s.dataset for s in sources} - set(holdout))
+    train = "+".join(train_splits)
+    training = [(plain, train_splits)] if plain else []
+    evaluation = [(plain, val_splits)] if plain else []
+    for name, share in sorted(holdout.items()):
+        training.append(([name], [f"{train} less holdout {share:g}"]))
+        evaluation.append(([name], [f"{train} holdout {share:g}"]))
+    return {"training": training, "evaluation": evaluation}
 
 
 @contextmanager

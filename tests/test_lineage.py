@@ -42,6 +42,26 @@ def test_runs_log_the_manifest_datasets_as_inputs(mlflow_store, caption_manifest
         log_manifest_inputs(caption_manifest, {"training": (["nope"], None)})
 
 
+def test_stage2_lineage_names_a_holdout_source_by_its_share_not_val_splits(mlflow_store, caption_manifest):
+    """VideoInstruct-style QA has no held-out split: its source validates on a content-hash share of its training
+    videos. Its inputs say so; a source without holdout keeps val_splits."""
+    import mlflow
+
+    from hilight.tracking import data_roles, log_manifest_inputs
+    from hilight.train.lora import MixtureDataSpec
+
+    data = MixtureDataSpec.model_validate({"sources": [
+        {"dataset": "general", "kind": "qa", "holdout": 0.02}, {"dataset": "general", "kind": "describe", "holdout": 0.02},
+        {"dataset": "billiards", "kind": "qa"}]})
+    assert data_roles(data) == {
+        "training": [(["billiards"], ["train"]), (["general"], ["train less holdout 0.02"])],
+        "evaluation": [(["billiards"], ["val", "test"]), (["general"], ["train holdout 0.02"])]}
+    with mlflow.start_run():
+        logged = log_manifest_inputs(caption_manifest, data_roles(data))
+    assert logged == ["training:billiards[train]", "training:general[train less holdout 0.02]",
+                      "evaluation:billiards[val+test]", "evaluation:general[train holdout 0.02]"]
+
+
 def test_version_descriptions_say_why_they_hold_their_alias(mlflow_store, tmp_path):
     from hilight.registry import set_alias
 
