@@ -281,8 +281,8 @@ def train(
         if tracker is not None:
             from hilight.tracking import log_training_outcome
 
-            log_training_outcome(result.fit, run_dir=result.run_dir, metrics=metrics, best_dir=best,
-                                 artifact_path="model/best")
+            log_training_outcome(result.fit, run_dir=result.run_dir, best_dir=best, artifact_path="model/best",
+                                 table_dir="training", metrics=metrics, rejected=getattr(result, "rejected", None))
     fit = result.fit
     resumed = "fresh start" if fit.resumed_from is None else f"resumed from step {fit.resumed_from}"
     typer.echo(f"trained {fit.step} steps ({resumed}; {fit.skipped_steps} skipped) in {result.run_dir}")

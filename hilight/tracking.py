@@ -184,9 +184,9 @@ def log_manifest_inputs(manifest_dir: str | Path, roles: Roles) -> list[str]:
     Dataset column say which data each run (and each model logged in it) came from.
 
     ``roles`` maps an MLflow input context (``"training"``, ``"evaluation"``) to the manifest's datasets read in
-    that role (``None``: all of them) and their splits, or to a list of such pairs. Each dataset becomes a ``MetaDataset`` named ``dataset[splits]``
-    (MLflow keeps one input per name and digest, so the held-out splits of a training dataset stay a separate
-    input), whose source is the manifest file and whose digest is the dataset's content fingerprint (its first 32
+    that role (``None``: all of them) and their splits, or to a list of such pairs. Each dataset becomes a
+    ``MetaDataset`` named ``dataset[splits]`` (MLflow keeps one input per name and digest, so the held-out splits of
+    a training dataset stay a separate input), whose source is the manifest file and whose digest is the dataset's content fingerprint (its first 32
     hex digits: MLflow keeps 36 characters; the full value is the input's ``hilight.fingerprint`` tag). Returns
     ``"context:name"`` per input."""
     import warnings
@@ -261,16 +261,20 @@ def tracked_training(tracking_uri: str, experiment: str, config: BaseModel, *, f
             tracker.flush()
 
 
-def log_training_outcome(fit, *, run_dir: Path, metrics: Mapping[str, float], best_dir: Path,
-                         artifact_path: str) -> None:
-    """The end of a tracked training job on the active run: held-out metrics at its last step, the validation
-    history, the exported best model, and where the run lives (its directory, resume point, skipped steps)."""
+def log_training_outcome(fit, *, run_dir: Path, best_dir: Path, artifact_path: str, table_dir: str,
+                         metrics: Mapping[str, float] | None = None, rejected=None) -> None:
+    """What a finished training job logs on the active run (a pipeline step's, or ``hilight train --track``'s):
+    held-out metrics at its last step, the validation history and the rejected samples (as tables under
+    ``table_dir``), the exported best model, and where the run lives (its directory, resume point, skipped steps)."""
     import mlflow
     import pandas as pd
 
-    mlflow.log_metrics(dict(metrics), step=fit.step)
+    if metrics:
+        mlflow.log_metrics(dict(metrics), step=fit.step)
     if fit.history:
-        mlflow.log_table(pd.DataFrame(fit.history), artifact_file="training/validation_history.json")
+        mlflow.log_table(pd.DataFrame(fit.history), artifact_file=f"{table_dir}/validation_history.json")
+    if rejected is not None and not rejected.empty:
+        mlflow.log_table(rejected, artifact_file=f"{table_dir}/rejected_samples.json")
     mlflow.log_artifacts(str(best_dir), artifact_path=artifact_path)
     mlflow.set_tags({"hilight.run_dir": str(run_dir), "hilight.resumed_from": str(fit.resumed_from),
                      "hilight.skipped_steps": str(fit.skipped_steps), "hilight.best_model": str(best_dir)})

@@ -19,7 +19,7 @@ from hilight.eval.vlm import VLMEvalSpec, evaluate_vlm
 from hilight.models.checkpoints import directory_digest, weights_digest
 from hilight.models.export import GenerationSpec, load_vlm_dir
 from hilight.registry import log_vlm_model
-from hilight.tracking import ResilientTracker, data_roles, log_lineage, log_manifest_inputs
+from hilight.tracking import ResilientTracker, data_roles, log_lineage, log_manifest_inputs, log_training_outcome
 from hilight.train.lora import LoRAFinetuneConfig, run_lora_finetune
 from hilight.train.merge import merge_stage2
 from hilight.train.text_lm import LLMPretrainConfig, run_llm_pretrain
@@ -41,13 +41,8 @@ def _lineage(config, fingerprint: str, stage: str) -> None:
 
 def _log_run(result, stage: str, best_path: str) -> None:
     """What every VLM training step logs: validation history, rejected samples, the best export, run-dir tags."""
-    if result.fit.history:
-        mlflow.log_table(pd.DataFrame(result.fit.history), artifact_file=f"{stage}/validation_history.json")
-    if not result.rejected.empty:
-        mlflow.log_table(result.rejected, artifact_file=f"{stage}/rejected_samples.json")
-    mlflow.log_artifacts(str(result.best_dir), artifact_path=best_path)
-    mlflow.set_tags({"hilight.run_dir": str(result.run_dir), "hilight.resumed_from": str(result.fit.resumed_from),
-                     "hilight.skipped_steps": str(result.fit.skipped_steps)})
+    log_training_outcome(result.fit, run_dir=result.run_dir, best_dir=result.best_dir, artifact_path=best_path,
+                         table_dir=stage, rejected=result.rejected)
 
 
 @step(enable_cache=False)
