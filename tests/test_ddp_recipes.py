@@ -140,6 +140,26 @@ def test_two_process_alignment_resumes_bit_equal_after_sigkill(tmp_path, caption
     _assert_same(_weights(full, 6), _weights(resumed, 6), atol=0)
 
 
+def test_two_process_dropout_draws_per_process_and_resumes_bit_equal(tmp_path, caption_manifest, vlm_weights,
+                                                                     stage1_export):
+    """Stage 2 with LoRA dropout in 2 processes: each process draws its masks from its own stream (seed + rank), each
+    stream is saved with the checkpoint, and a run that lost its last checkpoint resumes every rank's stream and ends
+    with the same weights, bit for bit. Before, only the main process's generator was saved and every rank resumed
+    from it, while the ranks had drawn different amounts (batches of other lengths) since step 0."""
+    config = _stage_config("lora", tmp_path / "run", 4, caption_manifest, vlm_weights, stage1_export)
+    config["lora"]["dropout"] = 0.3
+    config["train"]["keep_last"] = 10
+    ckpts = _train(config, tmp_path / "run.json", processes=2)
+    saved = ckpts / "step-00000002"
+    main, other = (load_file(saved / f)["torch_cpu"] for f in ("rng.safetensors", "rng-00001.safetensors"))
+    assert not torch.equal(main, other)
+
+    finished = _weights(ckpts, STEPS)
+    shutil.rmtree(ckpts / f"step-{STEPS:08d}")
+    _train(config, tmp_path / "run.json", processes=2)
+    _assert_same(finished, _weights(ckpts, STEPS), atol=0)
+
+
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                      reason="DeepSpeed is not installed (README, Running at scale)")
 

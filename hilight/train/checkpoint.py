@@ -5,7 +5,10 @@ Layout of ``<run_dir>/checkpoints/step-00000100/``::
     model.safetensors    model state (safetensors)
     optimizer.pt         optimizer state_dict (tensors + plain values; read back with weights_only=True)
     deepspeed/           instead of optimizer.pt under DeepSpeed: the engine's checkpoint (each process's partition)
-    rng.safetensors      torch CPU (and CUDA) generator states
+    rng.safetensors      torch CPU (and CUDA) generator states (of the main process)
+    rng-00001.safetensors ...  the same for each other process of a multi-process run, its Python/NumPy states in
+                         the file's metadata (dropout draws a different number of values on each rank, so the
+                         ranks' generators drift apart and each must be resumed from its own)
     trainer_state.json   step, epoch, sampler position, scheduler state, Python/NumPy RNG, counters, history
     config.json          the resolved run config
 
@@ -26,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(__name__)
@@ -55,6 +59,10 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     plain = {"python": _jsonable(random.getstate()),
              "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
     return tensors, plain
+
+
+def process_rng_file(rank: int) -> str:
+    return f"rng-{rank:05d}.safetensors"
 
 
 def restore_rng(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:
@@ -95,10 +103,12 @@ def unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(root: Path, step: int, *, model_state: dict[str, torch.Tensor],
                     optimizer: torch.optim.Optimizer | None, trainer_state: dict[str, Any], config: dict[str, Any],
-                    directories: dict[str, Path] | None = None) -> Path:
+                    directories: dict[str, Path] | None = None,
+                    process_rng: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None) -> Path:
     """Write checkpoint ``step`` atomically; returns its directory. ``optimizer=None``: its state is kept
     elsewhere, e.g. in DeepSpeed's own checkpoint, a directory already written that ``directories`` (name →
-    path) moves in before the checkpoint is marked complete."""
+    path) moves in before the checkpoint is marked complete. ``process_rng``: every process's ``rng_state()``,
+    gathered on the main process, in rank order (default: this process's alone)."""
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-step-*"):  # left by a process killed mid-write
         shutil.rmtree(stale, ignore_errors=True)
@@ -109,8 +119,10 @@ def save_checkpoint(root: Path, step: int, *, model_state: dict[str, torch.Tenso
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     for name, path in (directories or {}).items():
         os.replace(path, tmp / name)
-    rng_tensors, rng_plain = rng_state()
+    (rng_tensors, rng_plain), *others = process_rng or [rng_state()]
     save_file(rng_tensors, tmp / "rng.safetensors")
+    for rank, (tensors, plain) in enumerate(others, start=1):
+        save_file(tensors, tmp / process_rng_file(rank), metadata={"plain": json.dumps(plain)})
     (tmp / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True, default=str))
     # the state file is written last: its presence marks a complete checkpoint
     (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step, "rng": rng_plain}, indent=1))
@@ -126,13 +138,23 @@ def save_checkpoint(root: Path, step: int, *, model_state: dict[str, torch.Tenso
     return final
 
 
-def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(model state, trainer state); restores the optimizer and RNG states in place."""
+def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer | None, *,
+                    rank: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(model state, trainer state); restores the optimizer and process ``rank``'s RNG states in place."""
     model_state = load_file(path / "model.safetensors")
     if optimizer is not None:
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     state = json.loads((path / STATE_FILE).read_text())
-    restore_rng(load_file(path / "rng.safetensors"), state["rng"])
+    own = path / process_rng_file(rank)
+    if rank == 0:
+        restore_rng(load_file(path / "rng.safetensors"), state["rng"])
+    elif own.is_file():
+        with safe_open(own, "pt") as f:
+            plain = json.loads(f.metadata()["plain"])
+        restore_rng(load_file(own), plain)
+    else:  # saved by fewer processes: this one starts its stream afresh, as it did at step 0
+        log.warning("%s holds no RNG state for process %d (saved by fewer processes); its random draws (dropout) "
+                    "will not continue the saved run's", path, rank)
     return model_state, state
 
 

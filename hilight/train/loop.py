@@ -8,7 +8,8 @@ that calls the *wrapped* model (DDP all-reduces only through ``forward``) and op
 metrics``. Everything the loop must carry across a crash lives in one ``TrainState``.
 
 Resume is exact on CPU: the batch order depends only on (seed, epoch) and the position in the epoch, and model,
-optimizer, scheduler and RNG states are restored, so a killed and re-run job ends with the same weights.
+optimizer, scheduler and RNG states (each process's own stream, seeded ``seed + rank``) are restored, so a killed
+and re-run job ends with the same weights.
 
 Under DeepSpeed ZeRO (``accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml``) the same loop
 runs with what the engine needs told: the micro-batch, gradient accumulation and clipping come from ``train:``
@@ -32,14 +33,15 @@ from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, gather_object
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from hilight.tracking import ResilientTracker
-from hilight.train.checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint, step_dir
+from hilight.train.checkpoint import (list_checkpoints, load_checkpoint, prune_checkpoints, rng_state, save_checkpoint,
+                                      step_dir)
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +221,9 @@ class Trainer:
             after_step: Callable[[torch.nn.Module], None] | None = None) -> FitResult:
         """Train ``model`` for ``settings.max_steps`` optimizer steps, resuming from the last checkpoint."""
         settings, acc = self.settings, self.accelerator
-        torch.manual_seed(settings.seed)
+        # one stream per process: with one seed every rank would draw the same dropout masks (the weights are
+        # rank 0's either way: DDP broadcasts them and ZeRO partitions them)
+        torch.manual_seed(settings.seed + acc.process_index)
         if settings.gradient_checkpointing:
             model.set_gradient_checkpointing(True)
         model.to(acc.device)
@@ -383,7 +387,8 @@ class Trainer:
                 f"{'is' if self.deepspeed else 'is not'} under DeepSpeed: its optimizer state cannot be carried "
                 "over. Resume it under the launcher that wrote it, or start afresh with train.resume=false (or "
                 "a new output_dir)")
-        model_state, trainer = load_checkpoint(path, None if self.deepspeed else optimizer)
+        model_state, trainer = load_checkpoint(path, None if self.deepspeed else optimizer,
+                                               rank=self.accelerator.process_index)
         if self.state_mode == "trainable":
             load_trainable_state(model, model_state, str(path))
         else:
@@ -420,13 +425,15 @@ class Trainer:
         st, acc = self.state, self.accelerator
         path = step_dir(self.ckpt_root, st.step)
         engine_state = self._save_deepspeed() if self.deepspeed else None
+        process_rng = gather_object([rng_state()]) if acc.num_processes > 1 else None  # a collective: every rank
         if acc.is_main_process:
             weights = (trainable_state_dict(self.raw_model) if self.state_mode == "trainable"
                        else self.raw_model.state_dict())
             trainer = {**asdict(st), "scheduler": self.scheduler.state_dict()}
             path = save_checkpoint(self.ckpt_root, st.step, model_state=weights,
                                    optimizer=None if self.deepspeed else self.optimizer, trainer_state=trainer,
-                                   config=self.config, directories={DEEPSPEED_DIR: engine_state} if engine_state else {})
+                                   config=self.config, directories={DEEPSPEED_DIR: engine_state} if engine_state else {},
+                                   process_rng=process_rng)
             prune_checkpoints(self.ckpt_root, self.settings.keep_last, protect={st.best_step} if st.best_step else set(),
                               keep_every=self.settings.keep_every)
             if self.tracking.checkpoints == "all":
