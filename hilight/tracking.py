@@ -246,14 +246,16 @@ def data_roles(data: BaseModel) -> dict[str, Entry | list[Entry]]:
 def tracked_training(tracking_uri: str, experiment: str, config: BaseModel, *, fingerprint: str | None,
                      tags: Mapping[str, str]) -> Iterator[ResilientTracker]:
     """An MLflow run for a training job started outside a pipeline (``hilight train --track``, also under
-    ``accelerate launch``, where only the main process should enter it): lineage and the resolved config first, then
-    per-step metrics and checkpoints through the yielded tracker. The run ends FAILED when training raises."""
+    ``accelerate launch``, where only the main process should enter it): lineage, the resolved config and the
+    manifest's datasets it trains and validates on (as the pipeline steps log them) first, then per-step metrics and
+    checkpoints through the yielded tracker. The run ends FAILED when training raises."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_experiment(experiment)
     with mlflow.start_run(tags=dict(tags)) as run:
         log_lineage(config, fingerprint=fingerprint, zenml_run_id=None, pipeline=experiment)
+        log_manifest_inputs(config.data.manifest_dir, data_roles(config.data))
         tracker = ResilientTracker(run.info.run_id)
         try:
             yield tracker

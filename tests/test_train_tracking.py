@@ -38,6 +38,9 @@ def test_two_process_train_with_track_records_one_run(zenml_project, caption_man
     assert tags["hilight.launcher"] == "hilight train" and tags["hilight.processes"] == "2"
     assert tags["hilight.data_fingerprint"] == open_manifest(caption_manifest)[1]["data_fingerprint"]
     assert run.data.params["train.max_steps"] == "4"
+    inputs = client.get_run(run_id).inputs.dataset_inputs  # the data it read, as the pipeline steps log it
+    assert {(i.dataset.name, {t.key: t.value for t in i.tags}["mlflow.data.context"]) for i in inputs} == {
+        ("billiards[train]", "training"), ("billiards[val+test]", "evaluation")}
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2, 3, 4]
     assert [m.step for m in client.get_metric_history(run_id, "val/t2v_r1")] == [2, 4]
     retrieval = run.data.metrics
