@@ -35,9 +35,10 @@ log = logging.getLogger(__name__)
 
 Domain = Literal["billiards", "general"]
 DOMAINS: dict[str, int] = {"billiards": 0, "general": 1}
-GENERATOR_VERSION = "5"  # 2: probes.json; 3: large balls, six colours, 1-2 object balls, rack of 6;
+GENERATOR_VERSION = "6"  # 2: probes.json; 3: large balls, six colours, 1-2 object balls, rack of 6;
 # 4: one cue-ball caption (what it did + where it ended), no "No ball is pocketed" beside a miss, notes-style
-# pocketed answer; 5: x264 without macroblock-tree rate control (hilight.data.synth.video: same seed, same bytes)
+# pocketed answer; 5: x264 without macroblock-tree rate control (hilight.data.synth.video: same seed, same bytes);
+# 6: one object ball on aimed shots (billiards.MAX_OBJECT_BALLS)
 SPLITS = ("train",) * 8 + ("val", "test")
 # eval clips (split "eval", which no training run reads) are clips EVAL_OFFSET + j of the same seed: a fixed set
 # whatever the number of other clips

@@ -34,7 +34,10 @@ RAIL_RGB = (95, 55, 25)
 POCKET_RGB = (5, 5, 5)
 SCENARIOS = ("break", "pot", "miss")
 RACK_ROWS = 3
-MAX_OBJECT_BALLS = 2  # on aimed shots: the target and at most one other ball
+# on aimed shots, the target alone (v6; up to v5 also at most one other ball). With two, naming the colour of the ball
+# the cue ball hit first needs the order of two contacts in six sampled frames: a v5 demo VLM named it in 0.17-0.46
+# of its answers on two-ball clips against 0.54-0.69 on one-ball ones (benchmarks/RESULTS.md)
+MAX_OBJECT_BALLS = 1
 
 
 @dataclass
