@@ -227,9 +227,10 @@ def data_roles(data: BaseModel) -> dict[str, Entry | list[Entry]]:
     train_splits, val_splits = getattr(data, "train_splits", None), getattr(data, "val_splits", None)
     sources = getattr(data, "sources", None)
     if not sources:
-        roles: dict[str, Entry | list[Entry]] = {"training": (getattr(data, "train_datasets", None), train_splits)}
+        both = getattr(data, "datasets", None)  # one list for both roles (the demo LLM's text corpus)
+        roles: dict[str, Entry | list[Entry]] = {"training": (getattr(data, "train_datasets", both), train_splits)}
         if hasattr(data, "val_datasets") or hasattr(data, "val_splits"):
-            roles["evaluation"] = (getattr(data, "val_datasets", None), val_splits)
+            roles["evaluation"] = (getattr(data, "val_datasets", both), val_splits)
         return roles
     holdout = {s.dataset: s.holdout for s in sources if s.holdout}  # one share per dataset (MixtureDataSpec)
     plain = sorted({s.dataset for s in sources} - set(holdout))

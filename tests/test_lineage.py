@@ -75,3 +75,13 @@ def test_version_descriptions_say_why_they_hold_their_alias(mlflow_store, tmp_pa
     assert client.get_model_version_by_alias("m", "champion").version == v2
     old = client.get_model_version("m", v1).description
     assert old.startswith("was champion until ") and f"then version {v2}: original" in old
+
+
+def test_data_roles_of_the_text_corpus_use_its_one_dataset_list_for_both_roles():
+    """The demo LLM's corpus names its datasets once (``data.datasets``): both roles read those, not every dataset."""
+    from hilight.tracking import data_roles
+    from hilight.train.text_lm import TextCorpusSpec
+
+    assert data_roles(TextCorpusSpec(datasets=["billiards"])) == {"training": (["billiards"], ["train"]),
+                                                                  "evaluation": (["billiards"], ["val", "test"])}
+    assert data_roles(TextCorpusSpec()) == {"training": (None, ["train"]), "evaluation": (None, ["val", "test"])}

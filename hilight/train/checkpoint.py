@@ -67,7 +67,8 @@ def process_rng_file(rank: int) -> str:
 
 def restore_rng(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:
     torch.set_rng_state(tensors["torch_cpu"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+    cuda = sorted((int(k.rsplit("_", 1)[1]), v) for k, v in tensors.items() if k.startswith("torch_cuda_"))
+    cuda = [v for _, v in cuda]  # by device number: "torch_cuda_10" sorts before "torch_cuda_2" as text
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
     py = plain["python"]
@@ -138,10 +139,15 @@ def save_checkpoint(root: Path, step: int, *, model_state: dict[str, torch.Tenso
     return final
 
 
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's model state alone (no optimizer or RNG state is touched)."""
+    return load_file(path / "model.safetensors")
+
+
 def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer | None, *,
                     rank: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(model state, trainer state); restores the optimizer and process ``rank``'s RNG states in place."""
-    model_state = load_file(path / "model.safetensors")
+    model_state = load_weights(path)
     if optimizer is not None:
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     state = json.loads((path / STATE_FILE).read_text())
@@ -153,8 +159,8 @@ def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer | None, *,
             plain = json.loads(f.metadata()["plain"])
         restore_rng(load_file(own), plain)
     else:  # saved by fewer processes: this one starts its stream afresh, as it did at step 0
-        log.warning("%s holds no RNG state for process %d (saved by fewer processes); its random draws (dropout) "
-                    "will not continue the saved run's", path, rank)
+        log.warning("%s holds no RNG state for process %d (saved by fewer processes, or before each process's "
+                    "state was saved); its random draws (dropout) will not continue the saved run's", path, rank)
     return model_state, state
 
 

@@ -222,7 +222,7 @@ class Trainer:
         """Train ``model`` for ``settings.max_steps`` optimizer steps, resuming from the last checkpoint."""
         settings, acc = self.settings, self.accelerator
         # one stream per process: with one seed every rank would draw the same dropout masks (the weights are
-        # rank 0's either way: DDP broadcasts them and ZeRO partitions them)
+        # rank 0's either way: DDP and the DeepSpeed engine broadcast rank 0's parameters when they wrap the model)
         torch.manual_seed(settings.seed + acc.process_index)
         if settings.gradient_checkpointing:
             model.set_gradient_checkpointing(True)

@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from hilight.env import resolve_path
 from hilight.losses.distributed import tokens_per_rank
 from hilight.tracking import ResilientTracker
-from hilight.train.checkpoint import load_checkpoint
+from hilight.train.checkpoint import load_weights
 from hilight.train.loop import FitResult, Objective, Trainer, load_trainable_state, run_key
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class Recipe:
         whose weights ``model`` now holds."""
         if fit.best_checkpoint is None or fit.best_step == fit.step:
             return fit.step
-        weights = load_checkpoint(fit.best_checkpoint, None)[0]
+        weights = load_weights(fit.best_checkpoint)  # the weights only: every process keeps its own RNG stream
         if state == "trainable":
             load_trainable_state(model, weights, str(fit.best_checkpoint))
         else:
